@@ -1,0 +1,1 @@
+"""Prefect blocks: identity and secrets only (SecretStr), one factory method each."""

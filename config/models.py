@@ -1,0 +1,433 @@
+"""Configuration models.
+
+A fabflows config is an existing FabulAWS ``fabulaws-config.yaml`` (read as is) plus an optional
+``fabflows:`` section for what the original never had (AWS endpoint and credentials block, SSH identity,
+maintenance windows, ...). The legacy part is typed where fabflows uses a key and tolerant elsewhere:
+keys the original defined but fabflows does not use are listed in ``LEGACY_UNUSED_KEYS`` and kept;
+keys neither knows are kept too and reported by ``fabflows config check``. The ``fabflows:`` section is
+strict (``extra="forbid"``): a typo there is an error naming the key path.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+ROLES: tuple[str, ...] = ("cache", "db-primary", "db-replica", "web", "worker")
+"""The roles fabflows knows, in the order a describe lists them."""
+
+LEGACY_ROLE_NAMES: dict[str, str] = {"db-master": "db-primary", "db-slave": "db-replica"}
+"""Role names FabulAWS used before 2019 (58e7b7a), mapped onto today's."""
+
+LEGACY_UNUSED_KEYS: frozenset[str] = frozenset(
+    {
+        # Read by the original only, or not even by it (procedures.md §1 "Problems in the sample").
+        "run_upgrade",
+        "database_host",
+        "logstash_config",
+        "less_version",
+        "secure_root",
+        "secure_home",
+        "wsgi_app",
+        "requirements_file",
+        "settings_managepy",
+        "localsettings_template",
+        "local_settings_py_relative_path",
+        "gelf_log_host",
+        "syslog_server",
+        "awslogs_access_key_id",
+        "extra_log_files",
+        "backup_key_fingerprint",
+        "vcs_cmd",
+        "latest_changeset_cmd",
+        "repo",
+        "branches",
+        "gunicorn_worker_multiplier",
+        "use_basic_auth",
+        "cloudfront_distribution_ids",
+        "avail_zones",
+        "subnets",
+        "security_groups",
+        "volume_sizes",
+        "volume_types",
+        "db_settings",
+        "webserver_user",
+        "python",
+        "celery_application",
+    }
+)
+
+_ROLE_KEYED = ("security_groups", "volume_types")
+_ENV_ROLE_KEYED = ("instance_types", "volume_sizes")
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def normalize_role(role: str) -> str:
+    """Map a legacy role name (``db-master``) onto today's (``db-primary``); others unchanged."""
+    return LEGACY_ROLE_NAMES.get(role, role)
+
+
+def _rename_roles(mapping: Any) -> Any:
+    if isinstance(mapping, dict):
+        return {normalize_role(k) if isinstance(k, str) else k: v for k, v in mapping.items()}
+    return mapping
+
+
+class Strict(BaseModel):
+    """Base for fabflows' own sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Legacy(BaseModel):
+    """Base for sections of the FabulAWS file: unknown keys are kept (and reported), not rejected."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+# --------------------------------------------------------------------------- fabflows section
+
+
+class MaintenanceWindow(Strict):
+    """A weekly window in the environment's time zone, e.g. weeknights 20:00 to 23:30."""
+
+    days: list[Weekday] = Field(
+        default_factory=lambda: list(WEEKDAYS),
+        min_length=1,
+        description="Days the window opens on (mon..sun).",
+    )
+    start: time = Field(description="Local time the window opens (HH:MM).")
+    end: time = Field(
+        description="Local time the window closes (HH:MM); earlier than start means it ends the next day."
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> MaintenanceWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: the window would be empty")
+        return self
+
+
+class ScheduleSpec(Strict):
+    """A cron schedule for one flow's deployment in one environment."""
+
+    cron: str = Field(description="Five-field cron expression, in the environment's time zone.")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters for the scheduled runs."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a five-field cron expression")
+        return v
+
+
+class EnvironmentSettings(Strict):
+    """fabflows settings for one environment (all optional: an unset option means the default)."""
+
+    time_zone: str = Field(
+        default="UTC", description="IANA time zone of the windows and schedules."
+    )
+    windows: list[MaintenanceWindow] = Field(
+        default_factory=list,
+        description="Weekly maintenance windows. Empty: no window is enforced.",
+    )
+    protected: bool | None = Field(
+        default=None,
+        description="Destructive runs need approval. Default: true for production_environments.",
+    )
+    static_bucket: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Static files bucket. Default: <deployment>-<environment>-static-files.",
+    )
+    database_name: str | None = Field(
+        default=None, pattern=_NAME, description="Database name. Default: <project>_<environment>."
+    )
+    target_groups: list[str] = Field(
+        default_factory=list, description="ELBv2 target group names or ARNs of the web tier."
+    )
+    site_url: str | None = Field(
+        default=None,
+        description="URL users reach the site at (checked after maintenance). Default: the first site_domains_map entry.",
+    )
+    allow_stop: bool = Field(
+        default=False, description="stop-environment may stop this environment even if protected."
+    )
+    schedules: dict[str, ScheduleSpec] = Field(
+        default_factory=dict,
+        description="Flow name (kebab-case) -> schedule for that flow's deployment in this environment.",
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. America/New_York)") from None
+        return v
+
+
+class AwsSettings(Strict):
+    """Where and as whom fabflows talks to AWS."""
+
+    credentials_block: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Name of a prefect-aws AwsCredentials block. Unset: boto3's default chain.",
+    )
+    region: str | None = Field(
+        default=None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-\d$",
+        description="AWS region. Default: the top-level region.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="Override the AWS endpoint (a moto server in tests and the sandbox).",
+    )
+    max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=20,
+        description="botocore total attempts for each call (throttling and 5xx are retried with backoff).",
+    )
+    access_key_id: str | None = Field(
+        default=None,
+        description="Only for the local sandbox's fake AWS: an access key id used when no block is set.",
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None,
+        description="Only for the local sandbox's fake AWS (moto accepts any key).",
+    )
+
+
+class SshSettings(Strict):
+    """How fabflows reaches servers over SSH. Host keys are always checked."""
+
+    user: str | None = Field(
+        default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="Default: deploy_user."
+    )
+    port: int = Field(default=22, ge=1, le=65535)
+    identity_block: str | None = Field(
+        default=None, pattern=_NAME, description="Name of an SshIdentity block holding the key."
+    )
+    identity_file: str | None = Field(
+        default=None, description="Path of a private key file, if no block is used."
+    )
+    known_hosts_file: str = Field(
+        default="~/.ssh/known_hosts",
+        description="known_hosts checked for every connection; unknown or changed keys are refused.",
+    )
+    address_attribute: (
+        Literal["public_dns_name", "public_ip_address", "private_ip_address", "private_dns_name"]
+        | None
+    ) = Field(
+        default=None, description="Instance attribute to connect to. Default: ec2_attr_for_ssh."
+    )
+    connect_timeout: float = Field(default=10, gt=0, le=300)
+    command_timeout: float = Field(default=900, gt=0, le=86400)
+
+
+class FabflowsSection(Strict):
+    """The ``fabflows:`` section of the config file."""
+
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    ssh: SshSettings = Field(default_factory=SshSettings)
+    environments: dict[str, EnvironmentSettings] = Field(default_factory=dict)
+    state_dir: str = Field(
+        default="~/.local/state/fabflows", description="Where runs record local state."
+    )
+
+
+# --------------------------------------------------------------------------- legacy (FabulAWS) part
+
+
+class InstanceSettings(Legacy):
+    ami: str | None = None
+    key_prefix: str | None = None
+    admin_groups: list[str] = Field(default_factory=lambda: ["admin", "sudo"])
+    app_root: str | None = None
+    fs_type: str | None = "ext4"
+    fs_encrypt: bool = False
+    ebs_encrypt: bool = False
+    ubuntu_mirror: str | None = None
+    swap_multiplier: float | None = None
+
+
+class StaticHtml(Legacy):
+    upgrade_message: str | None = None
+    healthcheck_override: str | None = None
+
+
+class FabulawsConfig(Legacy):
+    """The FabulAWS file (keys in procedures.md §1), plus the ``fabflows`` section."""
+
+    # environments and roles
+    project: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    default_deployment: str | None = None
+    deployments: list[str] = Field(min_length=1)
+    environments: list[str] = Field(min_length=1)
+    production_environments: list[str] = Field(default_factory=lambda: ["production"])
+    valid_roles: list[str] = Field(default_factory=lambda: list(ROLES))
+
+    # users and paths
+    deploy_user: str = Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    database_user: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    home: str = "/home/deploy"
+    instance_settings: InstanceSettings = Field(default_factory=InstanceSettings)
+    ssh_keys: str | None = None
+    disable_known_hosts: bool = False
+    password_names: list[str] = Field(
+        default_factory=lambda: [
+            "database_password",
+            "broker_password",
+            "smtp_password",
+            "newrelic_license_key",
+            "newrelic_api_key",
+            "s3_secret",
+            "secret_key",
+        ]
+    )
+    static_html: StaticHtml = Field(default_factory=StaticHtml)
+    requirements_sdists: str | None = None
+    app_server_packages: list[str] = Field(default_factory=list)
+
+    # app servers
+    pgbouncer_port: int = Field(default=5432, ge=1, le=65535)
+    server_ports: dict[str, int] = Field(default_factory=dict)
+    static_hosting: Literal["local", "remote"] = "remote"
+    celery_workers: dict[str, str] = Field(default_factory=dict)
+    site_domains_map: dict[str, list[str] | None] = Field(default_factory=dict)
+
+    # AWS
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    ec2_attr_for_ssh: str = "public_dns_name"
+    instance_types: dict[str, dict[str, str]] = Field(default_factory=dict)
+    load_balancers: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    auto_scaling_groups: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    fabflows: FabflowsSection = Field(default_factory=FabflowsSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_roles(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("valid_roles"), list):
+            data["valid_roles"] = [
+                normalize_role(r) if isinstance(r, str) else r for r in data["valid_roles"]
+            ]
+        for key in _ROLE_KEYED:
+            if key in data:
+                data[key] = _rename_roles(data[key])
+        for key in _ENV_ROLE_KEYED:
+            if isinstance(data.get(key), dict):
+                data[key] = {env: _rename_roles(roles) for env, roles in data[key].items()}
+        return data
+
+    @field_validator("valid_roles")
+    @classmethod
+    def _known_roles(cls, v: list[str]) -> list[str]:
+        unknown = [r for r in v if r not in ROLES and r != "combo"]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; fabflows knows {list(ROLES) + ['combo']}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> FabulawsConfig:
+        envs = set(self.environments)
+        deps = set(self.deployments)
+        problems: list[tuple[str, str]] = []
+        if self.default_deployment is not None and self.default_deployment not in deps:
+            problems.append(
+                ("default_deployment", f"{self.default_deployment!r} is not in deployments")
+            )
+        for env in self.production_environments:
+            if env not in envs:
+                problems.append(("production_environments", f"{env!r} is not in environments"))
+        for env, roles in self.instance_types.items():
+            if env not in envs:
+                problems.append((f"instance_types.{env}", f"{env!r} is not in environments"))
+                continue
+            for role in roles:
+                if role not in self.valid_roles:
+                    problems.append(
+                        (f"instance_types.{env}.{role}", f"{role!r} is not in valid_roles")
+                    )
+        for key in ("load_balancers", "auto_scaling_groups"):
+            for dep, per_env in getattr(self, key).items():
+                if dep not in deps:
+                    problems.append((f"{key}.{dep}", f"{dep!r} is not in deployments"))
+                    continue
+                for env in per_env:
+                    if env not in envs:
+                        problems.append((f"{key}.{dep}.{env}", f"{env!r} is not in environments"))
+        for env in self.fabflows.environments:
+            if env not in envs:
+                problems.append((f"fabflows.environments.{env}", f"{env!r} is not in environments"))
+        if problems:
+            raise CrossReferenceError(problems)
+        return self
+
+    # ----------------------------------------------------------------- what the original left implicit
+
+    def unknown_keys(self) -> list[str]:
+        """Top-level keys neither fabflows nor the original defines (kept, reported by config check)."""
+        return sorted(k for k in (self.model_extra or {}) if k not in LEGACY_UNUSED_KEYS)
+
+    def warnings(self) -> list[str]:
+        """Things in the file that are legal but probably not what the author meant."""
+        out = []
+        for key in self.unknown_keys():
+            out.append(f"{key}: unknown key, kept and ignored")
+        if self.disable_known_hosts:
+            out.append("disable_known_hosts: ignored; fabflows always checks SSH host keys")
+        if "celery_application" in self.celery_workers:
+            out.append(
+                "celery_workers.celery_application: looks misindented (as in FabulAWS's sample); "
+                "it is read as a worker named 'celery_application'"
+            )
+        if (
+            "secure_root" in (self.instance_settings.model_extra or {})
+            and self.instance_settings.app_root is None
+        ):
+            out.append(
+                "instance_settings: uses secure_root/secure_home (pre-app_root FabulAWS) and has no app_root"
+            )
+        return out
+
+
+class CrossReferenceError(ValueError):
+    """Several keys refer to names that do not exist; each problem carries its key path."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems))
+
+
+_SLUG = re.compile(r"[^a-z0-9-]+")
+
+
+def slug(text: str) -> str:
+    """Lower-case, dash-separated form used in Prefect names and artifact keys."""
+    return _SLUG.sub("-", text.lower()).strip("-")

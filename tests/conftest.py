@@ -1,0 +1,4 @@
+pytest_plugins = [
+    "fabflows.testing.aws_fixtures",
+    "fabflows.testing.prefect_fixtures",
+]
