@@ -1,0 +1,5 @@
+"""Every runbook the CLI and the deployments know: kebab-case flow name -> "module:function"."""
+
+FLOWS: dict[str, str] = {
+    "describe-environment": "flows.describe_environment:describe_environment",
+}
