@@ -1,0 +1,229 @@
+"""Running commands on one host: quoted argv, stdin for content, timeouts, and a dry form.
+
+A :class:`Remote` wraps one checked Fabric connection (from :mod:`tasks.ssh.connection`) for one
+fleet step on one host. Commands are argv lists joined with :func:`shlex.join`; user input is never
+pasted into a shell string. Content (keys, files) travels on the command's stdin, never on its
+command line, so it does not show in ``ps`` on the host, in logs or in the plan.
+
+- :meth:`Remote.read` always runs (facts are read for real even in a dry run, like Ansible's check
+  mode).
+- :meth:`Remote.write` records the exact command and, unless ``dry_run``, runs it. In a dry run it
+  returns ``None`` before anything starts on the host.
+
+Why not ``Connection.run``: invoke mirrors a non-tty ``in_stream`` one byte per 10 ms loop (a 400-byte
+key took 4 s), and its timeout starts only after the channel is open. Commands here run on a paramiko
+channel of the same connection, opened with ``channel_timeout`` and read with a deadline, so a hung
+or partitioned host fails after its timeout instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fabric import Connection
+
+DEFAULT_COMMAND_TIMEOUT = 120.0
+
+ATOMIC_WRITE_SCRIPT = (
+    'set -eu; dir=$(dirname -- "$4"); '
+    't=$(mktemp "$dir/.fabflows.XXXXXXXX"); '
+    "trap 'rm -f \"$t\"' EXIT; "
+    'cat > "$t"; chown -- "$1:$2" "$t"; chmod -- "$3" "$t"; mv -f -- "$t" "$4"; trap - EXIT'
+)
+"""sh script: stdin -> temp file beside the target -> owner, group, mode -> rename (atomic).
+
+Positional arguments: ``$1`` owner, ``$2`` group, ``$3`` octal mode, ``$4`` target path. The temp file
+is removed if any step fails, and readers never see a half-written or wrongly owned file."""
+
+
+class CommandError(RuntimeError):
+    """A remote command exited non-zero (or timed out). The message names host and command."""
+
+    def __init__(
+        self, host: str, command: str, exit_code: int | None, stderr: str, timed_out: bool = False
+    ):
+        self.host = host
+        self.command = command
+        self.exit_code = exit_code
+        self.stderr = stderr
+        self.timed_out = timed_out
+        what = "timed out" if timed_out else f"exited {exit_code}"
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        super().__init__(f"{host}: `{command}` {what}" + (f": {detail}" if detail else ""))
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a remote command returned."""
+
+    command: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+
+
+def sudo_argv(argv: Sequence[str]) -> list[str]:
+    """``sudo -n -- argv``: as root, never prompting (a missing NOPASSWD rule fails at once)."""
+    return ["sudo", "-n", "--", *argv]
+
+
+def sh_argv(script: str, *args: str) -> list[str]:
+    """``sh -c SCRIPT sh ARGS...``: a constant script, with the variable parts as ``$1``, ``$2``..."""
+    return ["sh", "-c", script, "sh", *args]
+
+
+def atomic_write_argv(path: str, *, owner: str, group: str, mode: int) -> list[str]:
+    """The argv that writes stdin to ``path`` atomically with explicit owner, group and mode."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return sh_argv(ATOMIC_WRITE_SCRIPT, owner, group, f"{mode:04o}", path)
+
+
+def describe_stdin(data: bytes | None) -> str:
+    """How a command's stdin appears in plans and logs: its size and digest, never its content."""
+    if not data:
+        return ""
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    return f" < stdin({len(data)} bytes, sha256 {digest})"
+
+
+def exec_command(
+    conn: Connection,
+    command: str,
+    *,
+    stdin: bytes | None = None,
+    timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    channel_timeout: float = 10.0,
+) -> tuple[int | None, bytes, bytes]:
+    """Run ``command`` on an open connection; returns (exit code or None on timeout, stdout, stderr).
+
+    The channel is opened with ``channel_timeout``; the command's output is read until it exits or
+    ``timeout`` seconds have passed, whichever comes first (on timeout the channel is closed).
+    """
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionError(f"{conn.host}: connection is closed")
+    chan = transport.open_session(timeout=channel_timeout)
+    try:
+        chan.exec_command(command)
+        if stdin:
+            chan.settimeout(timeout)
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        chan.settimeout(0.0)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            got = False
+            while chan.recv_ready():
+                out.append(chan.recv(65536))
+                got = True
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(65536))
+                got = True
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                return chan.recv_exit_status(), b"".join(out), b"".join(err)
+            if chan.closed and not got:
+                # closed without an exit status (connection lost)
+                raise ConnectionError(f"{conn.host}: channel closed before `{command}` finished")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, b"".join(out), b"".join(err)
+            if not got:
+                select.select([chan], [], [], min(remaining, 0.25))
+    finally:
+        chan.close()
+
+
+@dataclass
+class Remote:
+    """One host's command runner for one fleet step.
+
+    Attributes:
+        conn: the checked Fabric connection (opened by the fleet's connection pool).
+        host: the host's display name (for messages).
+        dry_run: writes are only recorded, not run.
+        commands: every write command of this step, in order, as shown to operators.
+    """
+
+    conn: Connection
+    host: str
+    dry_run: bool
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT
+    channel_timeout: float = 10.0
+    commands: list[str] = field(default_factory=list)
+
+    def _run(
+        self, argv: Sequence[str], *, sudo: bool, stdin: bytes | None, timeout: float | None
+    ) -> CommandResult:
+        full = sudo_argv(argv) if sudo else list(argv)
+        command = shlex.join(full)
+        started = time.monotonic()
+        code, out, err = exec_command(
+            self.conn,
+            command,
+            stdin=stdin,
+            timeout=timeout or self.command_timeout,
+            channel_timeout=self.channel_timeout,
+        )
+        stdout = out.decode("utf-8", "replace")
+        stderr = err.decode("utf-8", "replace")
+        if code is None:
+            raise CommandError(self.host, display(full, stdin), None, stderr, timed_out=True)
+        return CommandResult(display(full, stdin), code, stdout, stderr, time.monotonic() - started)
+
+    def read(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        ok_codes: Sequence[int] = (0,),
+    ) -> CommandResult:
+        """Run a command that changes nothing, also in a dry run. Raises CommandError on other exit codes."""
+        result = self._run(argv, sudo=sudo, stdin=stdin, timeout=timeout)
+        if result.exit_code not in ok_codes:
+            raise CommandError(self.host, result.command, result.exit_code, result.stderr)
+        return result
+
+    def write(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> CommandResult | None:
+        """Record a changing command and run it unless this is a dry run (then return None).
+
+        Raises:
+            CommandError: the command exited non-zero or timed out.
+        """
+        full = sudo_argv(argv) if sudo else list(argv)
+        self.commands.append(display(full, stdin))
+        if self.dry_run:
+            return None
+        result = self._run(argv, sudo=sudo, stdin=stdin, timeout=timeout)
+        if result.exit_code != 0:
+            raise CommandError(self.host, result.command, result.exit_code, result.stderr)
+        return result
+
+    def write_file(
+        self, path: str, content: bytes, *, owner: str, group: str, mode: int, sudo: bool = True
+    ) -> CommandResult | None:
+        """Write ``content`` to ``path`` atomically (temp file + rename) with explicit owner and mode."""
+        argv = atomic_write_argv(path, owner=owner, group=group, mode=mode)
+        return self.write(argv, sudo=sudo, stdin=content)
+
+
+def display(argv: Sequence[str], stdin: bytes | None = None) -> str:
+    """The command as operators see it: the exact quoted command line, plus a stdin digest."""
+    return shlex.join(list(argv)) + describe_stdin(stdin)
