@@ -70,6 +70,22 @@ class EnvironmentDescription(BaseModel):
     def counts_by_role(self) -> dict[str, int]:
         return dict(Counter(s.role for s in self.servers))
 
+    def render_text(self) -> str:
+        """What ``fabflows run describe-environment`` prints."""
+        out = [f"{self.deployment}/{self.environment}", ""]
+        out.append(text_table([r.model_dump() for r in self.servers], SERVER_COLUMNS))
+        g = self.auto_scaling_group
+        if g:
+            out += [
+                "",
+                f"autoscaling group {g.auto_scaling_group_name}: min {g.min_size} / desired "
+                f"{g.desired_capacity} / max {g.max_size}; suspended: "
+                f"{', '.join(g.suspended_processes) or 'none'}",
+            ]
+        out += [f"problem: {p}" for p in self.problems]
+        out.append(f"({self.aws_calls} AWS calls)")
+        return "\n".join(out)
+
 
 def build_description(
     env: EnvironmentConfig,

@@ -1,0 +1,320 @@
+"""The ``fabflows`` command: run any runbook from a terminal, the way ``fab`` users are used to.
+
+    fabflows flows
+    fabflows run describe-environment --environment staging
+    fabflows run update-sysadmin-users --environment staging --users-dir deployment/users --apply
+    fabflows config check fabulaws-config.yaml
+    fabflows sandbox up | down | status
+    fabflows demo
+
+Runs are dry unless ``--apply``. Exit status: 0 done, 1 the flow failed, 2 bad input (nothing was
+started), 3 the flow refused (outside its window, approval rejected, another run holds the lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from fabflows.errors import BadInput, Refused
+from fabflows.registry import FLOWS
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+COMMON = ("environment", "deployment", "config", "dry_run")
+
+
+class UsageError(Exception):
+    """Bad command line: reported before anything is started."""
+
+
+def load_flow(name: str) -> Any:
+    if name not in FLOWS:
+        raise UsageError(f"unknown flow {name!r}; known: {', '.join(sorted(FLOWS))}")
+    module, _, attr = FLOWS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def flow_summary(fl: Any) -> str:
+    doc = inspect.getdoc(fl.fn) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def flow_options(fl: Any) -> dict[str, inspect.Parameter]:
+    """The flow's own parameters (beyond environment/deployment/config/dry_run)."""
+    sig = inspect.signature(fl.fn)
+    return {n: p for n, p in sig.parameters.items() if n not in COMMON}
+
+
+def parse_flow_options(fl: Any, argv: list[str]) -> dict[str, Any]:
+    """``--users-dir DIR --remove`` -> {"users_dir": "DIR", "remove": True}, typed by the signature."""
+    options = flow_options(fl)
+    hints = get_type_hints(fl.fn)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}")
+        key, eq, inline = arg[2:].partition("=")
+        negate = key.startswith("no-") and key[3:].replace("-", "_") in options
+        name = (key[3:] if negate else key).replace("-", "_")
+        if name not in options:
+            known = ", ".join("--" + n.replace("_", "-") for n in options) or "none"
+            raise UsageError(f"{fl.name} has no option --{key} (its options: {known})")
+        hint = hints.get(name, str)
+        if hint is bool:
+            out[name] = not negate if not eq else inline.lower() in ("1", "true", "yes")
+            i += 1
+            continue
+        if eq:
+            raw = inline
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise UsageError(f"--{key} needs a value")
+            raw = argv[i + 1]
+            i += 2
+        try:
+            value: Any = json.loads(raw) if raw[:1] in "[{" else raw
+            out[name] = TypeAdapter(hint).validate_python(value, strict=False)
+        except (ValidationError, json.JSONDecodeError):
+            try:
+                out[name] = TypeAdapter(hint).validate_json(raw)
+            except ValidationError as exc:
+                msg = exc.errors()[0]["msg"]
+                raise UsageError(f"--{key} {raw!r}: {msg}") from None
+    return out
+
+
+def _use_prefect_server() -> str:
+    """Point at a running Prefect server if there is one (fast), else Prefect's embedded mode."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    try:
+        from fabflows.server import running_url  # type: ignore[attr-defined]
+    except ImportError:
+        running_url = None
+    url = running_url() if running_url else None
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        return url
+    print(
+        "fabflows: no Prefect server running; using a temporary one (~10 s). "
+        "`fabflows server start` keeps one running.",
+        file=sys.stderr,
+    )
+    return "embedded"
+
+
+def _quiet_console(verbose: bool) -> None:
+    """Run logs go to the Prefect API in full; the terminal shows warnings only unless --verbose."""
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            if handler.name == "console":
+                handler.setLevel(logging.WARNING)
+
+
+def render_result(result: Any) -> str:
+    render = getattr(result, "render_text", None)
+    if callable(render):
+        return render()
+    if isinstance(result, BaseModel):
+        import yaml
+
+        return yaml.safe_dump(json.loads(result.model_dump_json()), sort_keys=False)
+    return str(result)
+
+
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from config import load_config, resolve_environment
+
+    fl = load_flow(args.flow)
+    params = parse_flow_options(fl, extra)
+    sig = inspect.signature(fl.fn).parameters
+    # validate the config and the environment before anything starts
+    cfg = load_config(args.config)
+    env = resolve_environment(cfg, args.environment, args.deployment)
+    params |= {"environment": env.environment, "deployment": env.deployment}
+    if args.config:
+        params["config"] = os.path.abspath(args.config)
+    if "dry_run" in sig:
+        params["dry_run"] = not args.apply
+    elif args.apply:
+        print(f"fabflows: {args.flow} changes nothing; --apply ignored", file=sys.stderr)
+    os.environ.setdefault("FABFLOWS_PROGRESS_BAR", "1")
+    os.environ.setdefault("FABFLOWS_STARTED_BY", f"cli:{os.environ.get('USER', 'unknown')}")
+    _use_prefect_server()
+    _quiet_console(args.verbose)
+    started = time.monotonic()
+    state = fl(**params, return_state=True)
+    elapsed = time.monotonic() - started
+    try:
+        result = state.result(raise_on_failure=True)
+    except Exception as exc:  # the flow's own failure, reported by the engine
+        if isinstance(exc, Refused):
+            print(f"{args.flow}: refused: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        if isinstance(exc, BadInput):
+            print(f"{args.flow}: bad input: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(
+            f"{args.flow}: FAILED after {elapsed:.1f}s: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if args.json:
+        if isinstance(result, BaseModel):
+            print(result.model_dump_json(indent=2))
+        else:
+            print(json.dumps(result, default=str, indent=2))
+    else:
+        print(render_result(result))
+        print(
+            f"\n{args.flow}: done in {elapsed:.1f}s ({'dry run' if params.get('dry_run') else 'applied'})"
+            if "dry_run" in params
+            else f"\n{args.flow}: done in {elapsed:.1f}s",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    width = max(len(n) for n in FLOWS)
+    for name in sorted(FLOWS):
+        try:
+            summary = flow_summary(load_flow(name))
+        except Exception as exc:  # a broken module must not hide the others
+            summary = f"(cannot import: {exc})"
+        print(f"{name.ljust(width)}  {summary}")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from config import load_config, resolve_environment
+
+    cfg = load_config(args.file)
+    print(f"{args.file}: OK")
+    print(
+        f"project: {cfg.project}; deployments: {', '.join(cfg.deployments)}; region: {cfg.region}"
+    )
+    print(f"roles: {', '.join(cfg.valid_roles)}")
+    for env_name in cfg.environments:
+        env = resolve_environment(cfg, env_name)
+        flags = [
+            f for f, on in (("production", env.is_production), ("protected", env.protected)) if on
+        ]
+        print(f"\n{env.label}{' (' + ', '.join(flags) + ')' if flags else ''}")
+        types = ", ".join(f"{r}={t}" for r, t in env.instance_types.items()) or "none"
+        print(f"  instance types: {types}")
+        print(
+            f"  autoscaling group: {env.auto_scaling_group or '-'}; load balancers: {', '.join(env.load_balancers) or '-'}"
+        )
+        print(f"  static bucket: {env.static_bucket}; database: {env.database_name}")
+        if env.windows:
+            for w in env.windows:
+                print(f"  window: {','.join(w.days)} {w.start:%H:%M}-{w.end:%H:%M} {env.time_zone}")
+        else:
+            print("  windows: none (no window enforced)")
+    for warning in cfg.warnings():
+        print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def _optional(module: str, attr: str) -> Callable[..., int] | None:
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fabflows", description="FabulAWS maintenance runbooks as Prefect flows."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("flows", help="list the runbooks")
+    run = sub.add_parser(
+        "run",
+        help="run a runbook (dry unless --apply)",
+        description="Run a runbook in this process. Flow options follow as --name value.",
+    )
+    run.add_argument("flow")
+    run.add_argument("--environment", "-e", required=True)
+    run.add_argument("--deployment", "-d")
+    run.add_argument(
+        "--config", "-c", help="config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml)"
+    )
+    run.add_argument("--apply", action="store_true", help="make the changes (default: dry run)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--verbose", "-v", action="store_true", help="show the run's logs")
+    cfg = sub.add_parser("config", help="config tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a config and print what was understood")
+    check.add_argument("file")
+    sb = sub.add_parser("sandbox", help="the local sandbox (moto + isolated test hosts)")
+    sb.add_argument("action", choices=["up", "down", "status"])
+    sb.add_argument("--state-dir", default=None)
+    sub.add_parser("demo", help="bring the sandbox up and describe myproject/staging")
+    for module in (
+        "fabflows.server",
+        "deployments.cli",
+        "fabflows.chatops.cli",
+    ):
+        adder = _optional(module, "add_parser")
+        if adder:
+            adder(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "flows":
+            return cmd_flows(args)
+        if args.command == "run":
+            return cmd_run(args, extra)
+        if args.command == "config":
+            return cmd_config_check(args)
+        if args.command == "sandbox":
+            from sandbox import cli as sandbox_cli
+
+            return sandbox_cli.main(args.action, args.state_dir)
+        if args.command == "demo":
+            from sandbox import cli as sandbox_cli
+
+            return sandbox_cli.demo()
+        handler = getattr(args, "handler", None)
+        if handler:
+            return handler(args)
+        parser.error(f"unknown command {args.command}")
+    except UsageError as exc:
+        print(f"fabflows: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConfigError as exc:
+        print(f"fabflows: bad config:\n{exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
