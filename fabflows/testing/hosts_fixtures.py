@@ -14,6 +14,7 @@ message naming what is missing; it is never a skip.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -26,8 +27,9 @@ from sandbox.testhosts import (
     check_prerequisites,
 )
 
-TEST_PREFIX = "ft"
-TEST_SUBNET = "10.203.0"
+# Each engineer / CI job can take its own network so test runs on one machine never collide.
+TEST_PREFIX = os.environ.get("FABFLOWS_TEST_NET_PREFIX", "ft")
+TEST_SUBNET = os.environ.get("FABFLOWS_TEST_NET_SUBNET", "10.203.0")
 
 MakeHosts = Callable[[Sequence[HostSpec | str]], list[TestHost]]
 
