@@ -95,24 +95,16 @@ def parse_flow_options(fl: Any, argv: list[str]) -> dict[str, Any]:
     return out
 
 
-def _use_prefect_server() -> str:
-    """Point at a running Prefect server if there is one (fast), else Prefect's embedded mode."""
+def prefect_api_url() -> str | None:
+    """The Prefect API to use: $PREFECT_API_URL, else a running `fabflows server`, else None
+    (Prefect's embedded mode: a temporary server for this process, ~10 s)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     try:
         from fabflows.server import running_url  # type: ignore[attr-defined]
     except ImportError:
-        running_url = None
-    url = running_url() if running_url else None
-    if url:
-        os.environ["PREFECT_API_URL"] = url
-        return url
-    print(
-        "fabflows: no Prefect server running; using a temporary one (~10 s). "
-        "`fabflows server start` keeps one running.",
-        file=sys.stderr,
-    )
-    return "embedded"
+        return None
+    return running_url()
 
 
 def _quiet_console(verbose: bool) -> None:
@@ -157,10 +149,19 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"fabflows: {args.flow} changes nothing; --apply ignored", file=sys.stderr)
     os.environ.setdefault("FABFLOWS_PROGRESS_BAR", "1")
     os.environ.setdefault("FABFLOWS_STARTED_BY", f"cli:{os.environ.get('USER', 'unknown')}")
-    _use_prefect_server()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = prefect_api_url()
+    if url is None:
+        print(
+            "fabflows: no Prefect server running; using a temporary one (~10 s). "
+            "`fabflows server start` keeps one running.",
+            file=sys.stderr,
+        )
     _quiet_console(args.verbose)
     started = time.monotonic()
-    state = fl(**params, return_state=True)
+    with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
+        state = fl(**params, return_state=True)
     elapsed = time.monotonic() - started
     try:
         result = state.result(raise_on_failure=True)

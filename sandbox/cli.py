@@ -155,6 +155,7 @@ def demo() -> int:
         pass
     if ui:
         os.environ["PREFECT_API_URL"] = ui.rstrip("/") + "/api" if not ui.endswith("/api") else ui
+        # read by fabflows.cli.prefect_api_url() before Prefect settings are used
     from fabflows.cli import main as cli_main
 
     print("\n$ fabflows run describe-environment --environment staging --config " + config)
