@@ -1,0 +1,1 @@
+"""Checks over HTTP: what users and load balancers see during maintenance."""
