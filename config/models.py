@@ -312,6 +312,12 @@ class DeploySettings(Strict):
         le=600,
         description="Flow-run heartbeat interval (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
     )
+    max_parallel_runs: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Work pool concurrency limit: runs in flight across all workers.",
+    )
     zombie_after_seconds: int = Field(
         default=120,
         ge=60,
