@@ -205,6 +205,15 @@ def _starttime(pid: int) -> int | None:
     return int(st[21]) if st else None
 
 
+def _age(pid: int) -> float | None:
+    """Seconds since ``pid`` started, or None if it is gone."""
+    st = _proc_stat(pid)
+    if st is None:
+        return None
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - int(st[21]) / os.sysconf("SC_CLK_TCK")
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -770,10 +779,16 @@ class TestNetwork:
     def reap_stale(self) -> None:
         """Remove leftovers of a crashed run with this prefix: processes, netns, veths, bridge, dirs.
 
-        Takes the prefix lock first, so it never touches a network another live process owns.
+        Takes the prefix lock first, so it never touches a network another live process owns
+        (and releases it again unless this instance holds it from :meth:`setup`).
         """
+        held = self._prefix_lock_fd is not None
         self._take_prefix()
-        self._reap_locked()
+        try:
+            self._reap_locked()
+        finally:
+            if not held:
+                self._release_prefix()
 
     def _reap_locked(self) -> None:
         self._reap_netns_and_links()
@@ -1104,8 +1119,7 @@ class TestNetwork:
         with self._locked():
             host = self._get(name)
             if _alive(host.launcher_pid, host.launcher_starttime):
-                _kill(host.pid, signal.SIGTERM)
-                if not self._wait_stopped(host, timeout):
+                if not self._terminate(host, timeout):
                     _kill(host.launcher_pid)
                     if not self._wait_stopped(host, 10):
                         raise TestHostError(f"host {name} did not stop")
@@ -1113,6 +1127,26 @@ class TestNetwork:
             self._popens.pop(name, None)
             _run(["ip", "link", "set", host.veth, "down"], check=False)
             self._save()
+
+    def _terminate(self, host: TestHost, timeout: float) -> bool:
+        """SIGTERM the host's PID 1 until the host is gone; False after ``timeout``.
+
+        The kernel drops signals sent from outside to a PID namespace's init unless it has a
+        handler, and supervisord installs its handlers only after Python has started: so the
+        signal is repeated. And supervisord spawns its programs at its first tick, about 1 s after
+        it starts; a SIGTERM handled in that tick reaches nginx between fork and exec, where it
+        is lost, and supervisord then waits stopwaitsecs (10 s) before SIGKILL. So a young host
+        is given until it is 2 s old before the first signal.
+        """
+        age = _age(host.pid) if host.pid else None
+        if age is not None and age < 2.0:
+            time.sleep(2.0 - age)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _kill(host.pid, signal.SIGTERM)
+            if self._wait_stopped(host, min(0.5, max(0.0, deadline - time.monotonic()))):
+                return True
+        return False
 
     def start_again(self, name: str) -> TestHost:
         """Like an EC2 start: same upper layer, host key, IP and MAC; nothing is re-provisioned."""
@@ -1350,7 +1384,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 print(f"destroy {n}: {time.monotonic() - t:.2f} s")
             net.start([HostSpec("d0", f"{args.subnet}.9", "db")])
             for n in args.n:
-                specs = [HostSpec(f"c{i}", f"{args.subnet}.{100 + i}") for i in range(n)]
+                specs = [HostSpec(f"c{n}-{i}", f"{args.subnet}.{100 + n + i}") for i in range(n)]
                 net.start(specs)
         finally:
             t = time.monotonic()

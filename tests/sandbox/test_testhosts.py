@@ -227,7 +227,7 @@ def test_stop_and_start_again_keep_disk_and_host_key(net, hosts):
         net.stop(host.name)
         assert not host.running and host.pid is None
         with pytest.raises(OSError):  # like a stopped instance: nothing answers
-            socket.create_connection((host.ip, 22), timeout=1).close()
+            socket.create_connection((host.ip, 22), timeout=0.5).close()
 
     assert (web2.upper / "home" / DEFAULT_USER / "kept.txt").read_text() == "kept\n"
     for host in (web2, db):
@@ -240,7 +240,8 @@ def test_stop_and_start_again_keep_disk_and_host_key(net, hosts):
     out = ssh(net, "db1", "sudo -u postgres psql -tAc 'select count(*) from kept'").stdout
     assert out.strip() == "0"
     log = ssh(net, "db1", "sudo cat /var/log/supervisor/postgresql.log").stdout
-    assert "database system was shut down at" in log  # clean shutdown, no crash recovery
+    assert "received fast shutdown request" in log  # supervisord's stopsignal=INT
+    assert "automatic recovery" not in log  # a clean shutdown, no crash recovery
 
 
 def test_destroy_removes_everything_of_the_host(net, hosts):
