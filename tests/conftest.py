@@ -1,4 +1,5 @@
 pytest_plugins = [
     "fabflows.testing.aws_fixtures",
     "fabflows.testing.prefect_fixtures",
+    "fabflows.testing.hosts_fixtures",
 ]
