@@ -39,6 +39,8 @@ from config import EnvironmentConfig, FabulawsConfig
 from config.models import ApprovalSettings
 
 TIMEOUT_APPROVER = "timeout"
+APPROVAL_REQUIRED_TAG = "approval:required"
+"""Put on a run by its creator (chatops does, for protected environments): any apply needs approval."""
 
 
 class Approval(RunInput):
@@ -90,8 +92,17 @@ class ApprovalRejected(RuntimeError):
 
 
 def approval_required(env: EnvironmentConfig, destructive: bool) -> bool:
-    """Destructive plans in protected environments (production by default) need approval."""
-    return destructive and env.protected
+    """Does applying this plan need approval?
+
+    Destructive plans in protected environments (production by default) do; so does any apply of a
+    run tagged ``approval:required`` (runs started from Slack in protected environments).
+    """
+    if destructive and env.protected:
+        return True
+    from fabflows import audit
+
+    run = audit.current_flow_run()
+    return bool(run is not None and APPROVAL_REQUIRED_TAG in (run.tags or []))
 
 
 def describe_request(
