@@ -67,8 +67,10 @@ HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOCK_DIR = Path("/run/lock")
 STATE_VERSION = 1
 
-ImageVariant = Literal["base", "db"]
-IMAGE_VARIANTS: tuple[str, ...] = ("base", "db")
+ImageVariant = Literal["base", "db", "app"]
+IMAGE_VARIANTS: tuple[str, ...] = ("base", "db", "app")
+DERIVED_VARIANTS: tuple[str, ...] = ("db", "app")
+"""Variants built from a copy of ``base`` plus apt (about 10-20 s each)."""
 
 _HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -347,8 +349,9 @@ def ensure_image(variant: ImageVariant, cache: Path | None = None) -> Path:
 
     Images live in ``~/.cache/fabflows/testhosts/bookworm-<variant>-<tag>/rootfs`` with a
     ``.complete`` marker beside ``rootfs``; ``<tag>`` hashes the build scripts, so editing them
-    rebuilds. ``base`` is built with debootstrap (about 35-60 s), ``db`` from a copy of ``base``
-    plus apt (about 10 s). Builds are serialized across processes with a lock file.
+    rebuilds. ``base`` is built with debootstrap (about 35-60 s), ``db`` (PostgreSQL 15) and ``app``
+    (Django, gunicorn, pgbouncer) from a copy of ``base`` plus apt (about 10-20 s each). Builds are
+    serialized across processes with a lock file.
     """
     if variant not in IMAGE_VARIANTS:
         raise ValueError(f"unknown image {variant!r}; expected one of {IMAGE_VARIANTS}")
@@ -356,7 +359,7 @@ def ensure_image(variant: ImageVariant, cache: Path | None = None) -> Path:
     rootfs = final / "rootfs"
     if (final / ".complete").exists():
         return rootfs
-    base_rootfs = ensure_image("base", cache) if variant == "db" else None
+    base_rootfs = ensure_image("base", cache) if variant in DERIVED_VARIANTS else None
     cache_dir = image_cache_dir(cache)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _flock(cache_dir / f".{final.name}.lock", what=f"image build {final.name}"):
@@ -1110,16 +1113,18 @@ class TestNetwork:
             time.sleep(0.01)
         return False
 
-    def stop(self, name: str, timeout: float = 15.0) -> None:
-        """Like an EC2 stop: processes end (cleanly if possible), the disk (upper layer) stays.
+    def stop(self, name: str, timeout: float = 15.0, *, graceful: bool = True) -> None:
+        """Like an EC2 stop: processes end, the disk (upper layer) stays.
 
-        SIGTERM to supervisord (it stops nginx and PostgreSQL cleanly, then exits, which ends the
-        host), SIGKILL after ``timeout``. The veth goes down, so the address stops answering.
+        ``graceful`` (the default, about 1.2 s): supervisord stops every program cleanly first
+        (see :meth:`_terminate`), SIGKILL after ``timeout``. ``graceful=False`` is a power cut
+        (about 0.05 s): everything gets SIGKILL, PostgreSQL recovers at the next start.
+        The veth goes down, so the address stops answering (connects time out).
         """
         with self._locked():
             host = self._get(name)
             if _alive(host.launcher_pid, host.launcher_starttime):
-                if not self._terminate(host, timeout):
+                if not graceful or not self._terminate(host, timeout):
                     _kill(host.launcher_pid)
                     if not self._wait_stopped(host, 10):
                         raise TestHostError(f"host {name} did not stop")
@@ -1129,19 +1134,32 @@ class TestNetwork:
             self._save()
 
     def _terminate(self, host: TestHost, timeout: float) -> bool:
-        """SIGTERM the host's PID 1 until the host is gone; False after ``timeout``.
+        """Shut the host down cleanly; False if it is still there after ``timeout``.
 
-        The kernel drops signals sent from outside to a PID namespace's init unless it has a
-        handler, and supervisord installs its handlers only after Python has started: so the
-        signal is repeated. And supervisord spawns its programs at its first tick, about 1 s after
-        it starts; a SIGTERM handled in that tick reaches nginx between fork and exec, where it
-        is lost, and supervisord then waits stopwaitsecs (10 s) before SIGKILL. So a young host
-        is given until it is 2 s old before the first signal.
+        First ``supervisorctl stop all`` inside the host: supervisord answers RPC at once and
+        returns when every program has stopped with its own stopsignal (PostgreSQL gets SIGINT, a
+        fast shutdown). Then the launcher gets SIGKILL, which ends PID 1 and with it sshd and the
+        namespaces. A SIGTERM to supervisord would do the same but slowly: it only looks at
+        signals once per 1 s tick, and once more to see each program exit.
+
+        If supervisorctl fails, SIGTERM goes to PID 1, repeated: the kernel drops signals sent
+        from outside to a PID namespace's init until it has a handler.
+
+        Either way a host is first given until it is 2 s old: supervisord spawns its programs at
+        its first tick, about 1 s after it starts, and a stop request handled in that tick reaches
+        nginx between fork and exec, where it is lost (supervisord then waits stopwaitsecs, 10 s).
         """
         age = _age(host.pid) if host.pid else None
         if age is not None and age < 2.0:
             time.sleep(2.0 - age)
         deadline = time.monotonic() + timeout
+        try:
+            host.exec(["supervisorctl", "stop", "all"], timeout=timeout)
+        except (subprocess.SubprocessError, TestHostError) as exc:
+            log.warning("%s: supervisorctl stop all failed (%s); sending SIGTERM", host.name, exc)
+        else:
+            _kill(host.launcher_pid)
+            return self._wait_stopped(host, max(1.0, deadline - time.monotonic()))
         while time.monotonic() < deadline:
             _kill(host.pid, signal.SIGTERM)
             if self._wait_stopped(host, min(0.5, max(0.0, deadline - time.monotonic()))):

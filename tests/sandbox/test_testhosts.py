@@ -224,7 +224,7 @@ def test_stop_and_start_again_keep_disk_and_host_key(net, hosts):
     old_pids = {h.name: h.pid for h in (web2, db)}
 
     for host in (web2, db):
-        net.stop(host.name)
+        net.stop(host.name, graceful=host is db)  # web2: a power cut; db1: a clean shutdown
         assert not host.running and host.pid is None
         with pytest.raises(OSError):  # like a stopped instance: nothing answers
             socket.create_connection((host.ip, 22), timeout=0.5).close()
