@@ -3,6 +3,9 @@
 #
 #   build-rootfs.sh base ROOT   debootstrap a fresh tree into ROOT (must not exist or be empty)
 #   build-rootfs.sh db ROOT     ROOT already holds a copy of the base tree: add postgresql-15
+#   build-rootfs.sh app ROOT    ROOT already holds a copy of the base tree: add Django, gunicorn and
+#                               pgbouncer for the web/worker hosts (the app itself is provisioned per
+#                               host by sandbox/provision.py, so app changes need no image rebuild)
 #
 # Run it under `unshare --mount --propagation private` (ensure_image() does): the /proc and /dev
 # mounts made for apt in the chroot then vanish with that namespace and never reach the machine.
@@ -16,6 +19,7 @@ SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=bookworm
 BASE_PACKAGES="openssh-server sudo nginx-light supervisor postgresql-client python3 iproute2 procps less curl ca-certificates"
 DB_PACKAGES="postgresql-15"
+APP_PACKAGES="python3-django python3-psycopg2 gunicorn pgbouncer"
 export LC_ALL=C.UTF-8 LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive
 
 in_chroot() {
@@ -165,11 +169,21 @@ EOF
     cleanup
 }
 
+build_app() {
+    prepare_chroot
+    # shellcheck disable=SC2086
+    apt_install $APP_PACKAGES
+    # The package's own pgbouncer is not used: each environment runs one under supervisor.
+    rm -f "$R/etc/pgbouncer/pgbouncer.ini" "$R/etc/pgbouncer/userlist.txt"
+    cleanup
+}
+
 case "$VARIANT" in
 base) build_base ;;
 db) build_db ;;
+app) build_app ;;
 *)
-    echo "usage: $0 base|db ROOT" >&2
+    echo "usage: $0 base|db|app ROOT" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,8 @@
+from django.urls import path
+
+from fabapp import views
+
+urlpatterns = [
+    path("", views.home),
+    path("healthcheck.html", views.healthcheck),
+]
