@@ -7,9 +7,12 @@ The same functions against real hosts are in test_users_hosts.py.
 from __future__ import annotations
 
 import base64
+import pwd
 from pathlib import Path
 
+import paramiko
 import pytest
+from prefect.logging import disable_run_logger
 
 from fabflows.errors import BadInput
 from fabflows.testing.sshkeys import (
@@ -19,16 +22,22 @@ from fabflows.testing.sshkeys import (
     rsa_pair,
     write_users_dir,
 )
+from tasks.ssh.connection import ConnectionPool, SshOptions, connect
+from tasks.ssh.fleet import FleetHost, RateControl, run_fleet
 from tasks.ssh.users import (
     MARKER_PATH,
     AccountFacts,
     FileFacts,
     HostFacts,
+    apply_step,
     build_spec,
     check_user_name,
+    list_sysadmin_accounts,
     load_users_dir,
     parse_facts,
     plan_host_users,
+    public_key_of,
+    update_sysadmin_accounts,
 )
 
 ALICE = ed25519_pair("alice@laptop")
@@ -531,3 +540,194 @@ def test_plan_refuses_host_without_deploy_user() -> None:
     facts = _facts(SPEC, ALICE_OK)
     facts = facts.model_copy(update={"accounts": {"alice": ALICE_OK}})
     assert "deploy user deploy does not exist" in plan_host_users(facts, SPEC).errors[0]
+
+
+# --------------------------------------------------------------------------- on real hosts
+
+RATE = RateControl(max_concurrency="100%", max_errors=0)
+
+
+def _opts(net, user: str = "deploy", key: Path | None = None) -> SshOptions:
+    return SshOptions(
+        user=user,
+        known_hosts_file=str(net.known_hosts),
+        key_file=str(key or net.client_key),
+        connect_timeout=3,
+    )
+
+
+def _host_spec(net, users_dir: Path, remove: bool = False):
+    opts = _opts(net)
+    return build_spec(
+        load_users_dir(users_dir),
+        admin_groups=["admin", "sudo"],
+        deploy_user="deploy",
+        connect_user="deploy",
+        connect_key=public_key_of(opts),
+        remove_unlisted=remove,
+    )
+
+
+def _apply(net, hosts, spec, *, dry_run: bool, approved=None):
+    fleet = [FleetHost(name=h.name, address=h.ip) for h in hosts]
+    with disable_run_logger(), ConnectionPool(_opts(net)) as pool:
+        return update_sysadmin_accounts.fn(fleet, spec, pool, RATE, approved, dry_run=dry_run)
+
+
+def _login(net, host, user: str, pair: KeyPair, tmp_path: Path) -> str:
+    key = pair.write_private(tmp_path / f"{user}-{host.name}.key")
+    conn = connect(host.ip, _opts(net, user, key))
+    try:
+        return conn.run("id -un; sudo -n id -un", hide=True, in_stream=False).stdout
+    finally:
+        conn.close()
+
+
+def _passwd(host, name: str) -> str | None:
+    proc = host.exec(["getent", "passwd", name], check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@pytest.mark.hosts
+def test_accounts_on_real_hosts(make_hosts, test_network, tmp_path: Path) -> None:
+    """Dry shows, apply makes, dry and apply again change nothing; alice logs in with her key."""
+    hosts = make_hosts(["users1", "users2"])
+    alice, bob = ed25519_pair("alice@laptop"), ed25519_pair("bob@laptop")
+    d = write_users_dir(tmp_path / "users", {"alice": alice, "bob": bob}, {"alice": "Alice L,Ops"})
+    spec = _host_spec(test_network, d)
+    before = {h.name: h.exec(["cat", "/etc/passwd"]).stdout for h in hosts}
+
+    dry = _apply(test_network, hosts, spec, dry_run=True)
+    assert [r.label for r in dry.results] == ["would change", "would change"]
+    assert any(
+        c.startswith("sudo -n -- useradd") and c.endswith("-- alice")
+        for c in dry.results[0].commands
+    )
+    assert all(alice.public.split()[1] not in c for c in dry.results[0].commands)
+    assert {h.name: h.exec(["cat", "/etc/passwd"]).stdout for h in hosts} == before
+
+    applied = _apply(test_network, hosts, spec, dry_run=False)
+    assert [r.status for r in applied.results] == ["changed", "changed"], applied.text_report()
+    for h in hosts:
+        assert _passwd(h, "alice").split(":")[4:] == ["Alice L,Ops", "/home/alice", "/bin/bash"]
+        assert "sudo" in h.exec(["id", "-Gn", "alice"]).stdout.split()
+        assert h.exec(
+            ["stat", "-c", "%U:%G:%a", "/home/alice/.ssh", "/home/alice/.ssh/authorized_keys"]
+        ).stdout.split() == ["alice:alice:700", "alice:alice:600"]
+        assert h.exec(["cat", MARKER_PATH]).stdout == "alice\nbob\n"
+        deploy_keys = h.exec(["cat", "/home/deploy/.ssh/authorized_keys"]).stdout
+        for blob in (
+            alice.public.split()[1],
+            bob.public.split()[1],
+            public_key_of(_opts(test_network)).split()[1],
+        ):
+            assert blob in deploy_keys
+        assert _login(test_network, h, "alice", alice, tmp_path).split() == ["alice", "root"]
+    with pytest.raises(paramiko.AuthenticationException):
+        _login(test_network, hosts[0], "alice", bob, tmp_path)  # bob's key is not alice's
+    with pytest.raises(KeyError):
+        pwd.getpwnam("alice")  # nothing appeared on the machine running the tests
+
+    again = _apply(test_network, hosts, spec, dry_run=True)
+    assert [r.status for r in again.results] == ["unchanged", "unchanged"]
+    again = _apply(test_network, hosts, spec, dry_run=False)
+    assert [r.message for r in again.results] == ["already as listed"] * 2
+
+
+@pytest.mark.hosts
+def test_unlisted_locked_relisted_removed(make_hosts, test_network, tmp_path: Path) -> None:
+    (host,) = make_hosts(["users3"])
+    alice, bob = ed25519_pair("alice"), ed25519_pair("bob")
+    full = write_users_dir(tmp_path / "full", {"alice": alice, "bob": bob})
+    only_alice = write_users_dir(tmp_path / "alice", {"alice": alice})
+    host.exec(["useradd", "--create-home", "--groups", "sudo", "mallory"])  # not fabflows'
+    host.exec(
+        ["sh", "-c", "echo 'ssh-ed25519 AAAAold legacy' > /home/deploy/.ssh/authorized_keys2"]
+    )
+    assert _apply(test_network, [host], _host_spec(test_network, full), dry_run=False).ok
+    assert (
+        host.exec(["test", "-e", "/home/deploy/.ssh/authorized_keys2"], check=False).returncode == 1
+    )
+    key = bob.write_private(tmp_path / "bob.key")
+    session = connect(host.ip, _opts(test_network, "bob", key))  # bob is logged in
+
+    locked = _apply(test_network, [host], _host_spec(test_network, only_alice), dry_run=False)
+    assert locked.ok, locked.text_report()
+    assert "bob: lock" in locked.results[0].message
+    with pytest.raises((paramiko.AuthenticationException, paramiko.SSHException)):
+        _login(test_network, host, "bob", bob, tmp_path)
+    with pytest.raises(Exception):  # noqa: B017 - his session was ended (any error: it is gone)
+        session.run("true", hide=True, in_stream=False, timeout=5)
+    session.close()
+    shadow = host.exec(["getent", "shadow", "bob"]).stdout.split(":")
+    assert shadow[1].startswith("!") and shadow[7] == "1"
+    assert "sudo" not in host.exec(["id", "-Gn", "bob"]).stdout.split()
+    assert _passwd(host, "bob").endswith("/usr/sbin/nologin")
+    assert host.exec(["cat", MARKER_PATH]).stdout == "alice\nbob\n"  # still managed (locked)
+    assert "sudo" in host.exec(["id", "-Gn", "mallory"]).stdout.split()  # never touched
+    assert not host.exec(["getent", "shadow", "mallory"]).stdout.split(":")[7]
+    assert _login(test_network, host, "alice", alice, tmp_path).split() == ["alice", "root"]
+    assert (
+        _apply(test_network, [host], _host_spec(test_network, only_alice), dry_run=False)
+        .results[0]
+        .status
+        == "unchanged"
+    )
+
+    relisted = _apply(test_network, [host], _host_spec(test_network, full), dry_run=False)
+    assert "bob: unlock" in relisted.results[0].message
+    assert _login(test_network, host, "bob", bob, tmp_path).split() == ["bob", "root"]
+
+    removed = _apply(
+        test_network, [host], _host_spec(test_network, only_alice, remove=True), dry_run=False
+    )
+    assert "bob: REMOVE account" in removed.results[0].message, removed.text_report()
+    assert _passwd(host, "bob") is None
+    assert host.exec(["test", "-e", "/home/bob"], check=False).returncode == 1
+    assert host.exec(["cat", MARKER_PATH]).stdout == "alice\n"
+    assert _passwd(host, "mallory") is not None
+
+
+@pytest.mark.hosts
+def test_drift_since_plan_refused(make_hosts, test_network, tmp_path: Path) -> None:
+    (host,) = make_hosts(["users4"])
+    spec = _host_spec(test_network, write_users_dir(tmp_path / "u", {"alice": ed25519_pair()}))
+    fleet = [FleetHost(name=host.name, address=host.ip)]
+    with disable_run_logger(), ConnectionPool(_opts(test_network)) as pool:
+        facts = list_sysadmin_accounts.fn(fleet, spec, pool, RATE).results[0].output
+    approved = {host.ip: plan_host_users(facts, spec).summaries()}
+    host.exec(["groupdel", "admin"])  # someone changed the host after the plan was shown
+    result = _apply(test_network, [host], spec, dry_run=False, approved=approved)
+    assert result.results[0].status == "failed"
+    assert "changed since the plan" in result.results[0].message
+    assert _passwd(host, "alice") is None
+
+
+@pytest.mark.hosts
+def test_own_login_broken_keys_restored(make_hosts, test_network, tmp_path: Path) -> None:
+    """Compensation: if fabflows cannot log in after rewriting its keys, the old keys come back."""
+    (host,) = make_hosts(["users5"])
+    previous = host.exec(["cat", "/home/deploy/.ssh/authorized_keys"]).stdout
+    spec = _host_spec(test_network, write_users_dir(tmp_path / "u", {"alice": ed25519_pair()}))
+    stranger = _opts(test_network, key=ed25519_pair().write_private(tmp_path / "stranger"))
+
+    def login_check(h: FleetHost) -> None:  # a real login that fails: a key the host never saw
+        connect(h.address, stranger).close()
+
+    fleet = [FleetHost(name=host.name, address=host.ip)]
+    with disable_run_logger(), ConnectionPool(_opts(test_network)) as pool:
+        result = run_fleet(
+            fleet,
+            apply_step(spec, None, login_check),
+            pool=pool,
+            rate=RATE,
+            dry_run=False,
+            name="t",
+        )
+    assert result.results[0].status == "failed"
+    assert "previous authorized_keys restored" in result.results[0].message
+    assert host.exec(["cat", "/home/deploy/.ssh/authorized_keys"]).stdout == previous
+    assert (
+        host.exec(["stat", "-c", "%U:%a", "/home/deploy/.ssh/authorized_keys"]).stdout.strip()
+        == "deploy:600"
+    )
