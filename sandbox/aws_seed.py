@@ -67,7 +67,7 @@ def seed(
         "Subnet"
     ]["SubnetId"]
     # a second subnet only so the ALB has two AZs; nothing runs in it
-    spare = next(s for s in vpc_net.subnets(new_prefix=24) if s != net)
+    spare = next(s for s in vpc_net.subnets(new_prefix=24) if not s.overlaps(net))
     spare_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock=str(spare), AvailabilityZone=az[1])[
         "Subnet"
     ]["SubnetId"]
