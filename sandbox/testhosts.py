@@ -1397,6 +1397,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 net.start_again(specs[0].name)
                 print(f"start_again 1: {time.monotonic() - t:.2f} s")
                 t = time.monotonic()
+                net.stop(specs[0].name, graceful=False)
+                print(f"stop 1 (power cut): {time.monotonic() - t:.2f} s")
+                net.start_again(specs[0].name)
+                t = time.monotonic()
                 for s in specs:
                     net.destroy(s.name)
                 print(f"destroy {n}: {time.monotonic() - t:.2f} s")
