@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from datetime import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -139,6 +139,74 @@ class ScheduleSpec(Strict):
         return v
 
 
+CORS_METHODS: tuple[str, ...] = ("GET", "PUT", "POST", "DELETE", "HEAD")
+"""HTTP methods an S3 CORS rule may allow."""
+
+_CORS_ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/\s?#]+)$")
+
+
+class CorsRule(Strict):
+    """One S3 CORS rule (PutBucketCors' CORSRule), validated as S3 validates it."""
+
+    id: str | None = Field(default=None, max_length=255, description="Rule ID (informational).")
+    allowed_origins: list[str] = Field(
+        min_length=1,
+        description="Origins allowed (scheme://host[:port], or *); each may hold one * wildcard.",
+    )
+    allowed_methods: list[Literal["GET", "PUT", "POST", "DELETE", "HEAD"]] = Field(
+        min_length=1, description="Methods allowed (GET, PUT, POST, DELETE, HEAD)."
+    )
+    allowed_headers: list[str] = Field(
+        default_factory=list,
+        description="Headers a preflight may ask for (Access-Control-Request-Headers); one * each.",
+    )
+    expose_headers: list[str] = Field(
+        default_factory=list, description="Response headers scripts may read."
+    )
+    max_age_seconds: int | None = Field(
+        default=None, ge=0, description="How long browsers may cache the preflight answer."
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin.count("*") > 1:
+                raise ValueError(f"origin {origin!r} has more than one * wildcard (S3 allows one)")
+            if not _CORS_ORIGIN.match(origin):
+                raise ValueError(
+                    f"origin {origin!r} is not * or scheme://host[:port] (no path, no spaces)"
+                )
+        return v
+
+    @field_validator("allowed_headers")
+    @classmethod
+    def _headers(cls, v: list[str]) -> list[str]:
+        for header in v:
+            if header.count("*") > 1 or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", header):
+                raise ValueError(f"allowed header {header!r} is not a header name (one * allowed)")
+        return v
+
+    @field_validator("expose_headers")
+    @classmethod
+    def _expose(cls, v: list[str]) -> list[str]:
+        for header in v:
+            if not re.match(r"^[A-Za-z0-9!#$%&'+.^_`|~-]+$", header):
+                raise ValueError(f"expose header {header!r} is not a header name (no wildcards)")
+        return v
+
+
+DEFAULT_STATIC_CORS_RULES: tuple[CorsRule, ...] = (
+    CorsRule(
+        allowed_origins=["*"],
+        allowed_methods=["GET"],
+        allowed_headers=["Authorization"],
+        max_age_seconds=3000,
+    ),
+)
+"""The rule the maintenance doc has operators click into the console (procedures.md §2.8)."""
+
+
 class EnvironmentSettings(Strict):
     """fabflows settings for one environment (all optional: an unset option means the default)."""
 
@@ -174,6 +242,22 @@ class EnvironmentSettings(Strict):
     schedules: dict[str, ScheduleSpec] = Field(
         default_factory=dict,
         description="Flow name (kebab-case) -> schedule for that flow's deployment in this environment.",
+    )
+    static_cors_rules: list[CorsRule] | None = Field(
+        default=None,
+        max_length=100,
+        description="CORS rules fix-static-cors puts on the static bucket, in order (S3 uses the "
+        "first that matches). Default: origin *, GET, header Authorization, max age 3000.",
+    )
+    static_cors_check_origins: list[
+        Annotated[str, Field(pattern=r"^[a-z][a-z0-9+.-]*://[^/\s?#*]+$")]
+    ] = Field(
+        default_factory=list,
+        description="Origins fix-static-cors verifies besides the site URL's and site_domains_map's.",
+    )
+    static_cors_check_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization"],
+        description="Request headers the verification's GET preflight asks for.",
     )
 
     @field_validator("time_zone")
@@ -495,6 +579,159 @@ class UpgradeSettings(Strict):
         return [normalize_role(r) for r in v]
 
 
+# --------------------------------------------------------------------------- secrets, New Relic, refresh
+
+SECRET_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+"""Secret names are file names under ``home`` on the servers: no path separators, no dots."""
+
+_MODE = r"^0?[0-7]{3}$"
+
+
+class SecretFileSettings(Strict):
+    """A config file on the servers that embeds secrets, re-rendered from the secrets block.
+
+    ``path`` and each ``restart`` entry may use ``{home}``, ``{environment}``, ``{deployment}`` and
+    ``{project}``. The template is Jinja2 (undefined names are errors) with every secret name, plus
+    ``deployment``, ``environment``, ``project``, ``home``, ``database_name``, ``database_user``,
+    ``deploy_user``, ``host`` (the server's name) and ``role``.
+    """
+
+    path: str = Field(description="Absolute path on the server (placeholders allowed).")
+    template: str | None = Field(default=None, description="Jinja2 template text.")
+    template_file: str | None = Field(
+        default=None,
+        description="Jinja2 template file, relative to the config file (instead of template).",
+    )
+    roles: list[str] = Field(
+        min_length=1, description="Roles whose servers get the file (e.g. [web, worker])."
+    )
+    owner: str | None = Field(
+        default=None,
+        pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+        description="File owner. Default: deploy_user.",
+    )
+    mode: str = Field(default="0600", pattern=_MODE, description="Octal file mode.")
+    restart: list[str] = Field(
+        default_factory=list,
+        description="Supervisor programs or groups restarted when the file changes "
+        "(e.g. {environment}-pgbouncer).",
+    )
+    kind: Literal["app", "newrelic"] = Field(
+        default="app",
+        description="newrelic: also rendered by update-newrelic-keys; app: only by "
+        "push-server-secrets.",
+    )
+
+    @model_validator(mode="after")
+    def _one_template(self) -> SecretFileSettings:
+        if (self.template is None) == (self.template_file is None):
+            raise ValueError("give exactly one of template and template_file")
+        if not self.path.startswith("/") and not self.path.startswith("{home}"):
+            raise ValueError(f"path {self.path!r} is not absolute (nor under {{home}})")
+        unknown = [r for r in self.roles if normalize_role(r) not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown role(s) {unknown}; fabflows knows {list(ROLES)}")
+        return self
+
+
+class SecretsSettings(Strict):
+    """Server secrets (blocks/secrets.py): pull-server-secrets and push-server-secrets."""
+
+    block: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Secrets block document. Default: <deployment>-<environment>-secrets.",
+    )
+    pull_from_role: str = Field(
+        default="worker",
+        description="pull-server-secrets reads the servers' files from the first server of this "
+        "role (the original read the first worker), and compares the others with it.",
+    )
+    files: list[SecretFileSettings] | None = Field(
+        default=None,
+        description="Config files that embed secrets. Default: the pgbouncer userlist, the New "
+        "Relic agent files and the New Relic infrastructure agent config (see tasks/ssh/secrets.py).",
+    )
+    app_programs: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "web": ["{environment}-web"],
+            "worker": ["{environment}-celery"],
+        },
+        description="Role -> supervisor groups restarted on a server whose secrets changed (the "
+        "app reads them when it starts).",
+    )
+    broker_user: str | None = Field(
+        default=None,
+        description="RabbitMQ user whose password is broker_password. Default: deploy_user (as "
+        "FabulAWS sets it up).",
+    )
+    database_port: int = Field(
+        default=5432, ge=1, le=65535, description="PostgreSQL port on the db-primary server."
+    )
+    window_for: list[str] = Field(
+        default_factory=lambda: ["database_password", "broker_password"],
+        description="Secrets whose change is applied inside an upgrade window (the password "
+        "checked by the database or the broker changes with the files).",
+    )
+
+
+class NewRelicSettings(Strict):
+    """update-newrelic-keys."""
+
+    restart_timeout_seconds: float = Field(
+        default=120, gt=0, le=3600, description="Longest a restart of one server's programs may take."
+    )
+    healthy_timeout_seconds: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="Rolling mode: how long a restarted web server has to answer 200 again.",
+    )
+    drain_seconds: float = Field(
+        default=5,
+        ge=0,
+        le=600,
+        description="Rolling mode: wait after taking a server out of the load balancers before "
+        "restarting it (in-flight requests finish).",
+    )
+
+
+class RefreshSettings(Strict):
+    """deploy-serial: the rolling web refresh onto a new image."""
+
+    keep_images: int = Field(
+        default=3,
+        ge=1,
+        le=50,
+        description="Images (and launch template versions) kept per environment; older ones made "
+        "by fabflows are pruned after a successful refresh.",
+    )
+    image_timeout_seconds: float = Field(
+        default=3600, gt=0, le=6 * 3600, description="Longest wait for CreateImage to be available."
+    )
+    instance_timeout_seconds: float = Field(
+        default=900,
+        gt=0,
+        le=3600,
+        description="Longest wait for a new instance to be InService and answer 200.",
+    )
+    drain_seconds: float = Field(
+        default=10,
+        ge=0,
+        le=900,
+        description="Wait between taking an old instance out of the load balancers and "
+        "terminating it (connection draining).",
+    )
+    poll_seconds: float = Field(
+        default=5, gt=0, le=60, description="How often the waits ask AWS and the servers."
+    )
+    reboot_for_image: bool = Field(
+        default=False,
+        description="Let CreateImage reboot the source server (consistent disk; it leaves the "
+        "load balancers meanwhile). Default: NoReboot.",
+    )
+
+
 class FabflowsSection(Strict):
     """The ``fabflows:`` section of the config file."""
 
@@ -509,6 +746,9 @@ class FabflowsSection(Strict):
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     chatops: ChatopsSettings = Field(default_factory=ChatopsSettings)
     upgrade: UpgradeSettings = Field(default_factory=UpgradeSettings)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+    newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
+    refresh: RefreshSettings = Field(default_factory=RefreshSettings)
 
 
 # --------------------------------------------------------------------------- legacy (FabulAWS) part

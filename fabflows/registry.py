@@ -2,4 +2,5 @@
 
 FLOWS: dict[str, str] = {
     "describe-environment": "flows.describe_environment:describe_environment",
+    "fix-static-cors": "flows.fix_static_cors:fix_static_cors",
 }
