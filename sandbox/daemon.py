@@ -135,6 +135,9 @@ class Sandbox:
             time.sleep(1.0)
             try:
                 self.reconcile()
+                # starts requested by other processes (TestNetwork.load(...).start_again) run here,
+                # in the owner's main thread
+                self.net.serve_pending()
             except Exception:  # keep the sandbox alive; the next tick tries again
                 log.exception("reconcile failed")
 
