@@ -118,11 +118,11 @@ class SysadminUser(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=NAME_RE.pattern)
-    keys: list[PublicKey] = Field(min_length=1)
+    public_keys: list[PublicKey] = Field(min_length=1)
     gecos: str | None = Field(default=None, description="Full name; None leaves it as is.")
 
     def authorized_keys(self) -> str:
-        return "".join(k.line + "\n" for k in self.keys)
+        return "".join(k.line + "\n" for k in self.public_keys)
 
 
 def _ssh_keygen_fingerprint(line: str) -> tuple[int, str] | str:
@@ -295,7 +295,7 @@ def load_users_dir(path: str | Path, extra_reserved: Sequence[str] = ()) -> list
                 problems.append(f"{name}.gecos: {why}")
                 continue
         if keys:
-            users.append(SysadminUser(name=name, keys=keys, gecos=gecos))
+            users.append(SysadminUser(name=name, public_keys=keys, gecos=gecos))
     if problems:
         raise BadInput(
             f"users directory {root}: {len(problems)} problem(s), nothing was changed:\n"
@@ -341,7 +341,7 @@ class SysadminUsersSpec(BaseModel):
 
     def deploy_keys(self) -> str:
         """The deploy user's authorized_keys: every listed key, plus fabflows' own if it logs in there."""
-        lines = [k.line for u in self.users for k in u.keys]
+        lines = [k.line for u in self.users for k in u.public_keys]
         if self.connect_key and self.connect_user == self.deploy_user:
             blob = self.connect_key.split()[1]
             if not any(line.split()[1] == blob for line in lines):
@@ -377,7 +377,7 @@ def build_spec(
     if connect_user in names and connect_key:
         listed = next(u for u in users if u.name == connect_user)
         blob = connect_key.split()[1]
-        if not any(k.blob == blob for k in listed.keys):
+        if not any(k.blob == blob for k in listed.public_keys):
             problems.append(
                 f"{connect_user!r} is the account fabflows connects as, but its key file does not "
                 "hold fabflows' own key: the run would lock itself out"

@@ -61,9 +61,9 @@ def test_good_directory(tmp_path: Path) -> None:
     assert [u.name for u in users] == ["_svc-ops", "alice", "bob"]
     alice = users[1]
     assert alice.gecos == "Alice Liddell,Room 1"
-    assert [k.type for k in alice.keys] == ["ssh-ed25519", "ssh-rsa"]
-    assert alice.keys[1].bits == 3072
-    assert alice.keys[0].fingerprint.startswith("SHA256:")
+    assert [k.type for k in alice.public_keys] == ["ssh-ed25519", "ssh-rsa"]
+    assert alice.public_keys[1].bits == 3072
+    assert alice.public_keys[0].fingerprint.startswith("SHA256:")
     assert alice.authorized_keys() == ALICE.public + "\n" + second.public + "\n"
     assert users[2].gecos is None
 
@@ -175,7 +175,7 @@ def test_check_user_name_refuses(name: str) -> None:
 def _users(*pairs: tuple[str, KeyPair]) -> list:
     from tasks.ssh.users import SysadminUser, parse_public_key
 
-    return [SysadminUser(name=n, keys=[parse_public_key(k.public)]) for n, k in pairs]
+    return [SysadminUser(name=n, public_keys=[parse_public_key(k.public)]) for n, k in pairs]
 
 
 def test_spec_refuses_self_lockout() -> None:
