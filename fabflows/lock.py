@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,7 +95,7 @@ def current_holder(label: str) -> LockHolder:
     try:
         from fabflows import audit
 
-        run = audit.current_flow_run()
+        run = audit.current_flow_run() if "prefect.context" in sys.modules else None
         if run is not None:
             flow_name = audit.current_flow_name()
             run_id, run_name = str(run.id), run.name
@@ -343,12 +344,19 @@ def make_backend(label: str, settings: LockSettings, state_dir: str) -> Backend:
     return PostgresBackend(label, url, settings.dead_session_seconds)
 
 
+def _in_flow_run() -> bool:
+    """Cheap: a process that never imported prefect is not in a flow run (no 1 s import)."""
+    if "prefect.context" not in sys.modules:
+        return False
+    from fabflows.report import in_flow_run
+
+    return in_flow_run()
+
+
 def _default_on_wait(label: str, holder: LockHolder | None, waited: float) -> None:
     text = holder.describe() if holder else "a run that has not said who it is yet"
     message = f"{label} is busy: held by {text}; waiting ({waited:.0f} s so far)"
-    from fabflows.report import in_flow_run
-
-    if in_flow_run():
+    if _in_flow_run():
         from prefect.logging import get_run_logger
 
         get_run_logger().warning("%s", message)
@@ -420,9 +428,7 @@ def environment_lock(
 
 
 def _announce(label: str, waited: float) -> None:
-    from fabflows.report import in_flow_run
-
-    if in_flow_run():
+    if _in_flow_run():
         from prefect.logging import get_run_logger
 
         get_run_logger().info("holding the lock of %s (waited %.1f s)", label, waited)
