@@ -732,6 +732,40 @@ class RefreshSettings(Strict):
     )
 
 
+class SdistsSettings(Strict):
+    """refresh-sdists: the app repository's vendored source distributions (fabflows.sdists)."""
+
+    app_repo: str | None = Field(
+        default=None,
+        description="Path of the app repository checkout on the machine that runs refresh-sdists.",
+    )
+    requirements_file: str = Field(
+        default="requirements/apps.txt",
+        description="Pinned requirements (name==version), relative to app_repo.",
+    )
+    sdists_dir: str | None = Field(
+        default=None,
+        description="Directory of the vendored sdists, relative to app_repo. Default: the "
+        "top-level requirements_sdists, else requirements/sdists.",
+    )
+    index_url: str | None = Field(
+        default=None,
+        pattern=r"^(https?|file)://",
+        description="Package index (PEP 503 simple API) pip downloads from. Default: pip's own.",
+    )
+    parallel_downloads: int = Field(
+        default=4, ge=1, le=16, description="pip downloads run at once."
+    )
+    download_timeout_seconds: float = Field(
+        default=600, gt=0, le=3600, description="Longest one pip download may take."
+    )
+    branch_prefix: str = Field(
+        default="fabflows/refresh-sdists",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,100}$",
+        description="Branch name prefix for the optional commit (a timestamp is appended).",
+    )
+
+
 class FabflowsSection(Strict):
     """The ``fabflows:`` section of the config file."""
 
@@ -746,6 +780,7 @@ class FabflowsSection(Strict):
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     chatops: ChatopsSettings = Field(default_factory=ChatopsSettings)
     upgrade: UpgradeSettings = Field(default_factory=UpgradeSettings)
+    sdists: SdistsSettings = Field(default_factory=SdistsSettings)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)

@@ -4,4 +4,5 @@ FLOWS: dict[str, str] = {
     "describe-environment": "flows.describe_environment:describe_environment",
     "update-sysadmin-users": "flows.update_sysadmin_users:update_sysadmin_users",
     "fix-static-cors": "flows.fix_static_cors:fix_static_cors",
+    "refresh-sdists": "flows.refresh_sdists:refresh_sdists",
 }
