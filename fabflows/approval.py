@@ -212,6 +212,7 @@ def request_approval(
             waited_seconds=(datetime.now(UTC) - started).total_seconds(),
         )
     except FlowPauseTimeout:
+        _unpause(run.id)
         decision = ApprovalDecision(
             approved=False,
             approver=TIMEOUT_APPROVER,
@@ -223,6 +224,21 @@ def request_approval(
     if not decision.approved:
         raise ApprovalRejected(decision, env.label)
     return decision
+
+
+def _unpause(flow_run_id: object) -> None:
+    """Back to RUNNING after a pause timeout, so the flow can clean up and end with its own state.
+
+    (Left PAUSED, the server turns the flow's final state into FAILED "never resumed" and would
+    refuse new task runs of an undo path.)
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(
+            flow_run_id, Running(message="approval timed out: rejected"), force=True
+        )
 
 
 def _record(env: EnvironmentConfig, flow_name: str, key: str, decision: ApprovalDecision) -> None:

@@ -1,0 +1,138 @@
+"""Windows and the step guard: pure, table-driven."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from config import load_config, resolve_environment
+from config.models import MaintenanceWindow
+from fabflows import guard
+from fabflows.testing.configs import SAMPLE
+
+NY = ZoneInfo("America/New_York")
+BASE = resolve_environment(load_config(SAMPLE), "production")
+# weeknights 20:00-23:30 and Saturday 22:00 to Sunday 02:00, New York time
+ENV = BASE.model_copy(
+    update={
+        "time_zone": "America/New_York",
+        "windows": [
+            MaintenanceWindow(
+                days=["mon", "tue", "wed", "thu", "fri"], start=time(20), end=time(23, 30)
+            ),
+            MaintenanceWindow(days=["sat"], start=time(22), end=time(2)),
+        ],
+    }
+)
+
+
+def at(day: int, hour: int, minute: int = 0) -> datetime:
+    """November 2026: the 23rd is a Monday."""
+    return datetime(2026, 11, day, hour, minute, tzinfo=NY)
+
+
+WINDOW_CASES = [
+    ("monday evening inside", at(23, 21), True, at(23, 23, 30)),
+    ("monday before", at(23, 19, 59), False, None),
+    ("monday at close", at(23, 23, 30), False, None),
+    ("saturday late", at(28, 23), True, at(29, 2)),
+    ("past midnight into sunday", at(29, 1, 30), True, at(29, 2)),
+    ("sunday afternoon", at(29, 15), False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "now", "allowed", "end"), WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES]
+)
+def test_check_window(what, now, allowed, end) -> None:
+    d = guard.check_window(ENV, now)
+    assert d.allowed is allowed
+    assert d.window_end == end
+    if not allowed:
+        assert "outside its maintenance window" in d.explain()
+        assert d.next_start is not None and d.next_start > now
+
+
+def test_window_in_utc_moment_is_read_in_the_env_zone() -> None:
+    # 01:30 UTC Tuesday = 20:30 Monday in New York
+    d = guard.check_window(ENV, datetime(2026, 11, 24, 1, 30, tzinfo=ZoneInfo("UTC")))
+    assert d.allowed and d.window_end == at(23, 23, 30)
+
+
+def test_next_window_start() -> None:
+    assert guard.next_window_start(ENV, at(29, 15)) == at(30, 20)  # sunday -> monday 20:00
+    assert guard.next_window_start(ENV, at(27, 23, 45)) == at(28, 22)  # friday late -> saturday
+
+
+def test_refused_outside_without_override_and_recorded_with_one() -> None:
+    with pytest.raises(guard.OutsideWindow, match="next window opens Mon 2026-11-30 20:00"):
+        guard.require_window(ENV, now=at(29, 15))
+    d = guard.require_window(
+        ENV, override_reason="database corruption, vendor on call", now=at(29, 15)
+    )
+    assert d.allowed and d.override_reason and d.deadline is None
+    assert "overridden" in d.explain()
+
+
+@pytest.mark.parametrize("reason", ["", "  ok  ", "because"])
+def test_override_reason_must_say_something(reason) -> None:
+    with pytest.raises(ValueError, match="too short"):
+        guard.check_window(ENV, at(29, 15), override_reason=reason)
+
+
+def test_no_windows_means_unrestricted() -> None:
+    env = ENV.model_copy(update={"windows": []})
+    d = guard.require_window(env, now=at(29, 15))
+    assert d.unrestricted and d.deadline is None
+
+
+def _steps(now: datetime, history: dict) -> guard.StepGuard:
+    decision = guard.check_window(ENV, now)
+    return guard.StepGuard(
+        decision,
+        "reload-production-db",
+        ENV,
+        history=guard.DurationHistory("reload-production-db", ENV.label, store=history),
+        clock=lambda: now,
+    )
+
+
+STEP_CASES = [
+    # (what, now, history seconds, expected override, fits)
+    ("no history: allowed", at(23, 23, 25), [], None, True),
+    ("fits easily", at(23, 21), [600, 900], None, True),
+    ("longest of last three decides", at(23, 22, 40), [4000, 600, 900, 1000], None, True),
+    ("longest recent run does not fit", at(23, 23, 1), [600, 1500, 900], None, False),
+    ("margin counts", at(23, 23, 10), [1100], None, False),  # 1100 s x1.2 > 20 min
+    ("explicit expectation", at(23, 23), [], timedelta(hours=1), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "now", "past", "expected", "fits"), STEP_CASES, ids=[c[0] for c in STEP_CASES]
+)
+def test_step_guard(what, now, past, expected, fits) -> None:
+    steps = _steps(now, {"copy-database": past} if past else {})
+    if fits:
+        steps.check("copy-database", expected)
+    else:
+        with pytest.raises(guard.StepDoesNotFit, match="'copy-database' is not started.*closes in"):
+            steps.check("copy-database", expected)
+
+
+def test_step_records_its_duration_only_on_success() -> None:
+    store: dict = {}
+    steps = _steps(at(23, 21), store)
+    with steps.step("swap"):
+        pass
+    assert len(store["swap"]) == 1
+    with pytest.raises(RuntimeError), steps.step("swap"):
+        raise RuntimeError("boom")
+    assert len(store["swap"]) == 1
+
+
+def test_stops_are_cancelled_states_with_the_reason() -> None:
+    state = guard.StepDoesNotFit("window closing").as_state()
+    assert state.is_cancelled() and state.message == "window closing"
