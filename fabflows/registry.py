@@ -5,4 +5,8 @@ FLOWS: dict[str, str] = {
     "update-sysadmin-users": "flows.update_sysadmin_users:update_sysadmin_users",
     "fix-static-cors": "flows.fix_static_cors:fix_static_cors",
     "refresh-sdists": "flows.refresh_sdists:refresh_sdists",
+    "begin-upgrade": "flows.begin_upgrade:begin_upgrade",
+    "end-upgrade": "flows.end_upgrade:end_upgrade",
+    "upgrade-status": "flows.upgrade_status:upgrade_status",
+    "upgrade-packages": "flows.upgrade_packages:upgrade_packages",
 }

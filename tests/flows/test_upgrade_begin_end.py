@@ -1,0 +1,120 @@
+"""begin-upgrade, upgrade-status, upgrade-packages joining, end-upgrade: the original's §2.12
+sequence for real (moto, test hosts' nginx checked over HTTP, Prefect harness)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from fabflows.testing.aws_fixtures import boto_client
+from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
+from flows.begin_upgrade import begin_upgrade
+from flows.end_upgrade import end_upgrade
+from flows.upgrade_packages import upgrade_packages
+from flows.upgrade_status import upgrade_status
+from tasks.aws.autoscaling import UPGRADE_MODE_TAG
+
+pytestmark = [pytest.mark.hosts, pytest.mark.flow]
+
+GROUP = "myproject-staging-ag"
+
+
+@pytest.fixture(scope="module")
+def repo(test_network, tmp_path_factory) -> Iterator:
+    r = serve_test_repo(tmp_path_factory.mktemp("apt-repo"), test_network)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def lab(aws, test_network, make_hosts, repo, tmp_path: Path):
+    return make_lab(tmp_path, aws.endpoint, test_network, make_hosts, repo)
+
+
+def _asg(aws) -> dict:
+    return boto_client(aws, "autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=[GROUP]
+    )["AutoScalingGroups"][0]
+
+
+def _suspended(aws) -> list[str]:
+    return sorted(p["ProcessName"] for p in _asg(aws)["SuspendedProcesses"])
+
+
+def _status(ip: str, path: str = "/") -> int:
+    return requests.get(f"http://{ip}{path}", timeout=5, allow_redirects=False).status_code
+
+
+def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
+    cfg = str(lab.config_path)
+    boto_client(aws, "autoscaling").suspend_processes(
+        AutoScalingGroupName=GROUP, ScalingProcesses=["AddToLoadBalancer"]
+    )
+    before = _suspended(aws)
+
+    dry = begin_upgrade(environment="staging", config=cfg)
+    assert dry.dry_run and dry.mode == "fresh"
+    assert [r.label for r in dry.on.pages.results] == ["would change"] * 2
+    assert dry.on.processes.summary.startswith("Would suspend Launch, Terminate")
+    assert _suspended(aws) == before
+    assert all(_status(h.ip) == 200 for h in lab.web)
+
+    on = begin_upgrade(environment="staging", config=cfg, dry_run=False)
+    assert on.after.in_upgrade_mode and len(on.after.hosts_in_upgrade_mode) == 2
+    for h in lab.web:
+        assert _status(h.ip) == 503 and _status(h.ip, "/healthcheck.html") == 200
+    assert "Launch" in _suspended(aws) and "AddToLoadBalancer" in _suspended(aws)
+    assert [c.status for c in on.on.checks] == [503, 200, 503, 200, 503, 200]  # + the site URL
+
+    status = upgrade_status(environment="staging", config=cfg)
+    assert status.in_upgrade_mode and status.holder.flow == "begin-upgrade"
+    assert "AddToLoadBalancer" not in status.recorded.suspended  # not ours
+    assert "IN UPGRADE MODE on 2 of 2 web server(s)" in status.describe()
+    assert "suspended by others: AddToLoadBalancer" in status.describe()
+
+    again = begin_upgrade(environment="staging", config=cfg, dry_run=False)
+    assert again.mode == "joined"
+    assert [r.status for r in again.on.pages.results] == ["unchanged"] * 2
+
+    # upgrade-packages inside begin-upgrade's window: joins it and leaves upgrade mode on
+    report = upgrade_packages(
+        environment="staging", config=cfg, dry_run=False, roles=["db-primary"]
+    )
+    assert report.upgraded == [lab.servers[0].name] and report.window.mode == "joined"
+    assert report.window.left_on
+    assert all(_status(h.ip) == 503 for h in lab.web)
+
+    end_dry = end_upgrade(environment="staging", config=cfg)
+    assert end_dry.dry_run and "begin-upgrade" in end_dry.outcome
+    assert all(_status(h.ip) == 503 for h in lab.web)
+
+    end = end_upgrade(environment="staging", config=cfg, dry_run=False)
+    assert not end.after.in_upgrade_mode
+    assert _suspended(aws) == before
+    assert UPGRADE_MODE_TAG not in {t["Key"] for t in _asg(aws)["Tags"]}
+    for h in lab.web:
+        assert _status(h.ip) == 200 and _status(h.ip, "/healthcheck.html") == 200
+
+    # safe at any time: nothing to end, the site is still checked
+    end_again = end_upgrade(environment="staging", config=cfg, dry_run=False)
+    assert "not in upgrade mode" in end_again.outcome
+    assert [r.status for r in end_again.off.pages.results] == ["unchanged"] * 2
+
+
+def test_begin_upgrade_undoes_itself_when_a_web_server_cannot_be_switched(
+    prefect_server, lab, aws, test_network
+) -> None:
+    before = _suspended(aws)
+    broken, fine = lab.web
+    broken.exec(["rm", "-rf", "/home/deploy/services/nginx/html"])  # not a web server any more
+    state = begin_upgrade(
+        environment="staging", config=str(lab.config_path), dry_run=False, return_state=True
+    )
+    assert state.is_failed()
+    assert "nginx document root /home/deploy/services/nginx/html does not exist" in state.message
+    assert _suspended(aws) == before
+    assert UPGRADE_MODE_TAG not in {t["Key"] for t in _asg(aws)["Tags"]}
+    assert _status(fine.ip) == 200
