@@ -139,3 +139,235 @@ def point_apt_at(host: Host, repo_url: str) -> None:
         ["sh", "-c", "rm -f /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources"]
     )
     _write(host, "/etc/apt/sources.list", f"deb [trusted=yes] {repo_url.rstrip('/')}/ ./\n")
+
+
+# --------------------------------------------------------------------------- the Django app
+# (reload-production-db, issue 8): the web and worker hosts of an environment run the small Django
+# app in sandbox/app/ under supervisor, behind nginx (web) and through pgbouncer, as FabulAWS's
+# servers do (procedures.md §1): supervisor groups <env>-web (program <env>-server, gunicorn on
+# server_ports[env]), <env>-celery (a worker stand-in) and <env>-pgbouncer; the database password in
+# the deploy user's secret file <home>/database_password (mode 600).
+
+APP_SOURCE = __import__("pathlib").Path(__file__).resolve().parent / "app"
+
+APP_PROGRAMS = {
+    "server": """
+[program:{env}-server]
+command=/usr/bin/gunicorn --bind 127.0.0.1:{port} --workers 2 --timeout 30 --graceful-timeout 5 fabapp.wsgi:application
+directory={code_root}
+user={user}
+environment=HOME="{home}"
+autostart=true
+autorestart=true
+startsecs=1
+stopasgroup=true
+redirect_stderr=true
+stdout_logfile=/var/log/supervisor/{env}-server.log
+""",
+    "celery": """
+[program:{env}-celery-main]
+command=/usr/bin/python3 manage.py run_worker --interval 2
+directory={code_root}
+user={user}
+environment=HOME="{home}",PYTHONUNBUFFERED="1"
+autostart=true
+autorestart=true
+startsecs=1
+stopasgroup=true
+redirect_stderr=true
+stdout_logfile=/var/log/supervisor/{env}-celery.log
+""",
+    "pgbouncer": """
+[program:{env}-pgbouncer]
+command=/usr/sbin/pgbouncer {services}/pgbouncer/pgbouncer-{env}.ini
+user={user}
+autostart=true
+autorestart=true
+startsecs=1
+redirect_stderr=true
+stdout_logfile=/var/log/supervisor/{env}-pgbouncer.log
+""",
+}
+
+APP_GROUPS = {
+    "web": """
+[group:{env}-web]
+programs={env}-server
+
+[group:{env}-pgbouncer]
+programs={env}-pgbouncer
+""",
+    "worker": """
+[group:{env}-celery]
+programs={env}-celery-main
+
+[group:{env}-pgbouncer]
+programs={env}-pgbouncer
+""",
+}
+
+ROLE_PROGRAMS = {"web": ("server", "pgbouncer"), "worker": ("celery", "pgbouncer")}
+
+LOCAL_SETTINGS = """\
+# Written by sandbox/provision.py for the {env} environment.
+ENVIRONMENT = {env!r}
+DB_NAME = {db_name!r}
+DB_USER = {db_user!r}
+DB_HOST = "127.0.0.1"
+DB_PORT = {pgbouncer_port!r}
+DB_PASSWORD_FILE = {password_file!r}
+"""
+
+
+PGBOUNCER_INI = """\
+[databases]
+{db_name} = host={db_host} port=5432 dbname={db_name}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {pgbouncer_port}
+unix_socket_dir =
+auth_type = md5
+auth_file = {services}/pgbouncer/userlist-{env}.txt
+pool_mode = session
+server_reset_query = DISCARD ALL
+server_login_retry = 1
+server_connect_timeout = 3
+ignore_startup_parameters = extra_float_digits
+logfile =
+pidfile =
+"""
+
+
+def _quoted_userlist_entry(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+def write_secret_file(host: Host, home: str, name: str, value: str, owner: str = "deploy") -> None:
+    """FabulAWS's server secret file ``<home>/<name>``: mode 600, owned by the deploy user."""
+    path = f"{home.rstrip('/')}/{name}"
+    script = (
+        f"umask 077; mkdir -p -- {shlex.quote(home)}; cat > {shlex.quote(path)}; "
+        f"chown {shlex.quote(owner)}: {shlex.quote(path)}; chmod 600 {shlex.quote(path)}"
+    )
+    host.exec(["sh", "-c", script], input=value)
+
+
+def provision_app(
+    host: Host,
+    *,
+    role: str,
+    environment: str,
+    db_host: str,
+    db_name: str,
+    db_user: str,
+    db_password: str,
+    home: str = "/home/deploy",
+    server_port: int = 8000,
+    pgbouncer_port: int = 5432,
+    owner: str = "deploy",
+    wait: float = 20.0,
+) -> None:
+    """Make ``host`` a FabulAWS-like ``web`` or ``worker`` server running the Django app.
+
+    Web: nginx with upgrade mode (:func:`provision_web`), gunicorn on ``server_port`` in group
+    ``<env>-web``, pgbouncer in ``<env>-pgbouncer``. Worker: the worker stand-in in ``<env>-celery``
+    and pgbouncer. The code goes to ``<home>/www/<env>/code_root`` (FabulAWS's layout), so
+    ``python3 manage.py migrate --noinput`` runs there as the deploy user. With ``wait`` > 0, waits
+    until a web server's site answers 200, which needs the database migrated (:func:`migrate_app`
+    on a worker first).
+    """
+    import shutil
+
+    if role not in APP_GROUPS:
+        raise ValueError(f"provision_app: role {role!r} is not web or worker")
+    home = home.rstrip("/")
+    code_root = f"{home}/www/{environment}/code_root"
+    services = f"{home}/services"
+    if role == "web":
+        provision_web(
+            host, f"{services}/nginx/html", server_port, owner=owner, wait=max(wait, 15.0)
+        )
+    # The code: copied straight into the host's filesystem (its overlay, seen through /proc).
+    root = host.root() if hasattr(host, "root") else None  # type: ignore[attr-defined]
+    if root is None:
+        raise ValueError("provision_app needs a test host with root()")
+    target = root / code_root.lstrip("/")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(APP_SOURCE, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    write_secret_file(host, home, "database_password", db_password, owner=owner)
+    fmt = dict(
+        env=environment,
+        port=int(server_port),
+        code_root=code_root,
+        user=owner,
+        home=home,
+        db_name=db_name,
+        db_user=db_user,
+        db_host=db_host,
+        pgbouncer_port=int(pgbouncer_port),
+        services=services,
+    )
+    _write(
+        host,
+        f"{code_root}/fabapp/local_settings.py",
+        LOCAL_SETTINGS.format(
+            **{
+                **fmt,
+                "pgbouncer_port": str(pgbouncer_port),
+                "password_file": f"{home}/database_password",
+            }
+        ),
+    )
+    _write(
+        host,
+        f"{services}/pgbouncer/pgbouncer-{environment}.ini",
+        PGBOUNCER_INI.format(**fmt),
+        "0600",
+    )
+    _write(
+        host,
+        f"{services}/pgbouncer/userlist-{environment}.txt",
+        f"{_quoted_userlist_entry(db_user)} {_quoted_userlist_entry(db_password)}\n",
+        "0600",
+    )
+    conf = "; Written by sandbox/provision.py: the app processes (FabulAWS's groups).\n"
+    conf += "".join(APP_PROGRAMS[p].format(**fmt) for p in ROLE_PROGRAMS[role])
+    conf += APP_GROUPS[role].format(**fmt)
+    _write(host, f"/etc/supervisor/conf.d/60-{environment}.conf", conf)
+    host.exec(
+        [
+            "sh",
+            "-c",
+            "set -e; rm -f /etc/supervisor/conf.d/50-app.conf; "
+            f"chown -R {shlex.quote(owner)}: {shlex.quote(home + '/www')} {shlex.quote(services)}/pgbouncer; "
+            "supervisorctl reread >/dev/null; supervisorctl update >/dev/null",
+        ]
+    )
+    if role == "web" and wait > 0:
+        wait_for_http(host.ip, 200, timeout=wait)
+
+
+def migrate_app(
+    host: Host, environment: str, home: str = "/home/deploy", owner: str = "deploy"
+) -> str:
+    """Run the app's migrations on a worker as the deploy user (what the flow's migrate step runs)."""
+    code_root = f"{home.rstrip('/')}/www/{environment}/code_root"
+    proc = host.exec(
+        [
+            "runuser",
+            "-u",
+            owner,
+            "--",
+            "env",
+            f"HOME={home}",
+            "sh",
+            "-c",
+            'cd "$1" && python3 manage.py migrate --noinput',
+            "sh",
+            code_root,
+        ],
+        timeout=120,
+    )
+    return proc.stdout
