@@ -766,6 +766,81 @@ class SdistsSettings(Strict):
     )
 
 
+
+class MaskingSettings(Strict):
+    """SQL that scrubs a production copy before it goes live (reload-production-db)."""
+
+    statements: list[str] = Field(
+        default_factory=list,
+        description="SQL statements run in one transaction on the copy, as the database user "
+        "(e.g. UPDATE auth_user SET email = 'user' || id || '@example.invalid'). Empty: no masking.",
+    )
+    checks: list[str] = Field(
+        default_factory=list,
+        description="Queries returning one number each, the rows still unmasked; each must return 0 "
+        "before the copy goes live.",
+    )
+
+
+class ReloadProductionDbSettings(Strict):
+    """reload-production-db: copy a production database into staging or testing."""
+
+    source_environment: str = Field(
+        default="production", pattern=_NAME, description="Environment copied from by default."
+    )
+    migrate_command: list[str] = Field(
+        default_factory=lambda: ["python3", "manage.py", "migrate", "--noinput"],
+        min_length=1,
+        description="Migration command (argv) run on the first worker as the deploy user, in the "
+        "code directory, after the copy goes live.",
+    )
+    code_root: str | None = Field(
+        default=None,
+        pattern=r"^/",
+        description="Directory the migration command runs in. Default: "
+        "<home>/www/<environment>/code_root (FabulAWS's layout).",
+    )
+    migrate_timeout_minutes: float = Field(
+        default=30, gt=0, le=24 * 60, description="Longest the migrations may take."
+    )
+    copy_timeout_minutes: float = Field(
+        default=240, gt=0, le=48 * 60, description="Longest the copy may take."
+    )
+    keep_previous: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Previous databases kept after a successful reload (named "
+        "<database>__prev_<UTC time>); 0 drops the one just replaced.",
+    )
+    verify_tables: int = Field(
+        default=5,
+        ge=1,
+        le=40,
+        description="Largest tables whose row counts must match the copy's snapshot.",
+    )
+    room_factor: float = Field(
+        default=1.2,
+        ge=1.0,
+        le=10.0,
+        description="Free space needed on the target's data directory, as a multiple of the "
+        "source database's size.",
+    )
+    source_password_block: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Prefect Secret block holding the source database user's password. Unset: "
+        "read from the source db-primary's secret file (see source_password_file).",
+    )
+    source_password_file: str = Field(
+        default="database_password",
+        pattern=r"^[A-Za-z0-9_./-]+$",
+        description="The source database password's file on the source db-primary, relative to "
+        "home (FabulAWS keeps one file per secret there).",
+    )
+    masking: MaskingSettings = Field(default_factory=MaskingSettings)
+
+
 class FabflowsSection(Strict):
     """The ``fabflows:`` section of the config file."""
 
@@ -780,6 +855,9 @@ class FabflowsSection(Strict):
     approval: ApprovalSettings = Field(default_factory=ApprovalSettings)
     chatops: ChatopsSettings = Field(default_factory=ChatopsSettings)
     upgrade: UpgradeSettings = Field(default_factory=UpgradeSettings)
+    reload_production_db: ReloadProductionDbSettings = Field(
+        default_factory=ReloadProductionDbSettings
+    )
     sdists: SdistsSettings = Field(default_factory=SdistsSettings)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
