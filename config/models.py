@@ -766,7 +766,6 @@ class SdistsSettings(Strict):
     )
 
 
-
 class MaskingSettings(Strict):
     """SQL that scrubs a production copy before it goes live (reload-production-db)."""
 
