@@ -233,7 +233,15 @@ def render_plan(plan: UpdateSysadminUsersPlan) -> str:
     for (summaries, commands), names in groups.items():
         out += ["", f"## {', '.join(names)} ({len(names)} host(s))", ""]
         out += [f"- {s}" for s in summaries]
-        out += ["", "Exact commands:", "", "```sh", *commands, "```"]
+        out += [
+            "",
+            "Exact commands, run in this order as one `sudo -n -- sh -c` batch per server that "
+            "stops at the first failure (keys travel on stdin):",
+            "",
+            "```sh",
+            *commands,
+            "```",
+        ]
     notes = sorted({n for h in plan.hosts for n in h.notes})
     if notes or plan.not_reached or plan.image_note:
         out += ["", "## Notes", ""]
@@ -463,17 +471,19 @@ def _run(
         )
         publish_fleet_result(applied, key + "-applied")
         logger.info("%s", applied.summary())
-    # ---- verify: fresh connections (fabflows can still log in) and nothing left to do
-    ok = {h.address for h in plan.hosts if h.status == "unchanged"}
-    ok |= {r.address for r in applied.results if r.status == "changed"}
-    checked_hosts = [h for h in hosts if h.address in ok]
-    with ConnectionPool(opts) as fresh:
+        # ---- verify: read again; nothing may be left to do. (fabflows' own login was already
+        # checked with a fresh connection on every server whose keys for it changed.)
+        ok = {h.address for h in plan.hosts if h.status == "unchanged"}
+        ok |= {r.address for r in applied.results if r.status == "changed"}
+        checked_hosts = [h for h in hosts if h.address in ok]
         after = list_sysadmin_accounts(
-            checked_hosts, spec, fresh, RateControl(max_concurrency="100%", max_errors="100%")
+            checked_hosts, spec, pool, params.rate.model_copy(update={"max_errors": "100%"})
         )
     check = plan_update_sysadmin_users(env, spec, servers, checked_hosts, after, group)
     leftovers = [
-        (h.host, h.address, f"verify: {h.message}") for h in check.hosts if h.status != "unchanged"
+        (h.host, h.address, f"verify: {h.status}: {h.message}")
+        for h in check.hosts
+        if h.status != "unchanged"
     ]
     failed = blocked + [
         (r.host, r.address, f"{r.status}: {r.message}")

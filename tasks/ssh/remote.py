@@ -30,15 +30,23 @@ from fabric import Connection
 DEFAULT_COMMAND_TIMEOUT = 120.0
 
 ATOMIC_WRITE_SCRIPT = (
-    'set -eu; dir=$(dirname -- "$4"); '
+    'set -eu; dir=$(dirname -- "$5"); '
     't=$(mktemp "$dir/.fabflows.XXXXXXXX"); '
     "trap 'rm -f \"$t\"' EXIT; "
-    'cat > "$t"; chown -- "$1:$2" "$t"; chmod -- "$3" "$t"; mv -f -- "$t" "$4"; trap - EXIT'
+    'if [ "$4" -gt 0 ]; then dd bs="$4" count=1 iflag=fullblock status=none of="$t"; fi; '
+    '[ "$(stat -c %s "$t")" = "$4" ] || { echo "short input: expected $4 bytes" >&2; exit 1; }; '
+    'chown -- "$1:$2" "$t"; chmod -- "$3" "$t"; mv -f -- "$t" "$5"; trap - EXIT'
 )
-"""sh script: stdin -> temp file beside the target -> owner, group, mode -> rename (atomic).
+"""sh script: exactly ``$4`` bytes of stdin -> temp file beside the target -> owner, group, mode ->
+rename (atomic).
 
-Positional arguments: ``$1`` owner, ``$2`` group, ``$3`` octal mode, ``$4`` target path. The temp file
-is removed if any step fails, and readers never see a half-written or wrongly owned file."""
+Positional arguments: ``$1`` owner, ``$2`` group, ``$3`` octal mode, ``$4`` the content's size in
+bytes, ``$5`` the target path (last, so the command line ends with what it writes). Reading exactly that many bytes (``dd iflag=fullblock`` never reads past them) lets
+several writes share one stdin in a batch, and a short input fails instead of leaving a truncated
+file. The temp file is removed if any step fails; readers never see a half-written or wrongly owned
+file."""
+
+BATCH_FAILED = "fabflows-batch: step "
 
 
 class CommandError(RuntimeError):
@@ -78,11 +86,34 @@ def sh_argv(script: str, *args: str) -> list[str]:
     return ["sh", "-c", script, "sh", *args]
 
 
-def atomic_write_argv(path: str, *, owner: str, group: str, mode: int) -> list[str]:
-    """The argv that writes stdin to ``path`` atomically with explicit owner, group and mode."""
+def atomic_write_argv(path: str, *, owner: str, group: str, mode: int, size: int) -> list[str]:
+    """The argv that writes ``size`` bytes of stdin to ``path`` atomically, owner and mode explicit."""
     if not path.startswith("/"):
         raise ValueError(f"{path!r} is not an absolute path")
-    return sh_argv(ATOMIC_WRITE_SCRIPT, owner, group, f"{mode:04o}", path)
+    return sh_argv(ATOMIC_WRITE_SCRIPT, owner, group, f"{mode:04o}", str(size), path)
+
+
+def batch_script(steps: Sequence[tuple[Sequence[str], bytes | None]]) -> tuple[str, bytes]:
+    """One sh script running ``steps`` in order, stopping at the first failure, and its stdin.
+
+    Each step is its exact quoted command line; steps with content read exactly their bytes from the
+    shared stdin (see :data:`ATOMIC_WRITE_SCRIPT`), the others read /dev/null. On failure the
+    script names the step on stderr (``fabflows-batch: step N failed``).
+    """
+    lines = [
+        "set -e",
+        f'trap \'rc=$?; [ "$rc" -eq 0 ] || echo "{BATCH_FAILED}$s failed" >&2\' EXIT',
+    ]
+    stdin = b""
+    for n, (argv, data) in enumerate(steps, 1):
+        command = shlex.join(list(argv))
+        if data is None:
+            lines.append(f"s={n}; {command} </dev/null")
+        else:
+            lines.append(f"s={n}; {command}")
+            stdin += data
+    lines.append("s=done")
+    return "\n".join(lines) + "\n", stdin
 
 
 def describe_stdin(data: bytes | None) -> str:
@@ -137,7 +168,10 @@ def exec_command(
             if remaining <= 0:
                 return None, b"".join(out), b"".join(err)
             if not got:
-                select.select([chan], [], [], min(remaining, 0.25))
+                if chan.eof_received:
+                    chan.status_event.wait(min(remaining, 0.25))  # output done, exit status next
+                else:
+                    select.select([chan], [], [], min(remaining, 0.25))
     finally:
         chan.close()
 
@@ -220,8 +254,40 @@ class Remote:
         self, path: str, content: bytes, *, owner: str, group: str, mode: int, sudo: bool = True
     ) -> CommandResult | None:
         """Write ``content`` to ``path`` atomically (temp file + rename) with explicit owner and mode."""
-        argv = atomic_write_argv(path, owner=owner, group=group, mode=mode)
+        argv = atomic_write_argv(path, owner=owner, group=group, mode=mode, size=len(content))
         return self.write(argv, sudo=sudo, stdin=content)
+
+    def write_batch(
+        self,
+        steps: Sequence[tuple[Sequence[str], bytes | None]],
+        *,
+        sudo: bool = True,
+        timeout: float | None = None,
+    ) -> CommandResult | None:
+        """Run several changing commands as one remote command (one session, one sudo).
+
+        ``commands`` records each step's exact command line, as :meth:`write` would; the steps run
+        in order in one ``sh`` and stop at the first failure, which is raised as a CommandError
+        naming that step's command. In a dry run nothing runs.
+        """
+        shown = [display(sudo_argv(argv) if sudo else argv, data) for argv, data in steps]
+        self.commands.extend(shown)
+        if self.dry_run or not steps:
+            return None
+        script, stdin = batch_script(steps)
+        result = self._run(sh_argv(script), sudo=sudo, stdin=stdin or None, timeout=timeout)
+        if result.exit_code != 0:
+            failed = result.command
+            for line in result.stderr.splitlines():
+                if line.startswith(BATCH_FAILED):
+                    step = line[len(BATCH_FAILED) :].split()[0]
+                    if step.isdigit() and 0 < int(step) <= len(shown):
+                        failed = shown[int(step) - 1]
+            stderr = "\n".join(
+                ln for ln in result.stderr.splitlines() if not ln.startswith(BATCH_FAILED)
+            )
+            raise CommandError(self.host, failed, result.exit_code, stderr)
+        return result
 
 
 def display(argv: Sequence[str], stdin: bytes | None = None) -> str:

@@ -603,8 +603,13 @@ class HostUsersPlan(BaseModel):
         return [c.summary for c in self.changes]
 
 
-def _write_file_argv(path: str, owner: str, group: str, mode: int) -> list[str]:
-    return atomic_write_argv(path, owner=owner, group=group, mode=mode)
+def _write_file_argv(path: str, owner: str, group: str, mode: int, content: str) -> list[str]:
+    size = len(content.encode())
+    return atomic_write_argv(path, owner=owner, group=group, mode=mode, size=size)
+
+
+def _lines(names: Sequence[str]) -> str:
+    return "".join(n + "\n" for n in names)
 
 
 def _key_names(content: str | None) -> set[str]:
@@ -672,7 +677,7 @@ def _ensure_keys(
                 action="write-keys",
                 user=user,
                 summary=f"{user}: {what}",
-                argv=_write_file_argv(f"{ssh_dir}/authorized_keys", user, group, 0o600),
+                argv=_write_file_argv(f"{ssh_dir}/authorized_keys", user, group, 0o600, wanted),
                 stdin=wanted,
             )
         )
@@ -739,8 +744,8 @@ def plan_host_users(facts: HostFacts, spec: SysadminUsersSpec) -> HostUsersPlan:
             Change(
                 action="record-managed",
                 summary=f"write {MARKER_PATH}",
-                argv=_write_file_argv(MARKER_PATH, "root", "root", 0o644),
-                stdin="".join(n + "\n" for n in recorded),
+                argv=_write_file_argv(MARKER_PATH, "root", "root", 0o644, _lines(recorded)),
+                stdin=_lines(recorded),
             )
         )
 
@@ -896,8 +901,8 @@ def plan_host_users(facts: HostFacts, spec: SysadminUsersSpec) -> HostUsersPlan:
             Change(
                 action="record-managed",
                 summary=f"write {MARKER_PATH} (-{', '.join(removing)})",
-                argv=_write_file_argv(MARKER_PATH, "root", "root", 0o644),
-                stdin="".join(n + "\n" for n in final),
+                argv=_write_file_argv(MARKER_PATH, "root", "root", 0o644, _lines(final)),
+                stdin=_lines(final),
             )
         )
     if errors:
@@ -959,12 +964,10 @@ def apply_step(
             )
         if not plan.changes:
             return HostResult(status="unchanged", message="already as listed")
-        for change in plan.changes:
-            remote.write(
-                change.argv,
-                sudo=True,
-                stdin=change.stdin.encode() if change.stdin is not None else None,
-            )
+        remote.write_batch(
+            [(c.argv, c.stdin.encode() if c.stdin is not None else None) for c in plan.changes],
+            sudo=True,
+        )
         rewrote_own = any(
             c.action == "write-keys" and c.user == spec.connect_user for c in plan.changes
         )

@@ -18,7 +18,7 @@ def test_display_is_quoted_and_hides_content() -> None:
     shown = display(["cat"], b"secret-ish content")
     assert "secret-ish" not in shown and "stdin(18 bytes, sha256" in shown
     with pytest.raises(ValueError, match="not an absolute path"):
-        atomic_write_argv("etc/x", owner="root", group="root", mode=0o644)
+        atomic_write_argv("etc/x", owner="root", group="root", mode=0o644, size=1)
 
 
 @pytest.fixture

@@ -489,11 +489,13 @@ def test_plan_commands_are_exact_and_keys_only_on_stdin() -> None:
         "--user-group", "--password", "*", "--groups", "sudo,admin", "--", "alice",
     ]  # fmt: skip
     keys = next(c for c in plan.changes if c.action == "write-keys")
-    assert keys.argv[-4:] == ["alice", "alice", "0600", "/home/alice/.ssh/authorized_keys"]
+    assert keys.argv[-5:] == [
+        "alice", "alice", "0600", str(len(ALICE.public) + 1), "/home/alice/.ssh/authorized_keys"
+    ]  # fmt: skip
     assert keys.stdin == ALICE.public + "\n"
     assert all(ALICE.public.split()[1] not in " ".join(c.argv) for c in plan.changes)
     marker = [c for c in plan.changes if c.action == "record-managed"][1]
-    assert marker.argv[-1] == MARKER_PATH and marker.stdin == "alice\n"
+    assert marker.argv[-2:] == ["6", MARKER_PATH] and marker.stdin == "alice\n"
 
 
 def test_plan_never_locks_deploy_or_connect_user() -> None:
