@@ -97,3 +97,36 @@ def test_command_timeout_and_exit_codes(remote) -> None:
         r.read(["ls", "/nonexistent"])
     assert r.read(["sh", "-c", "exit 1"], ok_codes=(0, 1)).exit_code == 1
     assert r.read(["sudo", "-n", "true"]).exit_code == 0  # the connection is still usable
+
+
+@pytest.mark.hosts
+def test_batch_shares_stdin_and_stops_at_first_failure(remote) -> None:
+    host, r = remote
+    one, two = b"first file\n", HOSTILE.encode()
+    steps = [
+        (atomic_write_argv("/var/tmp/one", owner="root", group="root", mode=0o600, size=len(one)), one),
+        (["install", "-d", "-m", "0750", "/var/tmp/dir"], None),
+        (atomic_write_argv("/var/tmp/two", owner="deploy", group="deploy", mode=0o644, size=len(two)), two),
+    ]  # fmt: skip
+    assert r.write_batch(steps).exit_code == 0
+    assert host.exec(["cat", "/var/tmp/one"]).stdout == one.decode()
+    assert host.exec(["cat", "/var/tmp/two"]).stdout == HOSTILE
+    assert host.exec(["stat", "-c", "%U:%a", "/var/tmp/two", "/var/tmp/dir"]).stdout.split() == [
+        "deploy:644",
+        "root:750",
+    ]
+    assert r.commands[-2] == "sudo -n -- install -d -m 0750 /var/tmp/dir"
+    failing = [(["touch", "/var/tmp/a"], None), (["false"], None), (["touch", "/var/tmp/b"], None)]
+    with pytest.raises(CommandError, match=r"`sudo -n -- false` exited 1"):
+        r.write_batch(failing)
+    assert _exists(host, "/var/tmp/a") and not _exists(host, "/var/tmp/b")
+    short = [
+        (atomic_write_argv("/var/tmp/c", owner="root", group="root", mode=0o600, size=99), b"x")
+    ]
+    with pytest.raises(CommandError, match="short input"):
+        r.write_batch(short)
+    assert not _exists(host, "/var/tmp/c")
+
+
+def _exists(host, path: str) -> bool:
+    return host.exec(["test", "-e", path], check=False).returncode == 0
