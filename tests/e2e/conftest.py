@@ -1,0 +1,1 @@
+from fabflows.testing.pgcluster import pg_cluster  # noqa: F401 - fixture

@@ -1,0 +1,221 @@
+"""End to end on a real stack: `prefect server start` (SQLite), a process worker, `fabflows deploy`,
+and headless Chromium driving the Prefect UI. Screenshots go to tests/output/e2e/.
+
+Also here, because they need the same real stack: schedules survive worker and server restarts, and
+the environment lock is released when a worker dies mid-run and is not leaked by a server restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from config import load_config
+from fabflows.lock import EnvironmentBusy, environment_lock
+from fabflows.registry import FLOWS
+from fabflows.testing.configs import moto_section, write_config
+from sandbox.aws_seed import seed
+
+from .stack import FLOWS_UNDER_TEST, REPO, Stack
+
+OUTPUT = REPO / "tests" / "output" / "e2e"
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(moto_server, tmp_path_factory) -> Iterator[dict]:
+    base = tmp_path_factory.mktemp("e2e")
+    moto_server.reset()
+    config_path = write_config(
+        base,
+        fabflows=moto_section(
+            moto_server.endpoint,
+            staging={
+                "time_zone": "Europe/Amsterdam",
+                "schedules": {"describe-environment": {"cron": "0 20 * * 1-5"}},
+            },
+        )
+        | {"state_dir": str(base / "state")},
+    )
+    seed(
+        moto_server.endpoint,
+        load_config(config_path),
+        ["staging"],
+        "10.217.0.0/24",
+        (f"10.217.0.{i}" for i in itertools.count(10)),
+    )
+    s = Stack(base)
+    try:
+        s.start_server()
+        result = s.deploy(config_path, {**FLOWS, **FLOWS_UNDER_TEST})
+        s.start_worker("w1")
+        yield {"stack": s, "config": config_path, "deployed": result, "base": base}
+    finally:
+        s.close()
+
+
+def _client(s: Stack):
+    return temporary_settings({PREFECT_API_URL: s.api})
+
+
+def _wait_state(s: Stack, run_id, states: set[str], timeout: float = 60):
+    with _client(s), get_client(sync_client=True) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.type.value in states:
+                return run
+            time.sleep(0.5)
+    raise AssertionError(f"run {run_id} never reached {states}: {run.state}")
+
+
+def test_every_registered_flow_is_deployed_per_environment(stack: dict) -> None:
+    names = stack["deployed"]["deployments"]
+    for flow_name in FLOWS:
+        for env in ("staging", "production", "testing"):
+            assert f"{flow_name}/myproject-{env}" in names
+
+
+def test_run_from_the_ui_form_completes_with_artifacts(stack: dict) -> None:
+    from playwright.sync_api import sync_playwright
+
+    s: Stack = stack["stack"]
+    ui = s.api.removesuffix("/api")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/deployments", wait_until="networkidle")
+            page.get_by_placeholder("Search deployments").fill("describe")
+            row = page.locator("tr", has_text="describe-environment").filter(
+                has_text="myproject-staging"
+            )
+            row.get_by_role("link", name="myproject-staging").click()
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=OUTPUT / "1-deployment.png")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run", exact=True).click()
+            page.wait_for_load_state("networkidle")
+            # the form: environment and deployment are fixed choices from the config
+            page.get_by_text("Environment to describe").wait_for(timeout=20000)
+            page.locator("input").first.fill("ui-e2e-describe")  # Run Name
+            page.screenshot(path=OUTPUT / "2-form.png", full_page=True)
+            page.get_by_role("button", name="Submit").click()
+            with _client(s), get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 20
+                runs = []
+                while not runs and time.monotonic() < deadline:
+                    runs = client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(
+                            name=FlowRunFilterName(any_=["ui-e2e-describe"])
+                        )
+                    )
+                    time.sleep(0.3)
+            assert runs, "the UI did not create the run"
+            run = runs[0]
+            assert run.parameters == {"environment": "staging", "deployment": "myproject"}
+            done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=90)
+            assert done.state.type.value == "COMPLETED", done.state
+            page.goto(f"{ui}/runs/flow-run/{run.id}", wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=20000)
+            page.screenshot(path=OUTPUT / "3-run-completed.png")
+            page.get_by_text("Artifacts", exact=True).click()
+            page.get_by_text("describe-myproject-staging").first.wait_for(timeout=20000)
+            page.screenshot(path=OUTPUT / "4-artifacts.png", full_page=True)
+        finally:
+            browser.close()
+    with _client(s), get_client(sync_client=True) as client:
+        tags = client.read_flow_run(run.id).tags
+    assert "env:myproject/staging" in tags
+
+
+def test_schedules_survive_worker_and_server_restarts(stack: dict) -> None:
+    s: Stack = stack["stack"]
+
+    def scheduled() -> tuple[bool, int, str]:
+        with _client(s), get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name("describe-environment/myproject-staging")
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id={"any_": [dep.id]}, state={"type": {"any_": ["SCHEDULED"]}}
+                )
+            )
+            auto = [r for r in runs if r.auto_scheduled]
+            return dep.paused, len(auto), str(dep.schedules[0].schedule.timezone)
+
+    paused, count, zone = scheduled()
+    assert not paused and count >= 1 and zone == "Europe/Amsterdam"
+    s.kill_worker("w1", signal.SIGTERM)
+    s.start_worker("w1")
+    assert scheduled()[:2] == (False, count)
+    s.stop_server()
+    s.start_server()
+    paused, after, _ = scheduled()
+    assert not paused and after >= 1
+
+
+def _start_holder(s: Stack, base: Path, name: str, seconds: float):
+    marker = base / f"{name}.held"
+    marker.unlink(missing_ok=True)
+    with _client(s), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("hold-environment-lock/myproject-staging")
+        run = client.create_flow_run_from_deployment(
+            dep.id,
+            parameters={"seconds": seconds, "marker": str(marker)},
+            tags=["started-by:api:e2e"],
+        )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the holder run never got the lock"
+        time.sleep(0.2)
+    return run
+
+
+def test_lock_released_when_the_worker_dies_and_kept_across_a_server_restart(stack: dict) -> None:
+    s: Stack = stack["stack"]
+    config = load_config(stack["config"])
+    base: Path = stack["base"]
+
+    # 1. the worker (and its flow process) is SIGKILLed mid-run: the lock comes back at once
+    _start_holder(s, base, "killed", seconds=300)
+    seen = []
+    with pytest.raises(EnvironmentBusy, match="hold-environment-lock run .* started by api:e2e"):
+        with environment_lock(
+            "myproject/staging", config, timeout=1, poll=0.1, on_wait=lambda *a: seen.append(a[1])
+        ):
+            pass
+    killed = time.monotonic()
+    s.kill_worker("w1", signal.SIGKILL)
+    with environment_lock("myproject/staging", config, timeout=120, poll=0.1):
+        released = time.monotonic() - killed
+    print(f"\nlock free {released:.2f} s after the worker was SIGKILLed mid-run")
+    assert released < 120
+
+    # 2. a Prefect server restart while a run holds the lock: the holder keeps it (no second
+    #    holder), and it is free as soon as the holder finishes (nothing leaked)
+    s.start_worker("w2")
+    run = _start_holder(s, base, "restart", seconds=12)
+    s.stop_server()
+    s.start_server()
+    with pytest.raises(EnvironmentBusy):
+        with environment_lock("myproject/staging", config, timeout=1, poll=0.1):
+            pass
+    waiting = time.monotonic()
+    with environment_lock("myproject/staging", config, timeout=120, poll=0.1):
+        waited = time.monotonic() - waiting
+    done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=60)
+    print(f"lock free {waited:.1f} s after the server restart (holder finished: {done.state.name})")
+    assert done.state.type.value == "COMPLETED"
