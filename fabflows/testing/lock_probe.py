@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow
 
@@ -26,12 +25,16 @@ def hold_environment_lock(
         deployment: Deployment.
         config: Config path (default: $FABFLOWS_CONFIG).
         seconds: How long to hold it.
-        marker: File written when the lock is held.
+        marker: File to append the hold interval to (epoch seconds).
     """
     ctx = load_context(environment, deployment, config)
     audit.record_start(ctx.env)
     with lock.environment_lock(ctx.env, ctx.config):
-        if marker:
-            Path(marker).write_text("held")
+        if marker:  # "<acquired> <released>" lines, appended
+            with open(marker, "a") as f:
+                f.write(f"{time.time()} ")
         time.sleep(seconds)
+        if marker:
+            with open(marker, "a") as f:
+                f.write(f"{time.time()}\n")
     return "released"

@@ -52,7 +52,7 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.api}):
             return deploy(str(config), flows=flows)
 
-    def start_worker(self, name: str) -> subprocess.Popen:
+    def start_worker(self, name: str, limit: int | None = None) -> subprocess.Popen:
         log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [
