@@ -861,6 +861,9 @@ class FabflowsSection(Strict):
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+    newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
+    refresh: RefreshSettings = Field(default_factory=RefreshSettings)
 
 
 # --------------------------------------------------------------------------- legacy (FabulAWS) part

@@ -9,4 +9,5 @@ FLOWS: dict[str, str] = {
     "end-upgrade": "flows.end_upgrade:end_upgrade",
     "upgrade-status": "flows.upgrade_status:upgrade_status",
     "upgrade-packages": "flows.upgrade_packages:upgrade_packages",
+    "pull-server-secrets": "flows.pull_server_secrets:pull_server_secrets",
 }

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config import EnvironmentConfig
 from config.models import ROLES, UpgradeSettings, normalize_role
@@ -229,6 +229,7 @@ class UpgradePackagesReport(BaseModel):
             {
                 "host": h.host,
                 "role": h.role,
+                "address": h.address,
                 "result": h.result,
                 "packages": h.packages,
                 "reboot_required": (", ".join(h.reboot_packages) or "yes")
@@ -274,7 +275,21 @@ def app_packages_by_role(packages: Sequence[str]) -> dict[str, list[str]]:
 
 
 def plan_host(host: FleetHost, facts: AptFacts, settings: UpgradeSettings) -> HostPackagePlan:
-    """Pure: one host's changes from its apt facts (upgrades and installs merged by package)."""
+    """Pure: one host's changes from its apt facts (upgrades and installs merged by package).
+
+    A host where dpkg reports broken packages (a failed post-install left half-configured) cannot
+    be planned: apt would refuse or finish them in ways nobody approved; someone fixes it first.
+    """
+    if facts.broken:
+        return HostPackagePlan(
+            host=host.name,
+            address=host.address,
+            role=host.role,
+            status="cannot plan",
+            reboot_required_now=facts.reboot_required,
+            message=f"dpkg reports broken packages: {', '.join(facts.broken)}; fix them first "
+            "(sudo dpkg --configure -a, or remove the package)",
+        )
     changes: dict[str, PackageChange] = {}
     for p in facts.upgrades:
         changes[p.name] = PackageChange(
@@ -439,8 +454,10 @@ def _params(
             else max_concurrency,
             max_errors=settings.max_errors if max_errors is None else max_errors,
         )
-    except ValueError as exc:
-        raise BadInput(str(exc).splitlines()[-1].strip()) from None
+    except ValidationError as exc:
+        raise BadInput(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
     return wanted, rate
 
 
@@ -537,24 +554,31 @@ def upgrade_packages(
         logger.info("%s\n%s", env.label, text_table(plan.rows()))
         if plan.image_note:
             logger.warning("%s", plan.image_note)
-        if plan.blocked:
-            outcome = (
-                f"stopped before any change: {len(plan.blocked)} server(s) could not be planned: "
-                + "; ".join(f"{h.host} ({h.address}): {h.message}" for h in plan.blocked)
-            )
-            audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, starter=starter)
-            raise UpgradePackagesFailed(outcome)
+        blocked = "; ".join(f"{h.host} ({h.address}): {h.message}" for h in plan.blocked)
         if dry_run:
             outcome = (
                 f"dry run: {len(plan.changing)} of {len(plan.hosts)} server(s) would be upgraded"
             )
+            if plan.blocked:
+                outcome += f"; {len(plan.blocked)} could not be planned: {blocked}"
             audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, starter=starter)
+            if plan.blocked:
+                raise UpgradePackagesFailed(outcome)
             return UpgradePackagesReport(
                 environment=env.label, dry_run=True, outcome=outcome, plan=plan
             )
+        if len(plan.blocked) > plan.error_budget:
+            outcome = (
+                f"stopped before any change: {len(plan.blocked)} server(s) could not be planned, "
+                f"more than the {plan.error_budget} failure(s) tolerated: {blocked}"
+            )
+            audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, starter=starter)
+            raise UpgradePackagesFailed(outcome)
         if not plan.changing:
             outcome = f"nothing to upgrade on {len(plan.hosts)} server(s); upgrade mode not entered"
             audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, starter=starter)
+            if plan.blocked:
+                raise UpgradePackagesFailed(f"{outcome}; could not be planned: {blocked}")
             return UpgradePackagesReport(
                 environment=env.label,
                 dry_run=False,
@@ -635,7 +659,7 @@ def _apply(
     logger = get_run_logger()
     by_address = {h.address: h for h in hosts}
     budget = error_budget_for(rate.max_errors, len(hosts))
-    errors = 0
+    errors = len(plan.blocked)  # servers that could not be planned count against the budget
     results: list[FleetResult] = []
     for role in plan.order:
         changing = [h for h in plan.changing if h.role == role]
@@ -664,16 +688,22 @@ def _apply(
     return results
 
 
+def _label(h: HostOutcome) -> str:
+    return f"{h.host} ({h.address})"
+
+
 def _outcome_text(report: UpgradePackagesReport) -> str:
-    upgraded = report.upgraded
-    not_upgraded = report.not_upgraded
+    upgraded = [h for h in report.hosts if h.result == "upgraded"]
+    not_upgraded = [h for h in report.hosts if h.result in ("failed", "skipped", "not reached")]
     text = f"{report.environment}: {len(upgraded)} server(s) upgraded"
+    if upgraded:
+        text += f" ({', '.join(_label(h) for h in upgraded)})"
     if not_upgraded:
-        text += f", NOT upgraded: {', '.join(not_upgraded)}"
+        text += f", NOT upgraded: {', '.join(_label(h) for h in not_upgraded)}"
     failed = [h for h in report.hosts if h.result == "failed"]
     if failed:
-        text += " (failed: " + "; ".join(f"{h.host}: {h.message}" for h in failed) + ")"
-    reboots = [h.host for h in report.hosts if h.reboot_required]
+        text += " (failed: " + "; ".join(f"{_label(h)}: {h.message}" for h in failed) + ")"
+    reboots = [_label(h) for h in report.hosts if h.reboot_required]
     if reboots:
         text += f"; reboot required on {', '.join(reboots)}"
     if report.window:

@@ -84,6 +84,10 @@ class AptFacts(BaseModel):
     reboot_required: bool = Field(description="/var/run/reboot-required is already there.")
     reboot_packages: list[str] = Field(description="Packages that asked for the reboot.")
     update_attempts: int = Field(description="apt-get update tries it took.")
+    broken: list[str] = Field(
+        default_factory=list,
+        description="Packages dpkg --audit reports half-installed or unconfigured.",
+    )
 
 
 class AptOutcome(BaseModel):
@@ -269,6 +273,7 @@ def _gather_step(app_packages: dict[str, list[str]], attempts: int, retry_delay:
                 )
             installs = parse_simulation(res.stdout)
         reboot, reboot_pkgs = parse_reboot(remote.read(sh_argv(REBOOT_SCRIPT)).stdout)
+        broken = parse_audit(remote.read(["dpkg", "--audit"], sudo=True, ok_codes=(0, 1)).stdout)
         facts = AptFacts(
             upgrades=upgrades,
             kept_back=kept_back,
@@ -277,9 +282,12 @@ def _gather_step(app_packages: dict[str, list[str]], attempts: int, retry_delay:
             reboot_required=reboot,
             reboot_packages=reboot_pkgs,
             update_attempts=tries,
+            broken=broken,
         )
         n = len({p.name for p in upgrades} | {p.name for p in installs})
         message = f"{n} package(s) to change" if n else "up to date"
+        if broken:
+            message += f"; BROKEN (dpkg --audit): {', '.join(broken)}"
         if tries > 1:
             message += f" (apt-get update took {tries} tries)"
         return HostResult(status="unchanged", message=message, output=facts)

@@ -1,0 +1,465 @@
+"""upgrade-packages: the plan table-tested without peers; then for real with a real apt repository
+(moto, isolated test hosts, Prefect harness): dry run, a broken package stopping the rollout,
+approval both ways and its timeout, and a SIGKILL during the apply recovered by end-upgrade."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
+
+from config import load_config, resolve_environment
+from config.models import UpgradeSettings
+from fabflows.errors import BadInput
+from fabflows.testing.aws_fixtures import boto_client
+from fabflows.testing.configs import SAMPLE
+from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
+from flows.end_upgrade import end_upgrade
+from flows.upgrade_packages import (
+    UpgradePackagesFailed,
+    _params,
+    expected_downtime,
+    outcomes,
+    plan_upgrade_packages,
+    upgrade_packages,
+)
+from flows.upgrade_status import upgrade_status
+from tasks.aws.autoscaling import UPGRADE_MODE_TAG
+from tasks.ssh.apt import AptFacts, AptOutcome, PackageVersion
+from tasks.ssh.fleet import FleetHost, FleetResult, HostResult, RateControl
+
+ENV = resolve_environment(load_config(SAMPLE), "staging")
+SETTINGS = UpgradeSettings(reboot_packages=["linux-image-*"])
+GROUP = "myproject-staging-ag"
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def _facts(upgrades=(), installs=(), missing=(), reboot=False, kept=(), broken=()) -> AptFacts:
+    return AptFacts(
+        upgrades=[PackageVersion(name=n, current=c, new=v) for n, c, v in upgrades],
+        kept_back=list(kept),
+        app_packages_missing=list(missing),
+        installs=[PackageVersion(name=n, current=c, new=v) for n, c, v in installs],
+        reboot_required=reboot,
+        reboot_packages=[],
+        update_attempts=1,
+        broken=list(broken),
+    )
+
+
+HOSTS = [
+    FleetHost(name="web1", address="10.0.0.1", role="web"),
+    FleetHost(name="db1", address="10.0.0.2", role="db-primary"),
+    FleetHost(name="worker1", address="10.0.0.3", role="worker"),
+    FleetHost(name="cache1", address="10.0.0.4", role="cache"),
+]
+
+
+def _gathered(outputs: dict[str, AptFacts | str]) -> FleetResult:
+    results = []
+    for h in HOSTS:
+        out = outputs.get(h.name, _facts())
+        if isinstance(out, str):
+            results.append(HostResult(status="failed", message=out, host=h.name, address=h.address))
+        else:
+            results.append(
+                HostResult(status="unchanged", output=out, host=h.name, address=h.address)
+            )
+    return FleetResult(
+        name="g",
+        dry_run=True,
+        max_concurrency=4,
+        error_budget=4,
+        stopped=False,
+        duration_s=1,
+        results=results,
+    )
+
+
+def test_plan_orders_roles_and_says_what_changes_and_where_a_reboot_comes() -> None:
+    gathered = _gathered(
+        {
+            "web1": _facts(
+                upgrades=[("libc6", "2.36-1", "2.36-2")],
+                installs=[("pgbouncer", None, "1.18"), ("libevent", None, "2.1")],
+                missing=["pgbouncer"],
+            ),
+            "db1": _facts(
+                upgrades=[("linux-image-amd64", "6.1.1", "6.1.2")], kept=["postgresql-15"]
+            ),
+            "worker1": _facts(reboot=True),
+        }
+    )
+    plan = plan_upgrade_packages(ENV, SETTINGS, [], HOSTS, gathered, RateControl(max_concurrency=1))
+    assert [h.host for h in plan.hosts] == ["db1", "cache1", "worker1", "web1"]
+    assert plan.order == ["db-primary", "cache", "worker", "web"]
+    db, cache, worker, web = plan.hosts
+    assert db.reboot == "expected (linux-image-amd64)"
+    assert db.kept_back == ["postgresql-15"] and "kept back" in db.message
+    assert cache.status == "up to date" and cache.reboot == "no"
+    assert worker.status == "up to date" and worker.reboot == "already required"
+    assert [(c.package, c.current, c.new, c.action) for c in web.changes] == [
+        ("libc6", "2.36-1", "2.36-2", "upgrade"),
+        ("libevent", None, "2.1", "install (dependency)"),
+        ("pgbouncer", None, "1.18", "install (app-server package)"),
+    ]
+    assert [p.mark_auto for p in web.packages()] == [False, True, False]
+    assert plan.image_note and GROUP in plan.image_note
+    md = plan.render_markdown()
+    assert "2 of 4 server(s) to upgrade, 4 package change(s)" in md
+    assert "| web1 | web | libc6 | 2.36-1 | 2.36-2 | upgrade |" in md
+    assert "**Reboot will be required on:** db1, worker1" in md
+
+
+def test_plan_blocks_on_hosts_that_could_not_be_read() -> None:
+    gathered = _gathered(
+        {
+            "db1": "unreachable: connection refused",
+            "worker1": _facts(upgrades=[("curl", "1", "2")], broken=["fabflows-broken"]),
+        }
+    )
+    plan = plan_upgrade_packages(
+        ENV, SETTINGS, [], HOSTS, gathered, RateControl(max_concurrency=1, max_errors="50%")
+    )
+    assert [h.host for h in plan.blocked] == ["db1", "worker1"]
+    assert "dpkg reports broken packages: fabflows-broken" in plan.blocked[1].message
+    assert plan.blocked[1].changes == []
+    assert plan.error_budget == 2
+
+
+def test_outcomes_name_every_host_and_skipped_ones() -> None:
+    gathered = _gathered(
+        {n: _facts(upgrades=[("curl", "1", "2")]) for n in ("web1", "db1", "worker1")}
+    )
+    plan = plan_upgrade_packages(ENV, SETTINGS, [], HOSTS, gathered, RateControl(max_concurrency=1))
+    applied = FleetResult(
+        name="a",
+        dry_run=False,
+        max_concurrency=1,
+        error_budget=0,
+        stopped=True,
+        duration_s=3,
+        results=[
+            HostResult(
+                status="changed",
+                message="upgraded 1 package(s); REBOOT REQUIRED",
+                host="db1",
+                address="10.0.0.2",
+                output=AptOutcome(
+                    installed={"curl": "2"},
+                    not_as_planned=[],
+                    still_pending=[],
+                    audit="",
+                    reboot_required=True,
+                    reboot_packages=["curl"],
+                ),
+            ),
+            HostResult(status="failed", message="boom", host="worker1", address="10.0.0.3"),
+        ],
+    )
+    got = {o.host: (o.result, o.reboot_required) for o in outcomes(plan, [applied])}
+    assert got == {
+        "db1": ("upgraded", True),
+        "cache1": ("up to date", False),
+        "worker1": ("failed", False),
+        "web1": ("skipped", False),
+    }
+    assert expected_downtime(plan, 1).total_seconds() == 3 * 23 + 30
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"roles": ["webz"]}, "roles: unknown"),
+        ({"roles": ["combo"]}, "roles: unknown"),
+        ({"max_concurrency": "150%"}, "more than 100%"),
+        ({"max_concurrency": 0}, "at least 1"),
+        ({"max_errors": "lots"}, "not a number"),
+    ],
+)
+def test_bad_parameters_are_refused_before_anything(kw, message) -> None:
+    args = {"roles": None, "max_concurrency": None, "max_errors": None} | kw
+    with pytest.raises(BadInput, match=message):
+        _params(args["roles"], args["max_concurrency"], args["max_errors"], SETTINGS, ENV)
+
+
+def test_role_not_in_this_environment_is_refused() -> None:
+    env = ENV.model_copy(update={"roles": ["web", "worker"]})
+    with pytest.raises(BadInput, match=r"\['cache'\] not in myproject/staging's valid_roles"):
+        _params(["cache"], None, None, SETTINGS, env)
+
+
+# --------------------------------------------------------------------------- for real
+
+
+@pytest.fixture(scope="module")
+def repo(test_network, tmp_path_factory) -> Iterator:
+    r = serve_test_repo(tmp_path_factory.mktemp("apt-repo"), test_network)
+    yield r
+    r.stop()
+
+
+def _asg(aws) -> dict:
+    return boto_client(aws, "autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=[GROUP]
+    )["AutoScalingGroups"][0]
+
+
+def _suspended(aws) -> list[str]:
+    return sorted(p["ProcessName"] for p in _asg(aws)["SuspendedProcesses"])
+
+
+def _tag_keys(aws) -> set[str]:
+    return {t["Key"] for t in _asg(aws)["Tags"]}
+
+
+def _version(host, package: str) -> str:
+    r = host.exec(["cat", f"/usr/share/fabflows-test/{package}.version"], check=False)
+    return r.stdout.strip() if r.returncode == 0 else "-"
+
+
+def _http(ip: str, path: str = "/") -> int:
+    return requests.get(f"http://{ip}{path}", timeout=5, allow_redirects=False).status_code
+
+
+def _assert_restored(lab, aws, before: list[str]) -> None:
+    assert _suspended(aws) == before
+    assert UPGRADE_MODE_TAG not in _tag_keys(aws)
+    for h in lab.web:
+        assert _http(h.ip) == 200 and _http(h.ip, "/healthcheck.html") == 200
+        assert (
+            h.exec(
+                ["test", "-e", "/home/deploy/services/nginx/fabflows-upgrade-mode.json"],
+                check=False,
+            ).returncode
+            == 1
+        )
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_dry_run_then_broken_package_stops_the_rollout_and_upgrade_mode_ends(
+    prefect_server, aws, test_network, make_hosts, repo, tmp_path: Path
+) -> None:
+    lab = make_lab(tmp_path, aws.endpoint, test_network, make_hosts, repo)
+    cfg = str(lab.config_path)
+    [db] = lab.by_role("db-primary")
+    [worker] = lab.by_role("worker")
+    worker.exec(["touch", "/etc/fabflows-break"])
+    boto_client(aws, "autoscaling").suspend_processes(
+        AutoScalingGroupName=GROUP, ScalingProcesses=["AZRebalance"]
+    )
+    before = _suspended(aws)
+
+    dry = upgrade_packages(environment="staging", config=cfg)
+    assert dry.dry_run and [h.role for h in dry.plan.hosts] == [
+        "db-primary",
+        "worker",
+        "web",
+        "web",
+    ]
+    db_plan, worker_plan, web_plan, _ = dry.plan.hosts
+    assert {c.package: (c.current, c.new) for c in db_plan.changes} == {
+        "fabflows-broken": ("1.0", "2.0"),
+        "fabflows-demo": ("1.0", "2.0"),
+        "fabflows-reboot": ("1.0", "2.0"),
+        "fabflows-slow": ("1.0", "2.0"),
+    }
+    assert db_plan.reboot == "expected (fabflows-reboot)"
+    assert {c.package: c.action for c in web_plan.changes if c.current is None} == {
+        "fabflows-app-lib": "install (dependency)",
+        "fabflows-app-tools": "install (app-server package)",
+    }
+    assert _version(db, "fabflows-demo") == "1.0" and _suspended(aws) == before
+    assert all(_http(h.ip) == 200 for h in lab.web)
+
+    with pytest.raises(UpgradePackagesFailed) as failure:
+        upgrade_packages(environment="staging", config=cfg, dry_run=False)
+    report = failure.value.report
+    results = {h.role: h.result for h in report.hosts}
+    assert [h.result for h in report.hosts] == ["upgraded", "failed", "skipped", "skipped"]
+    assert results["worker"] == "failed"
+    assert "fabflows-broken could not be configured" in report.hosts[1].message
+    assert report.hosts[0].reboot_required and report.hosts[0].reboot_packages == [
+        "fabflows-reboot"
+    ]
+    assert f"NOT upgraded: myproject_staging_worker ({worker.ip})" in str(failure.value)
+    assert _version(db, "fabflows-demo") == "2.0"
+    assert all(_version(h, "fabflows-demo") == "1.0" for h in lab.web)  # never started
+    assert report.window.seconds_in_upgrade_mode >= report.seconds_upgrading > 0
+    assert not report.window.left_on
+    _assert_restored(lab, aws, before)
+
+    # the rest, tolerating the broken worker: the web servers are upgraded, two at a time
+    with pytest.raises(UpgradePackagesFailed) as second:
+        upgrade_packages(
+            environment="staging", config=cfg, dry_run=False, max_errors=1, max_concurrency="100%"
+        )
+    report = second.value.report
+    assert {h.address: h.result for h in report.hosts} == {
+        db.ip: "up to date",
+        worker.ip: "not reached",  # half-configured fabflows-broken: not touched again
+        **{h.ip: "upgraded" for h in lab.web},
+    }
+    assert "dpkg reports broken packages: fabflows-broken" in report.hosts[1].message
+    for h in lab.web:
+        assert _version(h, "fabflows-demo") == "2.0" and _version(h, "fabflows-app-tools") == "1.0"
+    _assert_restored(lab, aws, before)
+
+
+def _resume_when_paused(run_input: dict, timeout: float = 60) -> threading.Thread:
+    """Like an approver in the UI: wait for the paused run, then resume it with a decision."""
+
+    def approve() -> None:
+        deadline = time.monotonic() + timeout
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                paused = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.PAUSED])
+                        )
+                    )
+                )
+                if paused:
+                    resume_flow_run(paused[0].id, run_input=run_input)
+                    return
+                time.sleep(0.3)
+
+    t = threading.Thread(target=approve, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_production_waits_for_approval_reject_timeout_approve(
+    prefect_server, aws, test_network, make_hosts, repo, tmp_path: Path
+) -> None:
+    lab = make_lab(
+        tmp_path,
+        aws.endpoint,
+        test_network,
+        make_hosts,
+        repo,
+        web_count=1,
+        roles=("db-primary", "web"),
+        production=True,
+        approval={"timeout_minutes": 0.05},  # 3 s
+    )
+    cfg = str(lab.config_path)
+    [db] = lab.by_role("db-primary")
+    before = _suspended(aws)
+
+    # rejected: nothing applied, upgrade mode never entered
+    t = _resume_when_paused({"approve": False, "approver": "bob", "reason": "not tonight"})
+    state = upgrade_packages(environment="staging", config=cfg, dry_run=False, return_state=True)
+    t.join(5)
+    assert state.is_cancelled() and "rejected by bob: not tonight" in state.message
+    assert _version(db, "fabflows-demo") == "1.0" and _suspended(aws) == before
+
+    # nobody answers within the timeout: rejected
+    state = upgrade_packages(environment="staging", config=cfg, dry_run=False, return_state=True)
+    assert state.is_cancelled() and "no approval" in state.message
+    assert _version(db, "fabflows-demo") == "1.0" and _suspended(aws) == before
+
+    # approved: applied, then nothing left to do
+    t = _resume_when_paused({"approve": True, "approver": "alice", "reason": "window agreed"})
+    report = upgrade_packages(environment="staging", config=cfg, dry_run=False)
+    t.join(5)
+    assert [h.result for h in report.hosts] == ["upgraded", "upgraded"]
+    assert _version(db, "fabflows-demo") == "2.0"
+    _assert_restored(lab, aws, before)
+    again = upgrade_packages(environment="staging", config=cfg, dry_run=False)
+    assert again.outcome.startswith("nothing to upgrade") and again.window is None
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_sigkill_during_apply_is_recovered_by_end_upgrade(
+    prefect_server, aws, test_network, make_hosts, repo, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    lab = make_lab(
+        tmp_path,
+        aws.endpoint,
+        test_network,
+        make_hosts,
+        repo,
+        web_count=2,
+        roles=("db-primary", "web"),
+    )
+    cfg = str(lab.config_path)
+    [db] = lab.by_role("db-primary")
+    db.exec(["sh", "-c", "echo 60 > /etc/fabflows-slow"])  # its upgrade hangs in a postinst
+    boto_client(aws, "autoscaling").suspend_processes(
+        AutoScalingGroupName=GROUP, ScalingProcesses=["AZRebalance"]
+    )
+    before = _suspended(aws)
+
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), FABFLOWS_PROGRESS_BAR="0")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fabflows.cli",
+            "run",
+            "upgrade-packages",
+            "-e",
+            "staging",
+            "-c",
+            cfg,
+            "--apply",
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while db.exec(["test", "-e", "/tmp/fabflows-slow-started"], check=False).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                pytest.fail(
+                    f"the run never reached the apply (exit {proc.returncode}):\n{out[-3000:]}"
+                )
+            time.sleep(0.2)
+        assert UPGRADE_MODE_TAG in _tag_keys(aws)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    # the killed run left the site in upgrade mode and the group suspended ...
+    assert all(_http(h.ip) == 503 for h in lab.web)
+    assert "Launch" in _suspended(aws) and UPGRADE_MODE_TAG in _tag_keys(aws)
+    status = upgrade_status(environment="staging", config=cfg)
+    assert status.holder.flow == "upgrade-packages"
+
+    # ... and end-upgrade, run next, knows that run is dead and restores everything
+    report = end_upgrade(environment="staging", config=cfg, dry_run=False)
+    assert "is no longer running" in report.outcome
+    _assert_restored(lab, aws, before)
