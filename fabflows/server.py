@@ -245,5 +245,18 @@ def main_server(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+def running_url(directory: str | os.PathLike[str] | None = None) -> str | None:
+    """The API URL of the recorded server if it is healthy, else None (used by ``fabflows run``)."""
+    current = status(directory)
+    return current.info.api_url if current.healthy and current.info else None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``fabflows server start|stop|status`` on the CLI (dispatched through ``handler``)."""
+    parser = subparsers.add_parser("server", help="a local Prefect server in the background")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
 if __name__ == "__main__":
     sys.exit(main_server())

@@ -53,7 +53,9 @@ class Stack:
             return deploy(str(config), flows=flows)
 
     def start_worker(self, name: str, limit: int | None = None) -> subprocess.Popen:
-        log = open(self.base / f"worker-{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        path = self.base / f"worker-{name}.log"
+        offset = path.stat().st_size if path.exists() else 0
+        log = open(path, "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -77,7 +79,7 @@ class Stack:
         self.workers[name] = proc
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if b"started" in (self.base / f"worker-{name}.log").read_bytes():
+            if b"started" in path.read_bytes()[offset:]:
                 return proc
             if proc.poll() is not None:
                 break
