@@ -118,3 +118,47 @@ def test_begin_upgrade_undoes_itself_when_a_web_server_cannot_be_switched(
     assert _suspended(aws) == before
     assert UPGRADE_MODE_TAG not in {t["Key"] for t in _asg(aws)["Tags"]}
     assert _status(fine.ip) == 200
+
+
+def _status_with(holder):
+    from datetime import UTC, datetime
+
+    from fabflows.upgrade_mode import UpgradeStatus
+    from tasks.aws.autoscaling import RecordedUpgradeMode
+
+    return UpgradeStatus(
+        environment="myproject/staging",
+        checked_at=datetime.now(UTC),
+        auto_scaling_group=GROUP,
+        suspended_processes=["Launch"] if holder else [],
+        recorded=RecordedUpgradeMode(record=holder, suspended=["Launch"]) if holder else None,
+        hosts=[],
+    )
+
+
+def test_end_upgrade_refuses_a_holder_that_may_be_alive_unless_forced() -> None:
+    from datetime import UTC, datetime
+
+    from fabflows.upgrade_mode import UpgradeModeBusy, process_tag
+    from flows.end_upgrade import check_holder
+    from tasks.aws.autoscaling import UpgradeModeRecord
+
+    since = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+
+    def rec(flow: str, by: str) -> UpgradeModeRecord:
+        return UpgradeModeRecord(run="local-x", flow=flow, since=since, by=by)
+
+    here = process_tag().split(":")[0]
+    assert check_holder(_status_with(None), force=False) == "not in upgrade mode"
+    assert "begun by begin-upgrade" in check_holder(
+        _status_with(rec("begin-upgrade", "ops:1:1")), force=False
+    )
+    dead = rec("upgrade-packages", f"{here}:{2**22 + 1}:1")
+    assert "no longer running" in check_holder(_status_with(dead), force=False)
+    elsewhere = rec("upgrade-packages", "worker-7:4242:1")  # another machine, unknown to Prefect
+    with pytest.raises(UpgradeModeBusy, match="may still be running"):
+        check_holder(_status_with(elsewhere), force=False)
+    assert check_holder(_status_with(elsewhere), force=True).startswith("FORCED")
+    alive = rec("upgrade-packages", process_tag())
+    with pytest.raises(UpgradeModeBusy, match="is still running"):
+        check_holder(_status_with(alive), force=False)
