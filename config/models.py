@@ -259,6 +259,30 @@ class EnvironmentSettings(Strict):
         default_factory=lambda: ["Authorization"],
         description="Request headers the verification's GET preflight asks for.",
     )
+    cache_strategy: Literal["stop", "terminate-and-recreate"] = Field(
+        default="stop",
+        description="stop-environment's cache server: 'stop' (in a VPC a stopped instance keeps "
+        "its private address, so RabbitMQ, Redis and memcached survive) or 'terminate-and-recreate' "
+        "(the original's way, for a broker reached by an address a stop changes: EC2-Classic, "
+        "public DNS): terminated at stop, launched from cache_launch_template at start.",
+    )
+    cache_launch_template: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9().\-/_]{3,128}$",
+        description="Launch template that builds a cache server (terminate-and-recreate only).",
+    )
+    luks_passphrase_block: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Prefect Secret block holding the LUKS passphrase of the servers' data volume "
+        "(instance_settings.fs_encrypt); start-environment feeds it to cryptsetup on stdin.",
+    )
+
+    @model_validator(mode="after")
+    def _cache_recreate_needs_template(self) -> EnvironmentSettings:
+        if self.cache_strategy == "terminate-and-recreate" and not self.cache_launch_template:
+            raise ValueError("cache_strategy terminate-and-recreate needs cache_launch_template")
+        return self
 
     @field_validator("time_zone")
     @classmethod
@@ -766,6 +790,74 @@ class SdistsSettings(Strict):
     )
 
 
+ROLE_SERVICES_DEFAULT: dict[str, list[str]] = {
+    "db-primary": ["postgresql"],
+    "db-replica": ["postgresql"],
+    "cache": ["rabbitmq-server", "redis-server", "memcached"],
+    "worker": ["{environment}-pgbouncer", "{environment}-celery"],
+    "web": ["{environment}-pgbouncer", "{environment}-web"],
+}
+
+
+class StopStartSettings(Strict):
+    """stop-environment / start-environment (fabflows.stop_start)."""
+
+    instance_wait_seconds: float = Field(
+        default=900, gt=0, le=7200, description="Longest wait for instances to stop or start."
+    )
+    reachable_wait_seconds: float = Field(
+        default=600, gt=0, le=7200, description="Longest wait for a started server's SSH to answer."
+    )
+    site_wait_seconds: float = Field(
+        default=900,
+        gt=0,
+        le=7200,
+        description="Longest wait for the web servers (and the site) to answer 200 after start.",
+    )
+    poll_seconds: float = Field(
+        default=5, gt=0, le=60, description="How often instance and group states are polled."
+    )
+    role_services: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in ROLE_SERVICES_DEFAULT.items()},
+        description="Services start-environment makes sure run after a role's servers start "
+        "(after the encrypted volume is mounted): supervisor groups/programs, else init services. "
+        "{environment} is replaced. Names missing on a server are reported, not failed.",
+    )
+    quiet_services: dict[str, list[str]] = Field(
+        default_factory=lambda: {"worker": ["{environment}-celery"]},
+        description="Services stop-environment stops before stopping any instance (the app goes "
+        "quiet: no task runs when the databases stop).",
+    )
+    encrypted_device: str = Field(
+        default="/dev/xvdf",
+        pattern=r"^/dev/[A-Za-z0-9/_-]+$",
+        description="The LUKS data volume (fs_encrypt). FabulAWS: /dev/sdf, seen as /dev/xvdf.",
+    )
+    encrypted_mapper_name: str = Field(
+        default="crypt-xvdf",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Its /dev/mapper name once unlocked.",
+    )
+    mount_command: list[str] = Field(
+        default_factory=lambda: ["/mount-deferred.sh"],
+        min_length=1,
+        description="Mounts the unlocked volume (and its bind mounts); FabulAWS: /mount-deferred.sh.",
+    )
+
+    @field_validator("role_services", "quiet_services")
+    @classmethod
+    def _services(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        out = {}
+        for role, names in v.items():
+            if normalize_role(role) not in ROLES:
+                raise ValueError(f"unknown role {role!r}; fabflows knows {list(ROLES)}")
+            for name in names:
+                if not re.match(r"^[A-Za-z0-9_.@{}-]+$", name):
+                    raise ValueError(f"{name!r} is not a service name")
+            out[normalize_role(role)] = names
+        return out
+
+
 class MaskingSettings(Strict):
     """SQL that scrubs a production copy before it goes live (reload-production-db)."""
 
@@ -858,9 +950,12 @@ class FabflowsSection(Strict):
         default_factory=ReloadProductionDbSettings
     )
     sdists: SdistsSettings = Field(default_factory=SdistsSettings)
-    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
-    newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
-    refresh: RefreshSettings = Field(default_factory=RefreshSettings)
+    stop_start: StopStartSettings = Field(default_factory=StopStartSettings)
+    prices: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="On-demand USD per hour by instance type, over fabflows' built-in table "
+        "(us-east-1 Linux list prices) for the stop-environment savings report.",
+    )
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     newrelic: NewRelicSettings = Field(default_factory=NewRelicSettings)
     refresh: RefreshSettings = Field(default_factory=RefreshSettings)

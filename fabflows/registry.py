@@ -10,4 +10,6 @@ FLOWS: dict[str, str] = {
     "upgrade-status": "flows.upgrade_status:upgrade_status",
     "upgrade-packages": "flows.upgrade_packages:upgrade_packages",
     "pull-server-secrets": "flows.pull_server_secrets:pull_server_secrets",
+    "stop-environment": "flows.stop_environment:stop_environment",
+    "start-environment": "flows.start_environment:start_environment",
 }

@@ -1,0 +1,130 @@
+"""Test hosts that follow EC2 instance states, as the sandbox daemon does, inside one test.
+
+The sandbox daemon (``sandbox/daemon.py``) reconciles every second; tests that stop and start
+instances need the same behaviour without a second process:
+
+- a running instance with an address in the test subnet gets a host at that address (the ``db``
+  image for database roles), and ``on_new_host(host, role)`` runs once on it (what an AMI's boot
+  would do: e.g. a health-check page on a web server);
+- a stopped instance's host is stopped (its disk, the overlay's upper layer, is kept);
+- a started instance's host is started again with its disk; a terminated one is destroyed.
+
+Hosts must be started from the main thread (they die with the thread that launched them), so
+:meth:`Ec2HostMirror.run` runs the code under test in a worker thread while the main thread
+reconciles every ``interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import boto3
+
+from sandbox.testhosts import HostSpec, TestHost, TestNetwork
+
+T = TypeVar("T")
+DB_ROLES = ("db-primary", "db-replica")
+
+
+class Ec2HostMirror:
+    def __init__(
+        self,
+        network: TestNetwork,
+        endpoint: str,
+        subnet: str,
+        region: str = "us-east-1",
+        on_new_host: Callable[[TestHost, str], None] | None = None,
+        name_prefix: str = "m",
+    ):
+        self.network = network
+        self.endpoint = endpoint
+        self.cidr = ipaddress.ip_network(f"{subnet}.0/24")
+        self.region = region
+        self.on_new_host = on_new_host
+        self.name_prefix = name_prefix
+        self.hosts: dict[str, str] = {}  # instance id -> host name
+        self.created: list[str] = []
+        self.events: list[tuple[float, str, str]] = []  # (time, instance id, what happened)
+        self._ec2 = boto3.client(
+            "ec2",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    def adopt(self, instance_id: str, host: TestHost) -> None:
+        """Tie an instance to a host the test made already."""
+        self.hosts[instance_id] = host.name
+
+    def _instances(self) -> list[dict[str, Any]]:
+        out = []
+        for page in self._ec2.get_paginator("describe_instances").paginate():
+            for r in page["Reservations"]:
+                out.extend(r["Instances"])
+        return out
+
+    def reconcile(self) -> None:
+        new: list[tuple[HostSpec, str]] = []
+        for inst in self._instances():
+            iid, state = inst["InstanceId"], inst["State"]["Name"]
+            ip = inst.get("PrivateIpAddress")
+            if not ip or ipaddress.ip_address(ip) not in self.cidr:
+                continue
+            tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+            name = self.hosts.get(iid)
+            host = self.network.hosts.get(name) if name else None
+            if state in ("pending", "running"):
+                if host is None and iid not in self.hosts:
+                    role = tags.get("role", "web")
+                    name = f"{self.name_prefix}{iid[-8:]}"
+                    self.hosts[iid] = name
+                    image = "db" if role in DB_ROLES else "base"
+                    new.append((HostSpec(name=name, ip=ip, image=image), role))
+                elif host is not None and not host.running:
+                    self.network.start_again(host.name)
+                    self.events.append((time.monotonic(), iid, "started"))
+            elif state in ("stopping", "stopped"):
+                if host is not None and host.running:
+                    self.network.stop(host.name)
+                    self.events.append((time.monotonic(), iid, "stopped"))
+            elif state in ("shutting-down", "terminated") and host is not None:
+                self.network.destroy(host.name)
+                self.events.append((time.monotonic(), iid, "destroyed"))
+        if new:
+            started = self.network.start([spec for spec, _ in new])
+            for host, (_, role) in zip(started, new, strict=True):
+                self.created.append(host.name)
+                self.events.append((time.monotonic(), host.name, "created"))
+                if self.on_new_host is not None:
+                    self.on_new_host(host, role)
+
+    def run(self, fn: Callable[..., T], *args: Any, interval: float = 0.2, **kwargs: Any) -> T:
+        """Call ``fn`` in a worker thread, reconciling from this (main) thread until it returns."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+
+        worker = threading.Thread(target=target, name="under-test")
+        worker.start()
+        while worker.is_alive():
+            self.reconcile()
+            worker.join(interval)
+        self.reconcile()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def destroy_created(self) -> None:
+        """Destroy the hosts this mirror created (not the adopted ones)."""
+        for name in self.created:
+            if name in self.network.hosts:
+                self.network.destroy(name)

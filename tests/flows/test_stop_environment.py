@@ -1,0 +1,261 @@
+"""stop-environment and start-environment for real: moto for AWS, one isolated test host per
+instance (following EC2 states as the sandbox does), PostgreSQL on the database hosts, Prefect.
+
+A stop -> stop -> start -> start round trip leaves the environment as it was (group sizes, every
+role reachable and in service, the web servers answering 200, the database's rows intact); a stop
+that fails half-way brings the environment back up; production is refused without allow_stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prefect.logging import disable_run_logger
+
+from config import load_config
+from config.loader import ConfigError
+from fabflows.errors import BadInput, Refused
+from fabflows.testing.aws_fixtures import boto_client
+from fabflows.testing.configs import moto_section, write_config
+from fabflows.testing.ec2_hosts import Ec2HostMirror
+from fabflows.testing.hosts_fixtures import TEST_SUBNET
+from flows.start_environment import start_environment
+from flows.stop_environment import stop_environment
+from sandbox.aws_seed import seed
+from sandbox.testhosts import HostSpec, TestHost
+from tasks.aws.ec2_writes import STOPPED_TAG
+from tasks.aws.group_sizes import SIZES_TAG
+
+GROUP = "myproject-staging-ag"
+ROLES = ("cache", "db-primary", "db-replica", "worker")  # the seed's order for non-web roles
+
+WORKER_SUPERVISOR = """\
+[group:staging-celery]
+programs=staging-celery-main
+[program:staging-celery-main]
+command=/bin/sleep 100000
+autostart=false
+startsecs=0
+"""
+
+
+def _psql(host: TestHost, sql: str) -> str:
+    return host.exec(["runuser", "-u", "postgres", "--", "psql", "-Atc", sql]).stdout.strip()
+
+
+def _celery(host: TestHost) -> str:
+    out = host.exec(["supervisorctl", "status", "staging-celery:staging-celery-main"], check=False)
+    return out.stdout.split()[1]
+
+
+def _provision(host: TestHost, role: str) -> None:
+    """What a web AMI's boot does here: the load balancer's health-check page."""
+    if role == "web":
+        host.exec(["sh", "-c", "echo OK > /var/www/html/healthcheck.html"])
+
+
+@dataclass
+class Env:
+    config: str
+    hosts: dict[str, TestHost]
+    ids: dict[str, str]
+    mirror: Ec2HostMirror
+    aws: object
+
+    def group(self) -> dict:
+        return boto_client(self.aws, "autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=[GROUP]
+        )["AutoScalingGroups"][0]
+
+    def states(self) -> dict[str, str]:
+        ec2 = boto_client(self.aws, "ec2")
+        out = {}
+        for r in ec2.describe_instances(InstanceIds=list(self.ids.values()))["Reservations"]:
+            for i in r["Instances"]:
+                out[i["InstanceId"]] = i["State"]["Name"]
+        return {role: out[iid] for role, iid in self.ids.items()}
+
+
+@pytest.fixture
+def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
+    # non-web servers at .4-.7: moto gives the group's instances the next free addresses
+    specs = [
+        HostSpec(f"s6-{role}", f"{TEST_SUBNET}.{4 + n}", "db" if role.startswith("db") else "base")
+        for n, role in enumerate(ROLES)
+    ]
+    hosts = dict(zip(ROLES, make_hosts(specs), strict=True))
+    worker = hosts["worker"]
+    worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
+    worker.exec(["supervisorctl", "update"])
+    worker.exec(["supervisorctl", "start", "staging-celery:*"])
+    primary = hosts["db-primary"]
+    primary.wait_for_port(5432, timeout=30)
+    _psql(primary, "CREATE TABLE shop_order (id int PRIMARY KEY, note text)")
+    _psql(primary, "INSERT INTO shop_order SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+
+    section = moto_section(aws.endpoint, staging={"cache_strategy": "stop"})
+    section |= {
+        "ssh": {
+            "user": "deploy",
+            "identity_file": str(test_network.client_key),
+            "known_hosts_file": str(test_network.known_hosts),
+            "address_attribute": "private_ip_address",
+            "connect_timeout": 3,
+        },
+        "state_dir": str(tmp_path / "state"),
+        "stop_start": {
+            "poll_seconds": 0.2,
+            "reachable_wait_seconds": 60,
+            "site_wait_seconds": 60,
+            "instance_wait_seconds": 60,
+        },
+    }
+    path = write_config(
+        tmp_path, fabflows=section, deploy_user="deploy", site_domains_map={"staging": []}
+    )
+    cfg = load_config(path)
+    seeded = seed(
+        aws.endpoint, cfg, ["staging"], f"{TEST_SUBNET}.0/24", iter(h.ip for h in hosts.values())
+    ).environments[0]
+    ids = {role: seeded.instance_ids[role][0] for role in ROLES}
+    mirror = Ec2HostMirror(
+        test_network, aws.endpoint, TEST_SUBNET, on_new_host=_provision, name_prefix="s6w"
+    )
+    for role, host in hosts.items():
+        mirror.adopt(ids[role], host)
+    mirror.reconcile()  # hosts for the group's two web instances
+    try:
+        yield Env(str(path), hosts, ids, mirror, aws)
+    finally:
+        mirror.destroy_created()
+
+
+@pytest.mark.flow
+@pytest.mark.hosts
+def test_stop_stop_start_start_leaves_the_environment_as_it_was(
+    prefect_server, environment: Env
+) -> None:
+    env = environment
+    assert len(env.group()["Instances"]) == 2
+
+    dry = env.mirror.run(stop_environment, "staging", config=env.config)
+    assert dry.plan.changed and dry.steps == [] and env.states()["worker"] == "running"
+    assert dry.usd_per_hour_stopped > 0
+
+    down = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
+    assert down.outcome == "stopped"
+    summaries = [s.summary for s in down.steps]
+    order = [
+        next(i for i, s in enumerate(summaries) if "-> 0/0/0" in s),
+        next(i for i, s in enumerate(summaries) if s.startswith("quiet-workers")),
+        *[
+            next(i for i, s in enumerate(summaries) if env.ids[r] in s and s.startswith("Stopping"))
+            for r in ("worker", "db-replica", "db-primary", "cache")
+        ],
+    ]
+    assert order == sorted(order), summaries
+    g = env.group()
+    assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (0, 0, 0)
+    assert g["Instances"] == []
+    assert '"min":1,"desired":2,"max":4' in {t["Key"]: t["Value"] for t in g["Tags"]}[SIZES_TAG]
+    assert set(env.states().values()) == {"stopped"}
+    assert not any(h.running for h in env.hosts.values())  # the hosts really stopped
+    assert not [n for n in env.mirror.created if n in env.mirror.network.hosts]  # web gone
+
+    again = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
+    assert again.outcome == "already stopped: nothing to do" and not again.plan.changed
+
+    up = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
+    assert up.outcome == "started", up.render_text()
+    g = env.group()
+    assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (1, 2, 4)
+    assert len(g["Instances"]) == 2
+    tags = {t["Key"] for t in g["Tags"]}
+    assert SIZES_TAG not in tags
+    assert set(env.states().values()) == {"running"}
+    assert all(h.running for h in env.hosts.values())
+    assert _celery(env.hosts["worker"]) == "RUNNING"  # brought into service after boot
+    assert len(up.site_checks) == 4 and all(c.ok for c in up.site_checks)  # 2 web x (/, health)
+    assert _psql(env.hosts["db-primary"], "SELECT count(*), max(id) FROM shop_order") == "500|500"
+    assert up.savings is not None and {r.role for r in up.savings.rows} == {
+        "cache",
+        "db-primary",
+        "db-replica",
+        "worker",
+        "web",
+    }
+    ec2 = boto_client(env.aws, "ec2")
+    for r in ec2.describe_instances(InstanceIds=list(env.ids.values()))["Reservations"]:
+        for i in r["Instances"]:
+            assert STOPPED_TAG not in {t["Key"] for t in i.get("Tags", [])}
+
+    twice = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
+    assert twice.outcome == "already running: checked"
+    assert all(c.ok for c in twice.site_checks)
+
+
+@pytest.mark.flow
+@pytest.mark.hosts
+def test_a_stop_failing_half_way_brings_the_environment_back(
+    prefect_server, environment: Env
+) -> None:
+    env = environment
+    # the first StopInstances (the worker's) is refused by EC2
+    env.aws.queue_fault("ec2", "StopInstances", code="UnauthorizedOperation", status=403)
+    with pytest.raises(Exception, match="UnauthorizedOperation"):
+        env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
+    g = env.group()
+    assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (1, 2, 4)
+    assert len(g["Instances"]) == 2
+    assert SIZES_TAG not in {t["Key"] for t in g["Tags"]}
+    assert set(env.states().values()) == {"running"}
+    assert _celery(env.hosts["worker"]) == "RUNNING"  # quieted, then back in service
+
+
+def test_production_is_refused_without_allow_stop(aws, tmp_path: Path) -> None:
+    path = write_config(tmp_path, fabflows=moto_section(aws.endpoint))
+    with disable_run_logger(), pytest.raises(Refused, match="allow_stop: true"):
+        stop_environment.fn("production", config=str(path), dry_run=False)
+    # a protected staging too
+    path = write_config(tmp_path, fabflows=moto_section(aws.endpoint, staging={"protected": True}))
+    with disable_run_logger(), pytest.raises(Refused, match="protected"):
+        stop_environment.fn("staging", config=str(path), dry_run=False)
+    assert aws.injector.requests == []  # refused before any AWS call
+
+
+def test_terminate_and_recreate_needs_a_launch_template(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        fabflows={"environments": {"staging": {"cache_strategy": "terminate-and-recreate"}}},
+    )
+    with pytest.raises(ConfigError, match="needs cache_launch_template"):
+        load_config(path)
+
+
+@pytest.mark.flow
+def test_queued_messages_refuse_a_cache_termination(prefect_server, aws, tmp_path: Path) -> None:
+    """Without hosts: a stopped cache cannot be read, so terminating it needs consent."""
+    section = moto_section(
+        aws.endpoint,
+        staging={
+            "cache_strategy": "terminate-and-recreate",
+            "cache_launch_template": "myproject-cache",
+        },
+    )
+    path = write_config(tmp_path, fabflows=section)
+    cfg = load_config(path)
+    seeded = seed(
+        aws.endpoint, cfg, ["staging"], "10.250.0.0/24", (f"10.250.0.{i}" for i in range(10, 20))
+    ).environments[0]
+    boto_client(aws, "ec2").stop_instances(InstanceIds=seeded.instance_ids["cache"])
+    with pytest.raises(BadInput, match="queues cannot be read"):
+        stop_environment("staging", config=str(path), dry_run=False)
+    assert (
+        boto_client(aws, "autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[GROUP])[
+            "AutoScalingGroups"
+        ][0]["DesiredCapacity"]
+        == 2
+    )  # nothing changed
