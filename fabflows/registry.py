@@ -12,4 +12,6 @@ FLOWS: dict[str, str] = {
     "pull-server-secrets": "flows.pull_server_secrets:pull_server_secrets",
     "stop-environment": "flows.stop_environment:stop_environment",
     "start-environment": "flows.start_environment:start_environment",
+    "reload-production-db": "flows.reload_production_db:reload_production_db",
+    "recover-environment": "flows.recover_environment:recover_environment",
 }

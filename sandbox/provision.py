@@ -371,3 +371,40 @@ def migrate_app(
         timeout=120,
     )
     return proc.stdout
+
+
+def provision_environment_app(
+    db: Host,
+    webs: Sequence[Host],
+    workers: Sequence[Host],
+    *,
+    environment: str,
+    db_name: str,
+    db_user: str,
+    db_password: str,
+    home: str = "/home/deploy",
+    server_port: int = 8000,
+    pgbouncer_port: int = 5432,
+    owner: str = "deploy",
+) -> None:
+    """One environment's app tier as FabulAWS builds it: the password file on its db-primary, the
+    app on every worker, migrations on the first worker, then the app on every web server (each
+    checked to answer 200)."""
+    write_secret_file(db, home, "database_password", db_password, owner=owner)
+    common = dict(
+        environment=environment,
+        db_host=db.ip,
+        db_name=db_name,
+        db_user=db_user,
+        db_password=db_password,
+        home=home,
+        server_port=server_port,
+        pgbouncer_port=pgbouncer_port,
+        owner=owner,
+    )
+    for worker in workers:
+        provision_app(worker, role="worker", **common)
+    if workers:
+        migrate_app(workers[0], environment, home=home, owner=owner)
+    for web in webs:
+        provision_app(web, role="web", **common)
