@@ -401,35 +401,33 @@ marker=$1; shift
 printf 'now\t%s\n' "$(date +%s)"
 if [ -f "$marker" ]; then
   printf 'marker\tpresent\n'
-  while IFS= read -r n || [ -n "$n" ]; do printf 'managed\t%s\n' "$n"; done < "$marker"
+  while IFS= read -r n || [ -n "$n" ]; do
+    printf 'managed\t%s\n' "$n"
+    case "$n" in ''|-*) ;; *) set -- "$@" "$n";; esac
+  done < "$marker"
 fi
 printf 'nologin\t%s\n' "$(command -v nologin || echo /usr/sbin/nologin)"
-getent group | cut -d: -f1 | while IFS= read -r g; do printf 'group\t%s\n' "$g"; done
-{ for a in "$@"; do printf '%s\n' "$a"; done; [ -f "$marker" ] && cat "$marker"; } | sort -u |
-while IFS= read -r n; do
-  case "$n" in ''|-*) continue;; esac
-  ent=$(getent passwd "$n") || { printf 'nouser\t%s\n' "$n"; continue; }
-  printf 'passwd\t%s\n' "$ent"
-  sh_ent=$(getent shadow "$n") || sh_ent=""
-  pw=$(printf '%s' "$sh_ent" | cut -d: -f2)
-  ex=$(printf '%s' "$sh_ent" | cut -d: -f8)
-  case "$pw" in '') k=empty;; '!') k=locked-empty;; '!'*) k=locked;; '*') k=star;; '$'*) k=hash;; *) k=other;; esac
+getent group | while IFS= read -r l; do printf 'group\t%s\n' "$l"; done
+pw=$(getent passwd "$@")
+printf '%s\n' "$pw" | while IFS= read -r l; do [ -n "$l" ] && printf 'passwd\t%s\n' "$l"; done
+getent shadow "$@" | while IFS=: read -r n p _ _ _ _ _ ex _; do
+  case "$p" in '') k=empty;; '!') k=locked-empty;; '!'*) k=locked;; '*') k=star;; '$'*) k=hash;; *) k=other;; esac
   printf 'shadow\t%s\t%s\t%s\n' "$n" "$k" "$ex"
-  printf 'groups\t%s\t%s\n' "$n" "$(id -Gn "$n")"
-  printf 'procs\t%s\t%s\n' "$n" "$(pgrep -c -u "$n" || true)"
-  home=$(printf '%s' "$ent" | cut -d: -f6)
-  for f in "$home/.ssh" "$home/.ssh/authorized_keys" "$home/.ssh/authorized_keys2"; do
-    if [ -L "$f" ]; then printf 'stat\t%s\t%s\tsymlink\n' "$n" "$f"
-    elif [ -e "$f" ]; then printf 'stat\t%s\t%s\t%s\n' "$n" "$f" "$(stat -c '%U:%G:%a:%F' -- "$f")"; fi
-  done
-  f="$home/.ssh/authorized_keys"
-  if [ -f "$f" ] && [ ! -L "$f" ] && [ ! -L "$home/.ssh" ]; then
-    printf 'keys\t%s\t%s\n' "$n" "$(base64 -w0 < "$f")"
-  fi
 done
+printf '%s\n' "$pw" | while IFS=: read -r n _ _ _ _ h _; do
+  [ -n "$n" ] && printf '%s\n' "$h/.ssh" "$h/.ssh/authorized_keys" "$h/.ssh/authorized_keys2"
+done | sort -u | xargs -r -d '\n' sh -c 'find -P "$@" -maxdepth 0 -printf "stat\t%p\t%u:%g:%m:%y\n" 2>/dev/null; true' sh
+printf '%s\n' "$pw" | while IFS=: read -r n _ _ _ _ h _; do
+  [ -n "$n" ] && [ ! -L "$h/.ssh" ] && printf '%s\n' "$h/.ssh/authorized_keys"
+done | sort -u | xargs -r -d '\n' sh -c 'find -P "$@" -maxdepth 0 -type f -exec grep -aH "" -- {} + 2>/dev/null; true' sh |
+  while IFS= read -r l; do printf 'keyline\t%s\n' "$l"; done
 """
-"""Read as root: the marker, groups, and for each listed/managed user passwd, password state (a
-classification, never the hash), expiry, groups, process count, ~/.ssh and authorized_keys."""
+"""Read as root, with a fixed number of processes whatever the number of users: the marker, the
+groups, and for every listed or managed user the passwd entry, the password *state* (a
+classification, never the hash) and expiry, and ~/.ssh, authorized_keys and authorized_keys2 (owner,
+mode, type; the keys themselves). Symlinks are reported, never followed."""
+
+_FILE_TYPES = {"d": "directory", "f": "regular file", "l": "symlink"}
 
 
 class FileFacts(BaseModel):
@@ -456,7 +454,6 @@ class AccountFacts(BaseModel):
     password: str = Field(description="empty / star / hash / locked / locked-empty / other.")
     expired: bool
     groups: list[str]
-    processes: int = 0
     ssh_dir: FileFacts | None = None
     authorized_keys: FileFacts | None = None
     authorized_keys2: FileFacts | None = None
@@ -486,19 +483,16 @@ def parse_facts(output: str) -> HostFacts:
     marker = False
     managed: list[str] = []
     ignored: list[str] = []
-    groups: list[str] = []
+    group_lines: list[list[str]] = []
     nologin = "/usr/sbin/nologin"
     passwd: dict[str, list[str]] = {}
     shadow: dict[str, tuple[str, str]] = {}
-    member: dict[str, list[str]] = {}
-    procs: dict[str, int] = {}
-    stats: dict[tuple[str, str], FileFacts] = {}
-    keys: dict[str, str] = {}
+    stats: dict[str, FileFacts] = {}
+    key_lines: list[str] = []
     for line in output.splitlines():
         kind, _, rest = line.partition("\t")
-        fields = rest.split("\t")
         if kind == "now":
-            now_days = int(fields[0]) // 86400
+            now_days = int(rest) // 86400
         elif kind == "marker":
             marker = True
         elif kind == "managed":
@@ -513,55 +507,60 @@ def parse_facts(output: str) -> HostFacts:
         elif kind == "nologin":
             nologin = rest.strip() or nologin
         elif kind == "group":
-            groups.append(rest)
+            group_lines.append(rest.split(":"))
         elif kind == "passwd":
             entry = rest.split(":")
-            passwd[entry[0]] = entry
+            if len(entry) >= 7:
+                passwd[entry[0]] = entry
         elif kind == "shadow":
+            fields = rest.split("\t")
             shadow[fields[0]] = (fields[1], fields[2] if len(fields) > 2 else "")
-        elif kind == "groups":
-            member[fields[0]] = fields[1].split() if len(fields) > 1 else []
-        elif kind == "procs":
-            procs[fields[0]] = int(fields[1] or 0) if len(fields) > 1 else 0
         elif kind == "stat":
-            name, path, desc = fields[0], fields[1], fields[2]
-            if desc == "symlink":
-                stats[(name, path)] = FileFacts(owner="", group="", mode=0, kind="symlink")
-            else:
-                owner, group, mode, ftype = desc.split(":", 3)
-                stats[(name, path)] = FileFacts(
-                    owner=owner, group=group, mode=int(mode, 8), kind=ftype
-                )
-        elif kind == "keys":
-            keys[fields[0]] = (
-                base64.b64decode(fields[1]).decode("utf-8", "replace") if len(fields) > 1 else ""
+            path, _, desc = rest.rpartition("\t")
+            owner, group, mode, ftype = desc.split(":")
+            stats[path] = FileFacts(
+                owner=owner, group=group, mode=int(mode, 8), kind=_FILE_TYPES.get(ftype, ftype)
             )
+        elif kind == "keyline":
+            key_lines.append(rest)
+    group_names = [g[0] for g in group_lines if g and g[0]]
+    gid_name = {g[2]: g[0] for g in group_lines if len(g) >= 3}
+    members = {g[0]: set(filter(None, g[3].split(","))) for g in group_lines if len(g) >= 4}
+    contents: dict[str, str] = {}
+    for path, st in stats.items():
+        if st.kind == "regular file" and path.endswith("/.ssh/authorized_keys"):
+            contents[path] = ""
+    for line in key_lines:  # "PATH:LINE" (grep -H); the longest known path that prefixes it
+        for path in sorted(contents, key=len, reverse=True):
+            if line.startswith(path + ":"):
+                contents[path] += line[len(path) + 1 :] + "\n"
+                break
     accounts = {}
     for name, entry in passwd.items():
         pw_kind, expire = shadow.get(name, ("other", ""))
-        home = entry[5]
-        gids = member.get(name, [])
+        home = entry[5].rstrip("/") or "/"
+        primary = gid_name.get(entry[3], entry[3])
+        groups = [primary] + [g for g in group_names if name in members.get(g, ()) and g != primary]
         accounts[name] = AccountFacts(
             name=name,
             uid=int(entry[2]),
             gid=int(entry[3]),
-            primary_group=gids[0] if gids else entry[0],
+            primary_group=primary,
             gecos=entry[4],
-            home=home,
+            home=entry[5],
             shell=entry[6],
             password=pw_kind,
             expired=bool(expire) and int(expire) <= now_days,
-            groups=gids,
-            processes=procs.get(name, 0),
-            ssh_dir=stats.get((name, f"{home}/.ssh")),
-            authorized_keys=stats.get((name, f"{home}/.ssh/authorized_keys")),
-            authorized_keys2=stats.get((name, f"{home}/.ssh/authorized_keys2")),
-            keys_content=keys.get(name),
+            groups=groups,
+            ssh_dir=stats.get(f"{home}/.ssh"),
+            authorized_keys=stats.get(f"{home}/.ssh/authorized_keys"),
+            authorized_keys2=stats.get(f"{home}/.ssh/authorized_keys2"),
+            keys_content=contents.get(f"{home}/.ssh/authorized_keys"),
         )
     return HostFacts(
         marker_present=marker,
         managed=managed,
-        groups=groups,
+        groups=group_names,
         nologin=nologin,
         accounts=accounts,
         ignored_marker_lines=ignored,

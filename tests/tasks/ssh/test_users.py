@@ -6,7 +6,6 @@ The same functions against real hosts are in test_users_hosts.py.
 
 from __future__ import annotations
 
-import base64
 import pwd
 from pathlib import Path
 
@@ -213,7 +212,6 @@ def test_spec_refuses_self_lockout() -> None:
 
 
 def test_parse_facts() -> None:
-    keys = base64.b64encode(f"{ALICE.public}\n".encode()).decode()
     output = "\n".join(
         [
             "now\t1764115200",  # 2025-11-26
@@ -221,39 +219,37 @@ def test_parse_facts() -> None:
             "managed\talice",
             "managed\tbad name;",
             "nologin\t/usr/sbin/nologin",
-            "group\tsudo",
-            "group\tadmin",
+            "group\tsudo:x:27:alice,bob",
+            "group\tadmin:x:1000:alice",
+            "group\talice:x:1001:",
+            "group\tcarol:x:1002:",
             "passwd\talice:x:1001:1001:Alice:/home/alice:/bin/bash",
-            "shadow\talice\tstar\t",
-            "groups\talice\talice sudo admin",
-            "procs\talice\t2",
-            "stat\talice\t/home/alice/.ssh\talice:alice:700:directory",
-            "stat\talice\t/home/alice/.ssh/authorized_keys\talice:alice:600:regular file",
-            f"keys\talice\t{keys}",
             "passwd\tcarol:x:1002:1002::/home/carol:/usr/sbin/nologin",
+            "shadow\talice\tstar\t",
             "shadow\tcarol\tlocked\t1",
-            "groups\tcarol\tcarol",
-            "procs\tcarol\t0",
-            "stat\tcarol\t/home/carol/.ssh\tsymlink",
-            "nouser\tdave",
+            "stat\t/home/alice/.ssh\talice:alice:700:d",
+            "stat\t/home/alice/.ssh/authorized_keys\talice:alice:600:f",
+            "stat\t/home/carol/.ssh\tcarol:carol:777:l",
+            f"keyline\t/home/alice/.ssh/authorized_keys:{ALICE.public}",
+            "keyline\t/home/alice/.ssh/authorized_keys:# a: comment",
         ]
     )
     facts = parse_facts(output)
     assert facts.marker_present and facts.managed == ["alice"]
     assert facts.ignored_marker_lines == ["bad name;"]
+    assert facts.groups == ["sudo", "admin", "alice", "carol"]
     alice = facts.accounts["alice"]
-    assert (alice.uid, alice.primary_group, alice.groups) == (
-        1001,
-        "alice",
-        ["alice", "sudo", "admin"],
-    )
-    assert alice.keys_content == ALICE.public + "\n"
+    assert (alice.uid, alice.primary_group) == (1001, "alice")
+    assert alice.groups == ["alice", "sudo", "admin"]
+    assert alice.keys_content == ALICE.public + "\n# a: comment\n"
     assert alice.authorized_keys == FileFacts(
         owner="alice", group="alice", mode=0o600, kind="regular file"
     )
+    assert alice.ssh_dir.kind == "directory" and alice.authorized_keys2 is None
     assert not alice.expired and not alice.locked
     carol = facts.accounts["carol"]
     assert carol.expired and carol.locked and carol.ssh_dir.kind == "symlink"
+    assert carol.keys_content is None
     assert "dave" not in facts.accounts
 
 
