@@ -18,7 +18,9 @@ compensation is the same task with the passwords swapped (:func:`alter_role_pass
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,21 +61,63 @@ def shown_statement(role: str) -> str:
     return alter_role_statement(role, MASK).as_string()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _pump(a: socket.socket, b) -> None:  # noqa: ANN001 - a paramiko Channel
+    """Copy bytes both ways between a local socket and an SSH channel until either closes."""
+    try:
+        while True:
+            ready, _, _ = select.select([a, b], [], [], 1.0)
+            if a in ready:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+            if b in ready:
+                data = b.recv(65536)
+                if not data:
+                    break
+                a.sendall(data)
+    except OSError:
+        pass
+    finally:
+        b.close()
+        a.close()
 
 
 @contextmanager
 def tunnel(host: str, opts: SshOptions, port: int) -> Iterator[int]:
-    """A local port forwarded over SSH to ``127.0.0.1:<port>`` on ``host``."""
+    """A local port (127.0.0.1, bound before this yields) forwarded over SSH to the server's
+    ``127.0.0.1:<port>``: PostgreSQL needs no address reachable from here."""
     conn = connect(host, opts)
+    listener = socket.socket()
+    stop = threading.Event()
     try:
-        local = _free_port()
-        with conn.forward_local(local_port=local, remote_port=port, remote_host="127.0.0.1"):
-            yield local
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.5)
+        transport = conn.client.get_transport()
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    client, peer = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                try:
+                    channel = transport.open_channel(
+                        "direct-tcpip", ("127.0.0.1", port), peer, timeout=opts.connect_timeout
+                    )
+                except Exception:  # noqa: BLE001 - the client sees a closed connection
+                    client.close()
+                    continue
+                threading.Thread(target=_pump, args=(client, channel), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True, name=f"tunnel-{host}").start()
+        yield listener.getsockname()[1]
     finally:
+        stop.set()
+        listener.close()
         conn.close()
 
 

@@ -1,0 +1,71 @@
+"""The broker user's password, changed where RabbitMQ checks it: on the cache server(s).
+
+FabulAWS's ``broker_password`` is the password of a RabbitMQ user (the deploy user, by default) and
+goes into ``CELERY_BROKER_URL``; the original never changed it in RabbitMQ when it was rotated. Here
+``rabbitmqctl change_password <user>`` and ``rabbitmqctl authenticate_user <user>`` read the password
+from their stdin (RabbitMQ 3.8+), so it never appears on a command line, in ``ps`` or in a log.
+
+These are fleet steps' building blocks (they take a :class:`Remote` for one cache server). Idempotent:
+a user that already authenticates with the new password is left alone. The compensation is the
+same change with the old password.
+"""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from tasks.ssh.fleet import FleetHost, HostResult
+from tasks.ssh.remote import Remote
+from tasks.ssh.secrets import run_with_secret
+
+AUTH_FAILED = 65
+"""rabbitmqctl authenticate_user's exit code for refused credentials (EX_DATAERR)."""
+
+
+def authenticates(remote: Remote, user: str, password: SecretStr) -> bool:
+    """Does RabbitMQ accept ``password`` for ``user``? (reads, also in a dry run)"""
+    code = run_with_secret(
+        remote,
+        ["rabbitmqctl", "-q", "authenticate_user", "--", user],
+        password,
+        sudo=True,
+        change=False,
+        ok_codes=(0, AUTH_FAILED),
+    )
+    return code == 0
+
+
+def change_password(remote: Remote, user: str, password: SecretStr) -> None:
+    """``rabbitmqctl change_password <user>`` with the password on stdin (recorded; skipped dry)."""
+    run_with_secret(
+        remote,
+        ["rabbitmqctl", "-q", "change_password", "--", user],
+        password,
+        sudo=True,
+        change=True,
+    )
+
+
+def broker_password_step(user: str, current: SecretStr, new: SecretStr):  # noqa: ANN201
+    """A fleet step making ``user`` accept ``new`` (checked with ``current`` first).
+
+    Raises (inside the step, so the host fails with the message): the broker refuses both
+    passwords, or refuses the new one after the change.
+    """
+
+    def step(remote: Remote, host: FleetHost) -> HostResult:
+        if authenticates(remote, user, new):
+            return HostResult(status="unchanged", message=f"{user} already has the new password")
+        if not authenticates(remote, user, current):
+            raise RuntimeError(
+                f"RabbitMQ refuses {user} with both the current and the new password: the "
+                "servers' broker_password does not match the broker"
+            )
+        change_password(remote, user, new)
+        if remote.dry_run:
+            return HostResult(status="changed", message=f"would change the password of {user}")
+        if not authenticates(remote, user, new):
+            raise RuntimeError(f"RabbitMQ refuses {user} with the new password after the change")
+        return HostResult(status="changed", message=f"changed the password of {user}")
+
+    return step

@@ -1,0 +1,123 @@
+"""pull-server-secrets: the plan as a table, the flow on real test hosts with a real block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blocks.secrets import ServerSecrets
+from fabflows.errors import BadInput
+from fabflows.testing.app_env import build_app_env, default_secrets
+from fabflows.testing.moto_server import MotoServer
+from flows.pull_server_secrets import plan_pull_server_secrets, pull_server_secrets
+
+BLOCK = "myproject-staging-secrets"
+
+
+def _staging():
+    import yaml
+
+    from config import resolve_environment
+    from config.models import FabulawsConfig
+    from fabflows.testing.configs import SAMPLE
+
+    data = yaml.safe_load(SAMPLE.read_text())
+    return resolve_environment(FabulawsConfig.model_validate(data), "staging")
+
+
+@pytest.mark.parametrize(
+    ("source", "others", "block", "expected"),
+    [
+        ({"a": "p1"}, {}, None, [("a", "add", [])]),
+        ({"a": "p1"}, {}, {"a": "p1"}, [("a", "unchanged", [])]),
+        ({"a": "p1"}, {}, {"a": "p0"}, [("a", "update", [])]),
+        ({"a": None}, {}, {"a": "p0"}, [("a", "missing on server", [])]),
+        (
+            {"a": "p1"},
+            {"w2": {"a": "p2"}, "w3": {"a": "p1"}},
+            {"a": "p1"},
+            [("a", "unchanged", ["w2"])],
+        ),
+        ({"a": "p1"}, {"w2": {"a": None}}, {}, [("a", "add", ["w2"])]),
+    ],
+)
+def test_plan(source, others, block, expected) -> None:
+    prints = {"w1": source, **others}
+    plan = plan_pull_server_secrets(_staging(), BLOCK, list(source), "w1", prints, block)
+    assert [(c.name, c.action, c.differs_on) for c in plan.changes] == expected
+    assert plan.block_exists is (block is not None)
+    assert "p1" not in plan.render_markdown()
+
+
+@pytest.fixture(scope="module")
+def env(test_network, tmp_path_factory):
+    moto = MotoServer().start()
+    built = build_app_env(
+        moto.endpoint, test_network, tmp_path_factory.mktemp("pull"), app=False, prefix="pl"
+    )
+    try:
+        yield built
+    finally:
+        built.destroy()
+        moto.stop()
+
+
+def _run(env, **kw):
+    return pull_server_secrets(
+        environment="staging", config=str(env.config_path), return_state=True, **kw
+    )
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_dry_run_apply_again_and_disagreement(prefect_server, env) -> None:
+    from prefect.blocks.core import Block
+
+    try:
+        Block.delete(BLOCK)  # type: ignore[call-arg]
+    except Exception:  # noqa: BLE001 - not there
+        pass
+    state = _run(env)
+    assert state.is_completed(), state.message
+    plan = state.result().plan
+    assert not plan.block_exists and len(plan.to_change) == 7
+    with pytest.raises(ValueError):
+        ServerSecrets.load(BLOCK)
+
+    state = _run(env, dry_run=False)
+    assert state.is_completed(), state.message
+    block = ServerSecrets.load(BLOCK)
+    for name, value in default_secrets().items():
+        assert block.get(name).get_secret_value() == value
+
+    state = _run(env, dry_run=False)
+    assert state.result().names_changed == []
+
+    # a worker is the source; a web server with another smtp_password is reported, by name
+    web = env.by_role("web")[0]
+    web.exec(["sh", "-c", "printf other > /home/deploy/smtp_password"])
+    block.set("secret_key", "stale-in-block")
+    block.save(BLOCK, overwrite=True)
+    state = _run(env, dry_run=False)
+    result = state.result()
+    assert result.names_changed == ["secret_key"]
+    smtp = next(c for c in result.plan.changes if c.name == "smtp_password")
+    assert smtp.action == "unchanged" and len(smtp.differs_on) == 1
+    previous = ServerSecrets.load(BLOCK + "-previous")
+    assert previous.get("secret_key").get_secret_value() == "stale-in-block"
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_bad_password_names_fail_before_reading(prefect_server, env, tmp_path: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load(env.config_path.read_text())
+    data["password_names"] = ["database_password", "../etc/shadow"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    state = pull_server_secrets(environment="staging", config=str(bad), return_state=True)
+    assert state.is_failed() and "password_names" in state.message
+    with pytest.raises(BadInput):
+        state.result()
