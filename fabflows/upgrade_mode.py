@@ -323,6 +323,7 @@ class UpgradeStatus(BaseModel):
     not_running: list[str] = Field(
         default_factory=list, description="Web servers not running (pending, stopping...)."
     )
+    notes: list[str] = Field(default_factory=list, description="What could not be read.")
 
     @property
     def holder(self) -> UpgradeModeRecord | None:
@@ -368,6 +369,8 @@ class UpgradeStatus(BaseModel):
             text += f"; suspended by others: {', '.join(others)}"
         if self.unreachable:
             text += f"; unreachable: {', '.join(h.host for h in self.unreachable)}"
+        for note in self.notes:
+            text += f"; {note}"
         return text
 
     def rows(self) -> list[dict[str, object]]:
@@ -420,9 +423,13 @@ def gather_upgrade_status(
     group_name = env.auto_scaling_group
     suspended: list[str] = []
     recorded = None
+    notes: list[str] = []
     if group_name:
-        group, recorded = get_upgrade_mode_record(ctx.creds, group_name)
-        suspended = group.suspended_processes
+        try:
+            group, recorded = get_upgrade_mode_record(ctx.creds, group_name)
+            suspended = group.suspended_processes
+        except ValueError as exc:  # the group is gone: the web servers can still be switched
+            notes.append(str(exc))
     servers = list(servers) if servers is not None else web_servers(ctx)
     hosts = _web_hosts(ctx, servers)
     states = get_upgrade_pages(hosts, pool, env.nginx_root) if hosts else []
@@ -438,6 +445,7 @@ def gather_upgrade_status(
             for s in servers
             if s.role == "web" and s.state not in ("running", "stopped", "terminated")
         ],
+        notes=notes,
     )
 
 

@@ -186,7 +186,23 @@ def _describe_or_fail(creds: AwsCredentials, auto_scaling_group_name: str) -> Au
     return group
 
 
-@task(name="get-upgrade-mode-record", retries=2, retry_delay_seconds=2)
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry AWS trouble, not a group that does not exist (ValueError)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    name="get-upgrade-mode-record",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_transient,
+)
 def get_upgrade_mode_record(
     creds: AwsCredentials, auto_scaling_group_name: str
 ) -> tuple[AutoScalingGroup, RecordedUpgradeMode | None]:
