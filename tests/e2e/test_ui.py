@@ -214,12 +214,18 @@ def test_lock_released_when_the_worker_dies_and_kept_across_a_server_restart(sta
     # 2. a Prefect server restart while a run holds the lock: the holder keeps it (no second
     #    holder), and it is free as soon as the holder finishes (nothing leaked)
     s.start_worker("w2")
-    run = _start_holder(s, base, "restart", seconds=12)
+    run = _start_holder(s, base, "restart", seconds=30)
+    restart = time.monotonic()
     s.stop_server()
     s.start_server()
+    print(f"server restarted in {time.monotonic() - restart:.1f} s")
+    seen.clear()
     with pytest.raises(EnvironmentBusy):
-        with environment_lock("myproject/staging", config, timeout=1, poll=0.1):
+        with environment_lock(
+            "myproject/staging", config, timeout=1, poll=0.1, on_wait=lambda *a: seen.append(a[1])
+        ):
             pass
+    assert seen[0].flow_run_id == str(run.id)  # the same run still holds it
     waiting = time.monotonic()
     with environment_lock("myproject/staging", config, timeout=120, poll=0.1):
         waited = time.monotonic() - waiting
