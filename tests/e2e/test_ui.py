@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from config import load_config
+from fabflows import audit
 from fabflows.lock import EnvironmentBusy, environment_lock
 from fabflows.registry import FLOWS
 from fabflows.testing.configs import moto_section, write_config
@@ -139,8 +140,14 @@ def test_run_from_the_ui_form_completes_with_artifacts(stack: dict) -> None:
         finally:
             browser.close()
     with _client(s), get_client(sync_client=True) as client:
-        tags = client.read_flow_run(run.id).tags
-    assert "env:myproject/staging" in tags
+        fresh = client.read_flow_run(run.id)
+        states = sorted(client.read_flow_run_states(run.id), key=lambda st: st.timestamp)
+    assert "env:myproject/staging" in fresh.tags
+    # the audit trail can tell a UI run from the state message the UI sets
+    starter = audit.identify_starter(
+        fresh.tags, fresh.auto_scheduled, fresh.deployment_id, states[0].message
+    )
+    assert starter.label == "ui:prefect-ui"
 
 
 def test_schedules_survive_worker_and_server_restarts(stack: dict) -> None:
