@@ -477,7 +477,7 @@ def plan_reload_production_db(
         Change(
             step="stop-app",
             target=app_hosts,
-            action="supervisorctl stop web/celery, then pgbouncer (marker first)",
+            action="supervisorctl stop the web and celery groups (marker first; pgbouncer stays up)",
             downtime=True,
             compensation="supervisorctl start",
         ),
@@ -498,7 +498,7 @@ def plan_reload_production_db(
         Change(
             step="start-app",
             target=app_hosts,
-            action="supervisorctl start pgbouncer, then web/celery",
+            action="supervisorctl start web and celery (pgbouncer checked running)",
             downtime=True,
         ),
         Change(
@@ -670,8 +670,21 @@ def apply_recovery(
 
 
 def _groups(env: EnvironmentConfig) -> dict[str, list[str]]:
+    """Groups that must run on each role (pgbouncer included): started, and checked RUNNING."""
     groups = env.supervisor_groups
     return {"web": groups_for_role(groups, "web"), "worker": groups_for_role(groups, "worker")}
+
+
+def _app_groups(env: EnvironmentConfig) -> dict[str, list[str]]:
+    """Groups stopped in the window: the app (gunicorn, the workers), not pgbouncer.
+
+    FabulAWS also stopped pgbouncer; here it keeps running: the swap refuses new connections and
+    ends every session first (pgbouncer's server connections included), and pgbouncer connects to
+    the new database by the same name at its next client. That saves a stop and a start of
+    pgbouncer on every server inside the window, and migrations need it running anyway.
+    """
+    groups = env.supervisor_groups
+    return {"web": [groups["web"]], "worker": [groups["celery"]]}
 
 
 def gather_target_state(
@@ -987,7 +1000,7 @@ def _apply(
                     stopped = stop_app(
                         app_hosts,
                         pool,
-                        _groups(env),
+                        _app_groups(env),
                         env.home,
                         AppStopRecord(run=run, flow=FLOW_NAME, groups=[], since=now_text()),
                         dry_run=False,
@@ -1008,16 +1021,6 @@ def _apply(
                     if swap.swapped:
                         swapped_previous, side_created = previous, False
                 with clock.step("migrate"):
-                    # the app reaches the database through pgbouncer (FabulAWS starts it first too)
-                    bouncers = start_app(
-                        facts.workers[:1],
-                        pool,
-                        _groups(env),
-                        env.home,
-                        dry_run=False,
-                        only=[env.supervisor_groups["pgbouncer"]],
-                    )
-                    bouncers.raise_for_errors()
                     try:
                         migration = run_migrations(
                             facts.workers[0],

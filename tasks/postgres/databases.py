@@ -391,10 +391,13 @@ def swap_databases(
     except Exception as exc:  # read back what happened, make the live one usable, re-raise
         error = exc
     seconds = (datetime.now(UTC) - started).total_seconds()
-    after = _names(pool, server)
-    swapped = previous in after and live in after and side not in after
-    if live in after and not after[live]:
-        write_sql(remote_for(pool, server), [render(allow_statement(live, True))])
+    if error is None:  # every statement ran, COMMIT included
+        swapped = True
+    else:  # read back what happened; make whichever database is live accept connections
+        after = _names(pool, server)
+        swapped = previous in after and live in after and side not in after
+        if live in after and not after[live]:
+            write_sql(remote_for(pool, server), [render(allow_statement(live, True))])
     if error is not None:
         get_run_logger().error(
             "swap failed (%s); %s is %s",

@@ -135,44 +135,57 @@ def _supervisorctl(remote: Remote, action: str, group: str, timeout: float) -> s
     return result.stdout.strip() if result else ""
 
 
+STOP_SCRIPT = r"""set -u
+marker=$1; shift
+if [ "$(id -u)" != 0 ]; then echo "needs root" >&2; exit 2; fi
+tmp=$(mktemp "$marker.XXXXXX") && cat > "$tmp" && chmod 644 "$tmp" && mv -f "$tmp" "$marker" || exit 2
+supervisorctl stop "$@" 2>&1
+"""
+"""As root: the marker (stdin) written atomically first, then one ``supervisorctl stop`` for all
+the groups (in the order given). Prints supervisorctl's lines."""
+
+START_SCRIPT = r"""set -u
+marker=$1; remove=$2; shift 2
+supervisorctl start "$@" 2>&1
+status=$(supervisorctl status 2>&1); echo "$status" | sed 's/^/status /'
+ok=yes
+for g in "$@"; do
+  echo "$status" | awk -v g="${g%:*}" '($1 == g || index($1, g ":") == 1) && $2 != "RUNNING" { exit 1 }' || ok=no
+done
+if [ "$remove" = yes ] && [ "$ok" = yes ]; then rm -f -- "$marker"; echo "marker removed"; fi
+"""
+"""As root: one ``supervisorctl start`` (it waits until each program counts as RUNNING), the status
+of every program, then — only if asked and every program of those groups is RUNNING — the marker
+removed."""
+
+
+def _not_running(programs: Sequence[ProgramState], groups: Sequence[str]) -> list[str]:
+    return [f"{p.name} {p.state}" for p in programs if p.group in groups and p.state != "RUNNING"]
+
+
 def _stop_step(
     groups_by_role: dict[str, list[str]], home: str, record: AppStopRecord, timeout: float
 ):  # noqa: ANN202
     def step(remote: Remote, host: FleetHost) -> HostResult:
         groups = groups_by_role.get(host.role, [])
         _check_groups(groups)
-        programs = _status(remote)
-        present = {p.group for p in programs}
-        missing = [g for g in groups if g not in present]
-        if missing:
-            return HostResult(
-                status="failed",
-                message=f"no supervisor group(s) {', '.join(missing)} on this server",
-            )
-        running = [
-            g for g in groups if any(p.group == g and p.state != "STOPPED" for p in programs)
-        ]
-        marker = _read_marker(remote, home)
-        if not running and marker is not None:
-            return HostResult(status="unchanged", message=f"{', '.join(groups)} already stopped")
-        # the marker first: a run killed after this still says the app was stopped on purpose
+        if not groups:
+            return HostResult(status="unchanged", message="no app group on this role")
         mine = record.model_copy(update={"groups": groups})
-        remote.write_file(
-            marker_path(home),
-            mine.model_dump_json().encode(),
-            owner=remote_user(remote),
-            group=remote_user(remote),
-            mode=0o644,
+        # the marker first: a run killed after this still says the app was stopped on purpose
+        result = remote.write(
+            ["sh", "-c", STOP_SCRIPT, "sh", marker_path(home), *[f"{g}:*" for g in groups]],
+            sudo=True,
+            stdin=mine.model_dump_json().encode(),
+            timeout=timeout,
         )
-        for group in groups:
-            _supervisorctl(remote, "stop", group, timeout)
+        out = result.stdout if result else ""
+        bad = [ln for ln in out.splitlines() if "ERROR" in ln and "not running" not in ln]
+        if bad:
+            return HostResult(status="failed", message="; ".join(bad))
         return HostResult(status="changed", message=f"stopped {', '.join(groups)}")
 
     return step
-
-
-def remote_user(remote: Remote) -> str:
-    return remote.conn.user
 
 
 def _start_step(
@@ -188,34 +201,39 @@ def _start_step(
         if only is not None:
             groups = [g for g in groups if g in only]
         elif marker is not None and marker.groups:
-            groups = list(dict.fromkeys([*marker.groups, *groups]))
+            groups = list(dict.fromkeys([*groups, *marker.groups]))
         _check_groups(groups)
-        programs = _status(remote)
-        stopped = [
-            g for g in groups if any(p.group == g and p.state != "RUNNING" for p in programs)
+        if not groups:
+            return HostResult(status="unchanged", message="no app group on this role")
+        # pgbouncer (listed last in stop order) first, then the app
+        order = [g for g in groups if g.endswith("pgbouncer")] + [
+            g for g in groups if not g.endswith("pgbouncer")
         ]
-        if not stopped and (marker is None or only is not None):
-            return HostResult(status="unchanged", message=f"{', '.join(groups)} already running")
-        for group in reversed(groups):  # pgbouncer before the app
-            if group in stopped:
-                _supervisorctl(remote, "start", group, timeout)
-        if not remote.dry_run:
-            deadline = time.monotonic() + wait
-            while True:
-                programs = _status(remote)
-                bad = [
-                    f"{p.name} {p.state}"
-                    for p in programs
-                    if p.group in groups and p.state != "RUNNING"
-                ]
-                if not bad:
-                    break
-                if time.monotonic() > deadline:
-                    return HostResult(status="failed", message="not running: " + ", ".join(bad))
-                time.sleep(0.25)
-        if only is None:  # everything runs again: the server no longer needs the marker
-            remote.write(["rm", "-f", "--", marker_path(home)], sudo=True)
-        return HostResult(status="changed", message=f"started {', '.join(reversed(groups))}")
+        remove = "yes" if only is None else "no"
+        argv = ["sh", "-c", START_SCRIPT, "sh", marker_path(home), remove]
+        result = remote.write([*argv, *[f"{g}:*" for g in order]], sudo=True, timeout=timeout)
+        if result is None:  # dry run
+            return HostResult(status="changed", message=f"would start {', '.join(order)}")
+        lines = result.stdout.splitlines()
+        programs = parse_status("\n".join(ln[7:] for ln in lines if ln.startswith("status ")))
+        started = [ln for ln in lines if ln.endswith(": started")]
+        missing = [g for g in groups if not any(p.group == g for p in programs)]
+        if missing:
+            return HostResult(
+                status="failed", message=f"no supervisor group(s) {', '.join(missing)}"
+            )
+        bad = _not_running(programs, groups)
+        deadline = time.monotonic() + wait
+        while bad and time.monotonic() < deadline:  # STARTING / BACKOFF: give it the time asked
+            time.sleep(0.5)
+            bad = _not_running(_status(remote), groups)
+            if not bad and only is None:
+                remote.write(["rm", "-f", "--", marker_path(home)], sudo=True)
+        if bad:
+            return HostResult(status="failed", message="not running: " + ", ".join(bad))
+        if not started and marker is None:
+            return HostResult(status="unchanged", message=f"{', '.join(order)} already running")
+        return HostResult(status="changed", message=f"started {', '.join(order)}")
 
     return step
 
