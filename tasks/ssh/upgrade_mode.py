@@ -213,7 +213,6 @@ def _state_step(nginx_root: str):
 
 @task(
     name="enable-upgrade-pages",
-    task_run_name="enable-upgrade-pages-{nginx_root}",
     cache_policy=NO_CACHE,
     retries=0,
 )
@@ -244,7 +243,6 @@ def enable_upgrade_pages(
 
 @task(
     name="disable-upgrade-pages",
-    task_run_name="disable-upgrade-pages-{nginx_root}",
     cache_policy=NO_CACHE,
     retries=0,
 )
