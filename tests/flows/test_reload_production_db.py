@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from psycopg import sql
 
+from fabflows.errors import BadInput, Refused
 from flows.reload_production_db import reload_production_db
+from sandbox.seed_db import psql
+from tasks.postgres.masking import MaskingFailed
+from tasks.ssh.app import MigrationFailed
 from tests.flows.reload_stack import PRE_SUSPENDED, Stack, build_stack, destroy_stack
 
 pytestmark = [pytest.mark.hosts, pytest.mark.flow]
@@ -51,4 +56,142 @@ def test_dry_run_then_apply(stack: Stack) -> None:
     )
     assert report.downtime_s is not None and report.downtime_s < 30
     assert report.probe is not None and report.probe.non_200 > 0
+    _invariants(stack)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _config_with(stack: Stack, tmp_path, **changes) -> str:
+    import yaml
+
+    data = yaml.safe_load(stack.config.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp_path / "fabflows.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _generation(stack: Stack, value: int) -> None:
+    """Mark the live staging database (a table production does not have)."""
+    statement = sql.SQL(
+        "SET ROLE dbuser; CREATE TABLE IF NOT EXISTS fabflows_generation (g int);"
+        "DELETE FROM fabflows_generation; INSERT INTO fabflows_generation VALUES ({});"
+    ).format(value)
+    psql(stack.hosts["db"], statement.as_string(None), database=stack.live)
+
+
+def _live_is(stack: Stack) -> str:
+    """'old:<generation>' or 'new' (a complete copy of production), else fail."""
+    has = psql(
+        stack.hosts["db"],
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'fabflows_generation';",
+        database=stack.live,
+    ).strip()
+    if has == "1":
+        g = psql(stack.hosts["db"], "SELECT g FROM fabflows_generation;", database=stack.live)
+        return f"old:{g.strip()}"
+    for table in ("auth_user", "shop_order", "audit_event", "django_session"):
+        assert stack.count("db", stack.live, table) == stack.count("proddb", stack.source, table)
+    return "new"
+
+
+@pytest.mark.parametrize(
+    ("environment", "changes", "error", "match"),
+    [
+        ("production", {}, Refused, "production environment"),
+        ("nosuchenv", {}, BadInput, "unknown environment 'nosuchenv'"),
+        (
+            "staging",
+            {"fabflows.reload_production_db.source_environment": "staging"},
+            BadInput,
+            "source and target are both",
+        ),
+        (
+            "staging",
+            {"fabflows.environments.production.database_name": "myproject_gone"},
+            BadInput,
+            'database "myproject_gone" does not exist',
+        ),
+    ],
+)
+def test_bad_input_changes_nothing(
+    stack: Stack, tmp_path, environment, changes, error, match
+) -> None:
+    _generation(stack, 7)
+    config = _config_with(stack, tmp_path, **changes)
+    with pytest.raises(error, match=match):
+        reload_production_db(environment=environment, config=config, dry_run=False)
+    assert _live_is(stack) == "old:7"
+    _invariants(stack)
+
+
+def test_failing_migration_puts_the_old_database_back(stack: Stack, tmp_path) -> None:
+    _generation(stack, 11)
+    config = _config_with(
+        stack,
+        tmp_path,
+        **{
+            "fabflows.reload_production_db.migrate_command": [
+                "python3",
+                "manage.py",
+                "migrate",
+                "shop",
+                "0099",
+            ]
+        },
+    )
+    with pytest.raises(MigrationFailed, match="0099"):
+        reload_production_db(environment="staging", config=config, dry_run=False)
+    assert _live_is(stack) == "old:11"
+    _invariants(stack)
+
+
+def test_failing_masking_stops_before_the_window(stack: Stack, tmp_path) -> None:
+    _generation(stack, 12)
+    config = _config_with(
+        stack,
+        tmp_path,
+        **{
+            "fabflows.reload_production_db.masking": {
+                "statements": ["UPDATE auth_user SET email = 'x'", "UPDATE nope SET x = 1"],
+                "checks": [],
+            }
+        },
+    )
+    with pytest.raises(MaskingFailed, match='relation "nope" does not exist'):
+        reload_production_db(environment="staging", config=config, dry_run=False)
+    assert _live_is(stack) == "old:12"
+    _invariants(stack)
+
+
+def test_masking_applied_and_checked(stack: Stack, tmp_path) -> None:
+    config = _config_with(
+        stack,
+        tmp_path,
+        **{
+            "fabflows.reload_production_db.masking": {
+                "statements": ["UPDATE auth_user SET email = 'user' || id || '@example.invalid'"],
+                "checks": [
+                    "SELECT count(*) FROM auth_user WHERE email NOT LIKE '%@example.invalid'"
+                ],
+            },
+            "fabflows.reload_production_db.keep_previous": 1,
+        },
+    )
+    report = reload_production_db(environment="staging", config=config, dry_run=False)
+    assert report.outcome == "reloaded" and len(report.kept) == 1
+    assert psql(
+        stack.hosts["db"],
+        "SELECT count(*) FROM auth_user WHERE email LIKE '%@example.invalid';",
+        database=stack.live,
+    ).strip() == str(stack.count("proddb", stack.source))
+    # keep_previous=1 keeps exactly one previous database; drop it for the other tests
+    drop = sql.SQL("DROP DATABASE {} WITH (FORCE);").format(sql.Identifier(report.kept[0]))
+    psql(stack.hosts["db"], drop.as_string(None))
     _invariants(stack)
