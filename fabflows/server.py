@@ -70,7 +70,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _healthy(api_url: str, timeout: float = 2.0) -> bool:
+def _healthy(api_url: str, timeout: float = 5.0) -> bool:
     try:
         return httpx.get(api_url + "/health", timeout=timeout).status_code == 200
     except httpx.HTTPError:
@@ -103,7 +103,7 @@ def start(
     port: int = 4200,
     database_url: str | None = None,
     directory: str | os.PathLike[str] | None = None,
-    wait: float = 90.0,
+    wait: float = 180.0,
     extra_env: dict[str, str] | None = None,
 ) -> ServerStatus:
     """Start the server in the background (no-op if the recorded one is healthy) and wait for it.

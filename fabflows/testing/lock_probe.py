@@ -1,4 +1,4 @@
-"""A flow that only holds its environment's lock (deployed by the end-to-end tests, not registered)."""
+"""Probe flows the end-to-end tests deploy (not registered): hold the lock, pause for approval."""
 
 from __future__ import annotations
 
@@ -38,3 +38,41 @@ def hold_environment_lock(
             with open(marker, "a") as f:
                 f.write(f"{time.time()}\n")
     return "released"
+
+
+@flow(name="approval-probe")
+def approval_probe(
+    environment: str,
+    deployment: str | None = None,
+    config: str | None = None,
+    timeout_seconds: int = 300,
+) -> str:
+    """Pause for approval of a dummy destructive plan, then report the decision.
+
+    Args:
+        environment: Environment the dummy plan is for.
+        deployment: Deployment.
+        config: Config path (default: $FABFLOWS_CONFIG).
+        timeout_seconds: Seconds before no decision rejects.
+    """
+    from datetime import timedelta
+
+    from fabflows import approval
+
+    ctx = load_context(environment, deployment, config)
+    starter = audit.record_start(ctx.env)
+    plan = "| change | where |\n|---|---|\n| drop table sessions | db-primary |"
+    try:
+        decision = approval.request_approval(
+            ctx.env,
+            ctx.config,
+            plan_markdown=plan,
+            expected_downtime=timedelta(minutes=1),
+            timeout=timedelta(seconds=timeout_seconds),
+            poll=timedelta(seconds=1),
+        )
+    except approval.ApprovalRejected as exc:
+        audit.record_summary(ctx.env, outcome=str(exc), plan_markdown=plan, starter=starter)
+        return exc.as_state()
+    audit.record_summary(ctx.env, outcome="approved", plan_markdown=plan, starter=starter)
+    return f"approved by {decision.approver}"

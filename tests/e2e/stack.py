@@ -13,7 +13,10 @@ from fabflows import server
 from fabflows.testing.pgcluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-FLOWS_UNDER_TEST = {"hold-environment-lock": "fabflows.testing.lock_probe:hold_environment_lock"}
+FLOWS_UNDER_TEST = {
+    "hold-environment-lock": "fabflows.testing.lock_probe:hold_environment_lock",
+    "approval-probe": "fabflows.testing.lock_probe:approval_probe",
+}
 
 
 class Stack:

@@ -239,3 +239,38 @@ def test_lock_released_when_the_worker_dies_and_kept_across_a_server_restart(sta
     done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=60)
     print(f"lock free {waited:.1f} s after the server restart (holder finished: {done.state.name})")
     assert done.state.type.value == "COMPLETED"
+
+
+def test_approve_from_the_ui_resume_form(stack: dict) -> None:
+    """A production run paused for approval shows the plan in the UI's Resume form; approving there
+    resumes it and records the approver."""
+    from playwright.sync_api import sync_playwright
+
+    s: Stack = stack["stack"]
+    ui = s.api.removesuffix("/api")
+    with _client(s), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("approval-probe/myproject-production")
+        run = client.create_flow_run_from_deployment(dep.id, tags=["started-by:api:e2e"])
+    _wait_state(s, run.id, {"PAUSED"}, timeout=90)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/runs/flow-run/{run.id}", wait_until="load")
+            page.get_by_role("button", name="Resume", exact=True).click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("drop table sessions").wait_for(timeout=20000)  # the plan
+            dialog.get_by_text("Expected downtime:").wait_for()
+            toggle = dialog.locator("input[type=checkbox]").first
+            toggle.evaluate("e => e.click()")  # the styled toggle hides its checkbox
+            assert toggle.is_checked()
+            dialog.locator("textarea").nth(0).fill("dana")
+            dialog.locator("textarea").nth(1).fill("plan checked")
+            page.screenshot(path=OUTPUT / "5-approval-form.png")
+            dialog.get_by_role("button", name="Submit").click()
+            dialog.wait_for(state="hidden", timeout=30000)
+        finally:
+            browser.close()
+    done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}, timeout=60)
+    assert done.state.type.value == "COMPLETED", done.state
+    assert "approved-by:dana" in done.tags

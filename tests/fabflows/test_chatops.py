@@ -145,7 +145,12 @@ REFUSALS = [
         "U1",
         "alice may not start runs in production",
     ),
-    ("flow not allowed", "reload-db myproject production", "U2", "unknown flow"),
+    (
+        "flow not allowed",
+        "reload-db myproject production",
+        "U2",
+        "bob may not start reload-production-db",
+    ),
     ("unknown environment", "describe myproject qa", "U1", "unknown environment 'qa'"),
     ("unknown parameter", "describe myproject staging bogus=1", "U1", "has no parameter(s) bogus"),
     ("config by hand", "describe myproject staging config=/etc/passwd", "U1", "given by position"),
