@@ -932,6 +932,45 @@ class ReloadProductionDbSettings(Strict):
     masking: MaskingSettings = Field(default_factory=MaskingSettings)
 
 
+RESIZE_MINIMUM_MEMORY_MIB: dict[str, int] = {
+    "cache": 1740,
+    "db-primary": 1740,
+    "db-replica": 1740,
+    "web": 1740,
+    "worker": 3840,
+}
+"""The original's documented minimum sizes: m1.small (1.7 GiB) everywhere, m1.medium (3.75 GiB)
+for workers (procedures.md §2.10)."""
+
+
+class ResizeSettings(Strict):
+    """resize-environment (fabflows.resize)."""
+
+    minimum_memory_mib: dict[str, int] = Field(
+        default_factory=lambda: dict(RESIZE_MINIMUM_MEMORY_MIB),
+        description="Smallest memory (MiB) a role may be resized to. Default: the original's "
+        "documented minimums (m1.small everywhere, m1.medium for workers).",
+    )
+    downtime_goal_seconds: float = Field(
+        default=120,
+        gt=0,
+        le=3600,
+        description="Longest acceptable measured downtime of the primary's window (reported).",
+    )
+
+    @field_validator("minimum_memory_mib")
+    @classmethod
+    def _roles(cls, v: dict[str, int]) -> dict[str, int]:
+        out = {}
+        for role, mib in v.items():
+            if normalize_role(role) not in ROLES:
+                raise ValueError(f"unknown role {role!r}; fabflows knows {list(ROLES)}")
+            if mib < 0:
+                raise ValueError(f"{role}: {mib} MiB is negative")
+            out[normalize_role(role)] = mib
+        return out
+
+
 class FabflowsSection(Strict):
     """The ``fabflows:`` section of the config file."""
 
@@ -951,6 +990,7 @@ class FabflowsSection(Strict):
     )
     sdists: SdistsSettings = Field(default_factory=SdistsSettings)
     stop_start: StopStartSettings = Field(default_factory=StopStartSettings)
+    resize: ResizeSettings = Field(default_factory=ResizeSettings)
     prices: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict,
         description="On-demand USD per hour by instance type, over fabflows' built-in table "

@@ -14,4 +14,5 @@ FLOWS: dict[str, str] = {
     "start-environment": "flows.start_environment:start_environment",
     "reload-production-db": "flows.reload_production_db:reload_production_db",
     "recover-environment": "flows.recover_environment:recover_environment",
+    "resize-environment": "flows.resize_environment:resize_environment",
 }

@@ -12,15 +12,24 @@ instances need the same behaviour without a second process:
 Hosts must be started from the main thread (they die with the thread that launched them), so
 :meth:`Ec2HostMirror.run` runs the code under test in a worker thread while the main thread
 reconciles every ``interval`` seconds.
+
+moto's state changes are immediate: ``stopped`` right after StopInstances. A runbook that stops and
+at once starts an instance again (a resize) would otherwise race the mirror and talk to the host
+it is about to stop. :meth:`Ec2HostMirror.attach` puts a small WSGI layer in front of the moto
+server that holds StopInstances' answer (inside :meth:`run`) until the mirror has really stopped
+those hosts, so "stopped" means down, as on EC2.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import threading
 import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import boto3
 
@@ -48,6 +57,10 @@ class Ec2HostMirror:
         self.name_prefix = name_prefix
         self.hosts: dict[str, str] = {}  # instance id -> host name
         self.created: list[str] = []
+        self._stops: list[tuple[list[str], threading.Event]] = []
+        self._stops_lock = threading.Lock()
+        self._running = False
+        self._attached: Any = None
         self.events: list[tuple[float, str, str]] = []  # (time, instance id, what happened)
         self._ec2 = boto3.client(
             "ec2",
@@ -68,7 +81,63 @@ class Ec2HostMirror:
                 out.extend(r["Instances"])
         return out
 
+    # ------------------------------------------------------------------ StopInstances gate
+
+    def attach(self, moto_server: Any) -> None:
+        """Hold StopInstances' answers until the hosts are down (see the module docstring)."""
+        injector = moto_server.injector
+        inner = injector.app
+        mirror = self
+
+        def gate(environ: dict[str, Any], start_response: Any) -> Any:
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(size) if size else b""
+            environ["wsgi.input"] = BytesIO(body)
+            status: list[str] = []
+
+            def capture(code: str, headers: Any, *rest: Any) -> Any:
+                status.append(code)
+                return start_response(code, headers, *rest)
+
+            result = inner(environ, capture)
+            stopped = status and status[0].startswith("200")
+            if (
+                stopped
+                and mirror._running
+                and re.search(rb"(?:^|&)Action=StopInstances(?:&|$)", body)
+            ):
+                form = parse_qs(body.decode())
+                ids = [v[0] for k, v in form.items() if k.startswith("InstanceId.")]
+                done = threading.Event()
+                with mirror._stops_lock:
+                    mirror._stops.append((ids, done))
+                done.wait(60)
+            return result
+
+        injector.app = gate
+        self._attached = (injector, inner)
+
+    def detach(self) -> None:
+        if self._attached is not None:
+            injector, inner = self._attached
+            injector.app = inner
+            self._attached = None
+
+    def _serve_stops(self) -> None:
+        with self._stops_lock:
+            stops, self._stops = self._stops, []
+        for ids, done in stops:
+            try:
+                for iid in ids:
+                    host = self.network.hosts.get(self.hosts.get(iid, ""))
+                    if host is not None and host.running:
+                        self.network.stop(host.name)
+                        self.events.append((time.monotonic(), iid, "stopped"))
+            finally:
+                done.set()
+
     def reconcile(self) -> None:
+        self._serve_stops()
         new: list[tuple[HostSpec, str]] = []
         for inst in self._instances():
             iid, state = inst["InstanceId"], inst["State"]["Name"]
@@ -114,17 +183,23 @@ class Ec2HostMirror:
                 result["error"] = exc
 
         worker = threading.Thread(target=target, name="under-test")
-        worker.start()
-        while worker.is_alive():
-            self.reconcile()
-            worker.join(interval)
+        self._running = True
+        try:
+            worker.start()
+            while worker.is_alive():
+                self.reconcile()
+                worker.join(interval)
+        finally:
+            self._running = False
+            self._serve_stops()
         self.reconcile()
         if "error" in result:
             raise result["error"]
         return result["value"]
 
     def destroy_created(self) -> None:
-        """Destroy the hosts this mirror created (not the adopted ones)."""
+        """Destroy the hosts this mirror created (not the adopted ones); detach the gate."""
+        self.detach()
         for name in self.created:
             if name in self.network.hosts:
                 self.network.destroy(name)

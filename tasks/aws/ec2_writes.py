@@ -456,3 +456,67 @@ def tag_instances(
     return StepResult(
         changed=True, dry_run=False, summary=f"Tagged {', '.join(todo)} with {', '.join(tags)}"
     )
+
+
+class LaunchTemplateResult(StepResult):
+    launch_template: str
+    version: int | None = Field(description="The version launches now use (None: dry run).")
+    previous_version: int
+    previous_type: str | None
+
+
+@task(
+    name="create-launch-template-version",
+    task_run_name="create-launch-template-version-{launch_template}",
+    retries=0,
+)
+def create_launch_template_version(
+    creds: AwsCredentials, launch_template: str, instance_type: str, *, dry_run: bool
+) -> LaunchTemplateResult:
+    """A new version of the launch template: its latest version with ``instance_type`` (the latest
+    already has it: no-op). Compensation: the same task with ``previous_type`` (EC2 versions are
+    immutable, so the way back is one more version, equal to the old one)."""
+    ec2 = aws_client(creds, "ec2")
+    latest = ec2.describe_launch_template_versions(
+        LaunchTemplateName=launch_template, Versions=["$Latest"]
+    )["LaunchTemplateVersions"][0]
+    number = int(latest["VersionNumber"])
+    current = latest["LaunchTemplateData"].get("InstanceType")
+    if current == instance_type:
+        return LaunchTemplateResult(
+            changed=False,
+            dry_run=dry_run,
+            launch_template=launch_template,
+            version=number,
+            previous_version=number,
+            previous_type=current,
+            summary=f"{launch_template} v{number} already launches {instance_type}",
+        )
+    if dry_run:
+        return LaunchTemplateResult(
+            changed=True,
+            dry_run=True,
+            launch_template=launch_template,
+            version=None,
+            previous_version=number,
+            previous_type=current,
+            summary=f"Would add a version of {launch_template} (v{number} with {instance_type})",
+        )
+    created = ec2.create_launch_template_version(
+        LaunchTemplateName=launch_template,
+        SourceVersion=str(number),
+        VersionDescription=f"fabflows: {current} -> {instance_type}",
+        LaunchTemplateData={"InstanceType": instance_type},
+    )["LaunchTemplateVersion"]
+    version = int(created["VersionNumber"])
+    summary = f"{launch_template} v{version}: v{number} with {instance_type} (was {current})"
+    get_run_logger().info("%s", summary)
+    return LaunchTemplateResult(
+        changed=True,
+        dry_run=False,
+        launch_template=launch_template,
+        version=version,
+        previous_version=number,
+        previous_type=current,
+        summary=summary,
+    )

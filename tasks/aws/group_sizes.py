@@ -306,3 +306,67 @@ def wait_for_group(
                 f"instance(s) ({states or 'none'}), {len(in_service)} InService; wanted {count}"
             )
         time.sleep(min(poll, max(0.05, deadline - time.monotonic())))
+
+
+@task(
+    name="use-launch-template-version",
+    task_run_name="use-launch-template-version-{auto_scaling_group_name}",
+    retries=0,
+)
+def use_launch_template_version(
+    creds: AwsCredentials,
+    auto_scaling_group_name: str,
+    launch_template: str,
+    version: int,
+    *,
+    dry_run: bool,
+) -> StepResult:
+    """Make the group launch ``version`` of its template: nothing to do when it follows
+    ``$Latest``; the template's default version when it follows ``$Default``; else the group is
+    pointed at the version. Compensation: the same task with the previous version."""
+    group = _group_or_fail(creds, auto_scaling_group_name)
+    pinned = group.launch_template_version
+    if pinned == "$Latest":
+        return StepResult(
+            changed=False,
+            dry_run=dry_run,
+            summary=f"{auto_scaling_group_name} follows $Latest (v{version})",
+        )
+    if pinned == "$Default":
+        ec2 = aws_client(creds, "ec2")
+        current = ec2.describe_launch_templates(LaunchTemplateNames=[launch_template])[
+            "LaunchTemplates"
+        ][0]["DefaultVersionNumber"]
+        if int(current) == version:
+            return StepResult(
+                changed=False,
+                dry_run=dry_run,
+                summary=f"{launch_template}'s default is already v{version}",
+            )
+        if not dry_run:
+            ec2.modify_launch_template(
+                LaunchTemplateName=launch_template, DefaultVersion=str(version)
+            )
+        return StepResult(
+            changed=True,
+            dry_run=dry_run,
+            summary=f"{'Would make' if dry_run else 'Made'} v{version} the default "
+            f"of {launch_template} (was v{current})",
+        )
+    if pinned == str(version):
+        return StepResult(
+            changed=False,
+            dry_run=dry_run,
+            summary=f"{auto_scaling_group_name} already uses v{version}",
+        )
+    if not dry_run:
+        aws_client(creds, "autoscaling").update_auto_scaling_group(
+            AutoScalingGroupName=auto_scaling_group_name,
+            LaunchTemplate={"LaunchTemplateName": launch_template, "Version": str(version)},
+        )
+    return StepResult(
+        changed=True,
+        dry_run=dry_run,
+        summary=f"{'Would point' if dry_run else 'Pointed'} {auto_scaling_group_name} "
+        f"at {launch_template} v{version} (was v{pinned})",
+    )

@@ -8,6 +8,7 @@ that fails half-way brings the environment back up; production is refused withou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,18 @@ def _provision(host: TestHost, role: str) -> None:
         host.exec(["sh", "-c", "echo OK > /var/www/html/healthcheck.html"])
 
 
+def supervisorctl(host, *args: str, timeout: float = 15.0) -> None:
+    """Run supervisorctl in a host, waiting for supervisord (PID 1) to open its socket first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = host.exec(["supervisorctl", *args], check=False)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"supervisorctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        time.sleep(0.2)
+
+
 @dataclass
 class Env:
     config: str
@@ -89,8 +102,8 @@ def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
     hosts = dict(zip(ROLES, make_hosts(specs), strict=True))
     worker = hosts["worker"]
     worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
-    worker.exec(["supervisorctl", "update"])
-    worker.exec(["supervisorctl", "start", "staging-celery:*"])
+    supervisorctl(worker, "update")
+    supervisorctl(worker, "start", "staging-celery:*")
     primary = hosts["db-primary"]
     primary.wait_for_port(5432, timeout=30)
     _psql(primary, "CREATE TABLE shop_order (id int PRIMARY KEY, note text)")
@@ -126,6 +139,7 @@ def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
     )
     for role, host in hosts.items():
         mirror.adopt(ids[role], host)
+    mirror.attach(aws)
     mirror.reconcile()  # hosts for the group's two web instances
     try:
         yield Env(str(path), hosts, ids, mirror, aws)

@@ -10,6 +10,7 @@ whose source is /dev/mapper/crypt-xvdf, so the step's own ``findmnt`` check is r
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,23 @@ def _write(host, path: str, text: str, mode: str = "0755") -> None:
     host.exec(["sh", "-c", f"cat > {path} && chmod {mode} {path}"], input=text)
 
 
+def supervisorctl(host, *args: str, timeout: float = 15.0) -> None:
+    """Run supervisorctl in a host, waiting for supervisord (PID 1) to open its socket first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = host.exec(["supervisorctl", *args], check=False)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"supervisorctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def host(make_hosts):
     (h,) = make_hosts(["mnt1"])
     _write(h, "/etc/supervisor/conf.d/app.conf", SUPERVISOR, "0644")
-    h.exec(["supervisorctl", "update"])
+    supervisorctl(h, "update")
     _write(h, "/etc/init.d/fakesvc", INIT_SCRIPT)
     _write(h, "/usr/local/sbin/cryptsetup", FAKE_CRYPTSETUP)
     _write(h, "/mount-deferred.sh", MOUNT_SCRIPT)
