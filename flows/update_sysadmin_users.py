@@ -342,12 +342,18 @@ def update_sysadmin_users(
         ) from None
     users = load_users_dir(params.users_dir, extra_reserved=_reserved(ctx.config, env))
     opts = SshOptions.from_settings(ctx.config.fabflows.ssh, env.deploy_user)
+    own_key = public_key_of(opts)
+    if own_key is None:
+        raise BadInput(
+            "no SSH key configured (fabflows.ssh.identity_block or identity_file): fabflows could "
+            "not keep its own key in the deploy user's authorized_keys"
+        )
     spec = build_spec(
         users,
         admin_groups=env.admin_groups,
         deploy_user=env.deploy_user,
         connect_user=opts.user,
-        connect_key=public_key_of(opts),
+        connect_key=own_key,
         remove_unlisted=params.remove_unlisted,
     )
     starter = audit.record_start(env)
@@ -386,16 +392,17 @@ def _run(
     logger = get_run_logger()
     key = artifact_key(FLOW_NAME, env.deployment, env.environment)
     # ---- gather: the servers (AWS), then each server's accounts (SSH, read only)
-    servers = describe_servers(ctx.creds, env.deployment, env.environment)
-    group = (
-        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
+    group_future = (  # only feeds the stale-image note: read while the servers are being read
+        describe_auto_scaling_group.submit(ctx.creds, env.auto_scaling_group)
         if env.auto_scaling_group
         else None
     )
+    servers = describe_servers(ctx.creds, env.deployment, env.environment)
     hosts = hosts_from_servers([s for s in servers if s.state == "running"], env.address_attribute)
     budget = params.rate.error_budget(len(hosts))
     with ConnectionPool(opts) as pool:
         gathered = list_sysadmin_accounts(hosts, spec, pool, params.rate)
+        group = group_future.result() if group_future is not None else None
         # ---- plan (pure) and publish it
         plan = plan_update_sysadmin_users(env, spec, servers, hosts, gathered, group)
         plan_md = render_plan(plan)

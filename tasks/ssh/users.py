@@ -631,6 +631,19 @@ def _describe_keys_change(old: str | None, new: str) -> str:
     return ", ".join(bits) or "same keys, content or order differs"
 
 
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/proc", "/root", "/sbin", "/sys", "/usr")
+
+
+def check_home(home: str) -> str | None:
+    """None if ``home`` is a plausible home directory to write ~/.ssh into, else why not."""
+    clean = "/" + home.strip("/")
+    if not home.startswith("/") or clean == "/" or ".." in clean.split("/"):
+        return f"home directory {home!r} is not an absolute path below /"
+    if clean.startswith(tuple(d + "/" for d in SYSTEM_DIRS)) or clean in SYSTEM_DIRS:
+        return f"home directory {home!r} is a system directory"
+    return None
+
+
 def _ensure_keys(
     changes: list[Change],
     errors: list[str],
@@ -642,6 +655,10 @@ def _ensure_keys(
 ) -> None:
     """~/.ssh (0700) and authorized_keys (0600) owned by the user, with exactly ``wanted``."""
     ssh_dir = f"{home.rstrip('/')}/.ssh"
+    why = check_home(home)
+    if why:
+        errors.append(f"{user}: {why}; not writing {ssh_dir}")
+        return
     if acct is not None and acct.ssh_dir is not None and acct.ssh_dir.kind != "directory":
         errors.append(f"{ssh_dir} is a {acct.ssh_dir.kind}, not a directory; fix it by hand")
         return

@@ -10,17 +10,120 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.logging import disable_run_logger
 
-from config import load_config
+from config import load_config, resolve_environment
 from fabflows.runbook import load_context
-from fabflows.testing.configs import moto_section, write_config
+from fabflows.testing.configs import SAMPLE, moto_section, write_config
 from fabflows.testing.sshkeys import ed25519_pair, write_users_dir
-from flows.update_sysadmin_users import update_sysadmin_users
+from flows.update_sysadmin_users import (
+    plan_update_sysadmin_users,
+    render_plan,
+    update_sysadmin_users,
+)
 from sandbox.aws_seed import seed
 from sandbox.testhosts import HostSpec
-from tasks.aws.ec2 import describe_servers
-from tasks.ssh.users import MARKER_PATH
+from tasks.aws.autoscaling import AutoScalingGroup
+from tasks.aws.ec2 import Server, describe_servers
+from tasks.ssh.fleet import FleetHost, FleetResult, HostResult
+from tasks.ssh.users import MARKER_PATH, HostFacts, SysadminUser, build_spec, parse_public_key
 
-pytestmark = [pytest.mark.hosts, pytest.mark.flow]
+ENV = resolve_environment(load_config(SAMPLE), "staging")
+ALICE = ed25519_pair("alice")
+SPEC = build_spec(
+    [SysadminUser(name="alice", public_keys=[parse_public_key(ALICE.public)])],
+    admin_groups=["sudo"],
+    deploy_user="myproject",
+    connect_user="myproject",
+    connect_key=None,
+    remove_unlisted=False,
+)
+
+
+def _server(n: int, role: str, state: str = "running", asg: str | None = None) -> Server:
+    return Server(
+        instance_id=f"i-{n}",
+        name=f"{role}-{n}",
+        role=role,
+        deployment="myproject",
+        environment="staging",
+        instance_type="t3.small",
+        state=state,
+        private_ip_address=f"10.0.0.{n}",
+        image_id="ami-old",
+        auto_scaling_group=asg,
+    )
+
+
+def _facts(managed: list[str], with_alice: bool) -> HostFacts:
+    from tasks.ssh.users import AccountFacts, FileFacts
+
+    def acct(name: str, uid: int, keys: str) -> AccountFacts:
+        return AccountFacts(
+            name=name, uid=uid, gid=uid, primary_group=name, gecos="", home=f"/home/{name}",
+            shell="/bin/bash", password="star", expired=False, groups=[name, "sudo"],
+            ssh_dir=FileFacts(owner=name, group=name, mode=0o700, kind="directory"),
+            authorized_keys=FileFacts(owner=name, group=name, mode=0o600, kind="regular file"),
+            keys_content=keys,
+        )  # fmt: skip
+
+    accounts = {"myproject": acct("myproject", 1000, SPEC.deploy_keys())}
+    if with_alice:
+        accounts["alice"] = acct("alice", 1001, ALICE.public + "\n")
+    if "bob" in managed:
+        accounts["bob"] = acct("bob", 1002, "ssh-ed25519 AAAAbob bob\n")
+    return HostFacts(
+        marker_present=bool(managed), managed=managed, groups=["sudo"],
+        nologin="/usr/sbin/nologin", accounts=accounts,
+    )  # fmt: skip
+
+
+def test_plan_over_servers_is_pure() -> None:
+    servers = [
+        _server(1, "web", asg="myproject-staging-ag"),
+        _server(2, "worker"),
+        _server(3, "cache"),
+        _server(4, "db-primary", state="stopped"),
+    ]
+    hosts = [FleetHost(name=s.name, address=s.private_ip_address, role=s.role) for s in servers[:3]]
+    gathered = FleetResult(
+        name="list", dry_run=True, max_concurrency=3, error_budget=0, stopped=False,
+        duration_s=0.1,
+        results=[
+            HostResult(status="unchanged", host="web-1", address="10.0.0.1", output=_facts([], False)),
+            HostResult(status="unchanged", host="worker-2", address="10.0.0.2",
+                       output=_facts(["alice", "bob"], True)),
+            HostResult(status="failed", host="cache-3", address="10.0.0.3",
+                       message="unreachable: timed out"),
+        ],
+    )  # fmt: skip
+    group = AutoScalingGroup(
+        auto_scaling_group_name="myproject-staging-ag", min_size=1, desired_capacity=1,
+        max_size=2, launch_template="lt-web", launch_template_version="3",
+    )  # fmt: skip
+    plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, group)
+    assert [h.status for h in plan.hosts] == ["would change", "would change", "unreachable"]
+    assert plan.not_reached == ["db-primary-4 (stopped)"]
+    assert plan.destructive  # bob is managed on worker-2 and no longer listed: locked
+    assert [h.host for h in plan.blocked] == ["cache-3"]
+    assert "ami-old" in plan.image_note and "lt-web (version 3)" in plan.image_note
+    md = render_plan(plan)
+    assert "## web-1 (1 host(s))" in md and "sudo -n -- useradd" in md
+    assert "bob: lock" in md and "not updated (not running): db-primary-4" in md
+    assert ALICE.public.split()[1] not in md  # keys are on stdin: only size and digest shown
+    assert plan.approved()["10.0.0.2"] == [c.summary for c in plan.hosts[1].changes]
+
+
+def test_no_image_note_without_changes() -> None:
+    servers = [_server(1, "web", asg="myproject-staging-ag")]
+    hosts = [FleetHost(name="web-1", address="10.0.0.1")]
+    gathered = FleetResult(
+        name="list", dry_run=True, max_concurrency=1, error_budget=0, stopped=False,
+        duration_s=0.1,
+        results=[HostResult(status="unchanged", host="web-1", address="10.0.0.1",
+                            output=_facts(["alice"], True))],
+    )  # fmt: skip
+    plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, None)
+    assert plan.hosts[0].status == "unchanged" and plan.image_note is None
+    assert not plan.destructive
 
 
 @pytest.fixture
@@ -57,6 +160,8 @@ def _run(path: Path, users: Path, **kw):
     )
 
 
+@pytest.mark.hosts
+@pytest.mark.flow
 def test_dry_run_apply_and_again(prefect_server, staging, tmp_path: Path) -> None:
     path, hosts, servers = staging
     assert len(hosts) == 5 and {s.role for s in servers} >= {"web", "worker", "db-primary"}
@@ -97,6 +202,8 @@ def _artifact_keys() -> set[str]:
     return asyncio.run(keys())
 
 
+@pytest.mark.hosts
+@pytest.mark.flow
 def test_unreachable_server_stops_before_any_change(
     prefect_server, staging, test_network, tmp_path: Path
 ) -> None:

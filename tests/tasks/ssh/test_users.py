@@ -534,6 +534,16 @@ def test_plan_refuses_host(facts_update, error) -> None:
     assert error in " ".join(plan.errors)
 
 
+@pytest.mark.parametrize("home", ["/", "/etc", "/root", "/usr/local/x", "relative", "/home/../etc"])
+def test_plan_refuses_system_home(home: str) -> None:
+    facts = _facts(SPEC, managed=())
+    facts = facts.model_copy(
+        update={"accounts": {**facts.accounts, "alice": _acct("alice", home=home)}}
+    )
+    plan = plan_host_users(facts, SPEC)
+    assert plan.changes == [] and "home directory" in plan.errors[0]
+
+
 def test_plan_refuses_host_without_deploy_user() -> None:
     facts = _facts(SPEC, ALICE_OK)
     facts = facts.model_copy(update={"accounts": {"alice": ALICE_OK}})
