@@ -165,3 +165,21 @@ def test_tags_and_types(env) -> None:
         assert sorted(known) == ["m5.large", "t3.micro"] and unknown == ["bogus.huge"]
         assert known["m5.large"].memory_mib == 8192
         assert describe_launch_template_type.fn(creds, "myproject-staging-web") == "m1.small"
+
+
+def test_launch_template_version_rhythm_and_way_back(env) -> None:
+    from tasks.aws.ec2_writes import create_launch_template_version
+
+    creds, _, _ = env
+    lt = "myproject-staging-web"
+    with disable_run_logger():
+        dry = create_launch_template_version.fn(creds, lt, "m5.large", dry_run=True)
+        assert dry.changed and dry.version is None and dry.previous_type == "m1.small"
+        assert describe_launch_template_type.fn(creds, lt) == "m1.small"
+        new = create_launch_template_version.fn(creds, lt, "m5.large", dry_run=False)
+        assert (new.previous_version, new.version) == (1, 2)
+        assert describe_launch_template_type.fn(creds, lt) == "m5.large"
+        assert not create_launch_template_version.fn(creds, lt, "m5.large", dry_run=False).changed
+        # versions are immutable: the way back is one more version, equal to the old one
+        back = create_launch_template_version.fn(creds, lt, new.previous_type, dry_run=False)
+        assert back.version == 3 and describe_launch_template_type.fn(creds, lt) == "m1.small"

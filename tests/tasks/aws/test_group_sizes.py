@@ -97,3 +97,28 @@ def test_cache_record_and_bad_sizes(creds) -> None:
             wait_for_group.fn(creds, GROUP, 3, timeout=0.3, poll=0.1)
         with pytest.raises(ValueError, match="does not exist"):
             record_group_sizes.fn(creds, "no-such-group", SINCE, "r", dry_run=False)
+
+
+def test_group_follows_or_is_pointed_at_a_version(creds, aws) -> None:
+    from fabflows.testing.aws_fixtures import boto_client
+    from tasks.aws.group_sizes import use_launch_template_version
+
+    lt = "myproject-staging-web"
+    with disable_run_logger():
+        latest = use_launch_template_version.fn(creds, GROUP, lt, 2, dry_run=False)
+        assert not latest.changed and "follows $Latest" in latest.summary
+        boto_client(aws, "autoscaling").update_auto_scaling_group(
+            AutoScalingGroupName=GROUP, LaunchTemplate={"LaunchTemplateName": lt, "Version": "1"}
+        )
+        boto_client(aws, "ec2").create_launch_template_version(
+            LaunchTemplateName=lt,
+            SourceVersion="1",
+            LaunchTemplateData={"InstanceType": "m5.large"},
+        )
+        assert use_launch_template_version.fn(creds, GROUP, lt, 2, dry_run=True).changed
+        assert _group(creds).launch_template_version == "1"
+        pointed = use_launch_template_version.fn(creds, GROUP, lt, 2, dry_run=False)
+        assert pointed.changed and _group(creds).launch_template_version == "2"
+        assert not use_launch_template_version.fn(creds, GROUP, lt, 2, dry_run=False).changed
+        use_launch_template_version.fn(creds, GROUP, lt, 1, dry_run=False)  # compensation
+        assert _group(creds).launch_template_version == "1"
