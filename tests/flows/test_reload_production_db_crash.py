@@ -1,0 +1,105 @@
+"""SIGKILL reload-production-db at every step boundary (and in the middle of the copy), run
+recover-environment, and check that nothing is left broken: the web group's suspended processes
+exactly as before, no upgrade page, the app running, the live database the old one or the complete
+new one, the site answering 200."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from flows.recover_environment import recover_environment
+from tests.flows.reload_stack import Stack, build_stack, destroy_stack
+from tests.flows.test_reload_production_db import _generation, _invariants, _live_is
+
+pytestmark = [pytest.mark.hosts, pytest.mark.flow]
+
+KILL_AT = [
+    "create-side",
+    "copy",
+    "copy-running",
+    "mask",
+    "verify-copy",
+    "upgrade-mode-on",
+    "stop-app",
+    "swap",
+    "migrate",
+    "start-app",
+    "upgrade-mode-off",
+    "verify",
+    "cleanup",
+]
+"""Every step boundary of the apply phase ("copy-running": the copy started, not yet finished)."""
+
+
+@pytest.fixture(scope="module")
+def stack(moto_server, test_network, tmp_path_factory, prefect_server) -> Iterator[Stack]:
+    moto_server.reset()
+    s = build_stack(tmp_path_factory.mktemp("crash"), moto_server.endpoint, test_network)
+    try:
+        yield s
+    finally:
+        destroy_stack(s)
+
+
+def _run_until(stack: Stack, step: str, marker: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=step,
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+        FABFLOWS_PROGRESS_BAR="0",
+    )
+    code = "import sys; from fabflows.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "run", "reload-production-db", "-e", "staging"]
+    argv += ["-c", str(stack.config), "--apply"]
+    return subprocess.Popen(
+        argv,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("step", KILL_AT)
+def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
+    generation = KILL_AT.index(step) + 100
+    _generation(stack, generation)
+    marker = tmp_path / "paused"
+    proc = _run_until(stack, step, marker)
+    deadline = time.monotonic() + 180
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before {step}: {proc.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the run never reached {step}")
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
+        proc.wait()
+    report = recover_environment(environment="staging", config=str(stack.config), dry_run=False)
+    assert report.left is None or not report.left.needed
+    # no copy left running on the target database server
+    copies = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
+    assert copies.strip() == ""
+    _invariants(stack)
+    live = _live_is(stack)
+    assert live in (f"old:{generation}", "new"), live
+    # and the next run works
+    if step in ("swap", "cleanup"):
+        from flows.reload_production_db import reload_production_db
+
+        again = reload_production_db(environment="staging", config=str(stack.config), dry_run=False)
+        assert again.outcome == "reloaded"
+        _invariants(stack)
