@@ -14,8 +14,9 @@ Kinds:
 - ``slack`` / ``api`` / ``cli``: whoever creates the run puts the tag on it (chatops and
   ``fabflows run`` do; other API callers should pass ``tags=audit.started_by_tags("api", "<who>")``);
 - ``schedule``: the run was created by the deployment's schedule (``auto_scheduled``);
-- ``ui``: the Prefect UI's run dialogs set the initial state message "Run from the Prefect UI"
-  (Prefect OSS has no user accounts, so a UI run is recorded as ``ui:prefect-ui``);
+- ``ui``: the Prefect UI's run dialogs set the initial state message ("Run from the Prefect UI…",
+  or an empty one from the custom-run form, where API clients set none); Prefect OSS has no user
+  accounts, so a UI run is recorded as ``ui:prefect-ui``;
 - ``automation``: created by a Prefect automation;
 - ``api:unidentified``: created through the API without a tag.
 """
@@ -89,8 +90,12 @@ def identify_starter(
             return starter
     if auto_scheduled:
         return Starter(kind="schedule", who="deployment-schedule")
-    if first_state_message and first_state_message.startswith("Run from the Prefect UI"):
-        return Starter(kind="ui", who="prefect-ui", detail=first_state_message)
+    if first_state_message is not None and (
+        first_state_message == "" or first_state_message.startswith("Run from the Prefect UI")
+    ):
+        # the UI's quick run says "Run from the Prefect UI with defaults"; its custom-run form sends
+        # an empty message; API clients (Python client, REST without a state) send none (None)
+        return Starter(kind="ui", who="prefect-ui", detail=first_state_message or "custom run form")
     if created_by_type and created_by_type.upper() == "AUTOMATION":
         return Starter(kind="automation", who=created_by_name or "automation")
     if deployment_id is None:

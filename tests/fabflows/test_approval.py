@@ -132,7 +132,8 @@ def test_no_decision_before_the_timeout_rejects() -> None:
 STARTER_CASES = [
     ("slack tag", ["started-by:slack:U42", "chatops"], False, "d", None, "slack:U42"),
     ("schedule", [], True, "d", None, "schedule:deployment-schedule"),
-    ("ui", [], False, "d", "Run from the Prefect UI with defaults", "ui:prefect-ui"),
+    ("ui quick run", [], False, "d", "Run from the Prefect UI with defaults", "ui:prefect-ui"),
+    ("ui custom run form", [], False, "d", "", "ui:prefect-ui"),
     ("api without tag", [], False, "d", None, "api:unidentified"),
     ("in-process", [], False, None, None, "cli:"),
 ]
