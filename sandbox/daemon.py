@@ -34,12 +34,14 @@ import yaml
 
 from config import load_config
 from sandbox.aws_seed import seed
-from sandbox.seed_db import seed_database
+from sandbox.provision import provision_app, provision_environment_app
+from sandbox.seed_db import sandbox_db_scale, seed_database
 from sandbox.testhosts import HostSpec, TestNetwork
 
 log = logging.getLogger("fabflows.sandbox")
 
 DB_ROLES = ("db-primary", "db-replica")
+APP_ROLES = ("web", "worker")
 ENVIRONMENTS = ("staging", "production")
 SAMPLE = Path(__file__).resolve().parent / "fabulaws-config.yaml"
 
@@ -62,6 +64,10 @@ def write_config(state_dir: Path, endpoint: str, network: TestNetwork) -> Path:
         env.pop("site_url")
     data: dict[str, Any] = {
         "fabulaws_config": str(SAMPLE),
+        # the sample's site domains are ELB names outside the sandbox: checks use the web servers
+        "site_domains_map": {env: [] for env in ENVIRONMENTS},
+        # the sample's page paths are relative to a project checkout: fabflows' default pages
+        "static_html": {"upgrade_message": None, "healthcheck_override": None},
         # the test hosts' image has a `deploy` user (uid 1000) with NOPASSWD sudo
         "deploy_user": "deploy",
         "home": "/home/deploy",
@@ -101,6 +107,8 @@ class Sandbox:
         self.web_count = web_count
         self.cidr = str(ipaddress.ip_network(f"{subnet}.0/24"))
         self.instance_hosts: dict[str, str] = {}  # instance id -> host name
+        self.host_roles: dict[str, tuple[str, str]] = {}  # host name -> (environment, role)
+        self.apps_ready = False  # databases seeded: new web/worker hosts get the app at start
         self.stopping = False
         self.failed = False
 
@@ -127,6 +135,8 @@ class Sandbox:
         self.reconcile()
         self._status("seeding databases")
         self._seed_databases(cfg)
+        self._status("provisioning the app on web and worker servers")
+        self._provision_apps(cfg)
         self._status("ready")
         log.info("sandbox ready")
 
@@ -185,8 +195,9 @@ class Sandbox:
                     env = tags.get("environment", "x")
                     name = f"{env[:4]}-{role}-{iid[-6:]}"
                     self.instance_hosts[iid] = name
-                    image = "db" if role in DB_ROLES else "base"
+                    image = "db" if role in DB_ROLES else "app" if role in APP_ROLES else "base"
                     to_start.append(HostSpec(name=name, ip=ip, image=image))
+                    self.host_roles[name] = (env, role)
                 elif not host.running:
                     log.info("instance %s started: starting host %s", iid, name)
                     self.net.start_again(name)
@@ -202,6 +213,11 @@ class Sandbox:
         if to_start:
             log.info("starting %d host(s): %s", len(to_start), ", ".join(s.name for s in to_start))
             self.net.start(to_start)
+            if self.apps_ready:  # e.g. a web server the autoscaling group launched
+                for spec in to_start:
+                    env, role = self.host_roles.get(spec.name, ("", ""))
+                    if role in APP_ROLES:
+                        self._provision_app(self.net.hosts[spec.name], env, role)
         self._save_map()
 
     def _seed_databases(self, cfg: Any) -> None:
@@ -220,8 +236,70 @@ class Sandbox:
                     database=f"{cfg.project}_{env.environment}",
                     owner=cfg.database_user,
                     password=stored[env.environment]["database_password"],
-                    scale=int(os.environ.get("FABFLOWS_SANDBOX_DB_SCALE", "2000")),
+                    scale=sandbox_db_scale(),
                 )
+
+    def _provision_apps(self, cfg: Any) -> None:
+        """The Django app on every web and worker host (reload-production-db's stack): password
+        file on the db-primary, app on workers, migrations, then web servers."""
+        self.cfg = cfg
+        for env in self.result.environments:
+            hosts = {
+                role: [
+                    self.net.hosts[self.instance_hosts[iid]]
+                    for iid in env.instance_ids.get(role, [])
+                    if iid in self.instance_hosts
+                ]
+                for role in ("db-primary", "web", "worker")
+            }
+            # web servers the group launched since seeding are found by their role
+            hosts["web"] = [
+                self.net.hosts[n]
+                for n, (e, r) in self.host_roles.items()
+                if e == env.environment and r == "web" and n in self.net.hosts
+            ]
+            if not hosts["db-primary"]:
+                continue
+            provision_environment_app(
+                hosts["db-primary"][0],
+                hosts["web"],
+                hosts["worker"],
+                **self._app_settings(env.environment),
+            )
+        self.apps_ready = True
+
+    def _app_settings(self, environment: str) -> dict[str, Any]:
+        cfg = self.cfg
+        stored = json.loads((self.state_dir / "secrets.json").read_text())
+        return dict(
+            environment=environment,
+            db_name=f"{cfg.project}_{environment}",
+            db_user=cfg.database_user,
+            db_password=stored[environment]["database_password"],
+            home="/home/deploy",
+            server_port=cfg.server_ports.get(environment, 8000),
+            pgbouncer_port=cfg.pgbouncer_port,
+        )
+
+    def _provision_app(self, host: Any, environment: str, role: str) -> None:
+        try:
+            settings = self._app_settings(environment)
+            db_iid = next(
+                (
+                    iid
+                    for e in self.result.environments
+                    if e.environment == environment
+                    for iid in e.instance_ids.get("db-primary", [])
+                ),
+                None,
+            )
+            db = self.net.hosts[self.instance_hosts[db_iid]] if db_iid else None
+            if db is None:
+                return
+            settings.pop("environment")
+            provision_app(host, role=role, environment=environment, db_host=db.ip, **settings)
+        except Exception:  # the host still runs; the log says why it has no app
+            log.exception("could not provision the app on %s", host.name)
 
     def _save_map(self) -> None:
         (self.state_dir / "instances.json").write_text(json.dumps(self.instance_hosts, indent=1))

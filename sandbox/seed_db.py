@@ -57,6 +57,26 @@ VALUES ('auth', '0001_initial', now()), ('shop', '0001_initial', now());
 """
 
 
+USERS_PER_MB = 900
+"""About 1.1 KB of database (tables and indexes) per user at the default mix: 600k users made a
+668 MB database (research/test-peers.md §3)."""
+
+
+def scale_for_megabytes(megabytes: float) -> int:
+    """The ``scale`` (users) for a database of about ``megabytes`` MB."""
+    return max(10, int(megabytes * USERS_PER_MB))
+
+
+def sandbox_db_scale() -> int:
+    """The sandbox's database size: ``$FABFLOWS_SANDBOX_DB_MB`` (about that many MB, up to ~1 GB
+    and more), else ``$FABFLOWS_SANDBOX_DB_SCALE`` users (default 2000, about 2 MB)."""
+    import os
+
+    if os.environ.get("FABFLOWS_SANDBOX_DB_MB"):
+        return scale_for_megabytes(float(os.environ["FABFLOWS_SANDBOX_DB_MB"]))
+    return int(os.environ.get("FABFLOWS_SANDBOX_DB_SCALE", "2000"))
+
+
 def wait_for_postgres(host: TestHost, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
