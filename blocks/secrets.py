@@ -157,3 +157,39 @@ def secrets_block_name(deployment: str, environment: str, configured: str | None
     if configured:
         return configured
     return re.sub(r"[^a-z0-9-]+", "-", f"{deployment}-{environment}-secrets".lower()).strip("-")
+
+
+# --------------------------------------------------------------------------- New Relic key formats
+
+NEWRELIC_KEY_FORMATS: dict[str, tuple[tuple[str, str], ...]] = {
+    "newrelic_license_key": (
+        (r"^[0-9a-fA-F]{40}$", "40 hexadecimal characters (original license key)"),
+        (r"^[0-9A-Za-z]{36}NRAL$", "36 letters/digits followed by NRAL (ingest - license key)"),
+        (r"^eu01xx[0-9a-fA-F]{34}$", "eu01xx + 34 hexadecimal characters (EU region key)"),
+    ),
+    "newrelic_api_key": (
+        (r"^NRAK-[0-9A-Z]{27}$", "NRAK- + 27 upper-case letters/digits (user API key)"),
+        (r"^NRRA-[0-9a-f]{42}$", "NRRA- + 42 hexadecimal characters (REST API key)"),
+    ),
+}
+"""Key formats accepted before anything changes. Every license (ingest) key is 40 characters: the
+original hexadecimal ones, the newer ones ending in ``NRAL``, and EU ones starting ``eu01xx``. API
+keys: user keys ``NRAK-`` + 27, legacy REST keys ``NRRA-`` + 42 (the deployment markers' key)."""
+
+
+def check_newrelic_key(name: str, value: SecretStr | str) -> None:
+    """Raise ValueError if ``value`` is not a key of the kind ``name`` holds (never shows it).
+
+    The message names the secret, its length and the formats accepted.
+    """
+    plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+    formats = NEWRELIC_KEY_FORMATS[name]
+    if any(re.match(pattern, plain) for pattern, _ in formats):
+        return
+    hint = ""
+    if plain != plain.strip():
+        hint = " (it has leading or trailing white space)"
+    raise ValueError(
+        f"{name} does not look like a New Relic key: {len(plain)} characters{hint}; accepted: "
+        + "; ".join(desc for _, desc in formats)
+    )

@@ -15,4 +15,5 @@ FLOWS: dict[str, str] = {
     "reload-production-db": "flows.reload_production_db:reload_production_db",
     "recover-environment": "flows.recover_environment:recover_environment",
     "resize-environment": "flows.resize_environment:resize_environment",
+    "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
 }

@@ -192,6 +192,7 @@ def build_app_env(
         deploy_user=DEPLOY_USER,
         home=HOME,
         database_user=DB_USER,
+        static_html={},
     )
     cfg = load_config(path)
     subnet = net.subnet

@@ -4,7 +4,8 @@ Two gaps matter for taking web servers out of service and putting them back:
 
 1. **Standby.** On AWS, ``EnterStandby`` deregisters the instance from the group's classic load
    balancers and target groups, and ``ExitStandby`` registers it again. moto only flips the
-   lifecycle state; the instance keeps getting "traffic" (InService).
+   lifecycle state; the instance keeps getting "traffic" (InService), and every later change of
+   the group registers its Standby instances in the target groups again.
 2. **Manual deregistration of a group's instance from a classic ELB.** On AWS an ELB has one list of
    instances; moto keeps the ones the group registered in a second list that
    ``DeregisterInstancesFromLoadBalancer`` does not touch, so the instance stays InService.
@@ -31,6 +32,7 @@ def apply() -> None:
         from moto.autoscaling.models import AutoScalingBackend
         from moto.elb.models import ELBBackend
 
+        update_groups = AutoScalingBackend.update_attached_target_groups
         enter = AutoScalingBackend.enter_standby_instances
         leave = AutoScalingBackend.exit_standby_instances
         deregister = ELBBackend.deregister_instances
@@ -74,6 +76,23 @@ def apply() -> None:
                 ]
             return balancer
 
+        def update_attached_target_groups(self, group_name):  # noqa: ANN001, ANN202
+            # moto registers every instance of the group, Standby ones included; AWS does not
+            update_groups(self, group_name)
+            group = self.autoscaling_groups[group_name]
+            standby = [
+                {"Id": s.instance.id}
+                for s in group.instance_states
+                if s.lifecycle_state == "Standby"
+            ]
+            if standby:
+                for arn in _targets(self, group):
+                    try:
+                        self.elbv2_backend.deregister_targets(arn, standby)
+                    except Exception:  # noqa: BLE001
+                        pass
+
+        AutoScalingBackend.update_attached_target_groups = update_attached_target_groups
         AutoScalingBackend.enter_standby_instances = enter_standby_instances
         AutoScalingBackend.exit_standby_instances = exit_standby_instances
         ELBBackend.deregister_instances = deregister_instances

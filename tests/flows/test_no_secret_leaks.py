@@ -1,0 +1,172 @@
+"""No secret value in Prefect logs, artifacts, flow parameters, states or exceptions, nor in any test
+host's process list, while every flow of the secrets work runs against real peers.
+
+The values are distinctive (quotes, ``$``, backticks, spaces and a per-run tag), so a hit cannot be
+a coincidence. The process lists of every host are sampled every 50 ms during the runs (``ps`` inside
+each host), which catches a value on any command line, sudo's included. Redaction
+(fabflows.logfilter) is deliberately not installed here: the values must never be logged at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
+from blocks.secrets import ServerSecrets
+from fabflows.testing.app_env import build_app_env, default_secrets
+from fabflows.testing.elb_proxy import ElbProxy
+from fabflows.testing.moto_server import MotoServer
+from flows.pull_server_secrets import pull_server_secrets
+from flows.push_server_secrets import push_server_secrets
+
+pytestmark = [pytest.mark.hosts, pytest.mark.flow]
+
+BLOCK = "myproject-staging-secrets"
+TAG = uuid.uuid4().hex[:6]
+
+
+class ProcessLists:
+    """Samples ``ps -eo args`` in every host until stopped."""
+
+    def __init__(self, hosts, interval: float = 0.05):
+        self.hosts = hosts
+        self.interval = interval
+        self.lines: set[str] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for host in list(self.hosts()):
+                try:
+                    out = host.exec(["ps", "-eo", "args"], check=False, timeout=5).stdout
+                except Exception:  # noqa: BLE001 - a host being replaced
+                    continue
+                self.lines.update(out.splitlines())
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory):
+    moto = MotoServer().start()
+    proxy = ElbProxy(moto.endpoint, "myproject-staging-lb")
+    env = build_app_env(
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("leaks"),
+        site_url=proxy.url,
+        secrets=default_secrets(TAG),
+        fabflows_extra={"newrelic": {"drain_seconds": 0.3, "healthy_timeout_seconds": 30}},
+        prefix="lk",
+    )
+    proxy.start()
+    try:
+        yield env, proxy
+    finally:
+        proxy.stop()
+        env.destroy()
+        moto.stop()
+
+
+def _everything_prefect_stored(run_ids: list) -> str:
+    async def collect() -> str:
+        parts: list[str] = []
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
+            )
+            for run in runs:
+                parts += [repr(run.parameters), repr(run.state.message if run.state else "")]
+                parts.append(repr(run.tags))
+                for state in await client.read_flow_run_states(run.id):
+                    parts.append(repr(state.message))
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))
+            )
+            parts += [log.message for log in logs]
+            for artifact in await client.read_artifacts():
+                parts += [repr(artifact.data), repr(artifact.description), repr(artifact.key)]
+            for task_run in await client.read_task_runs():
+                parts.append(repr(task_run.state.message if task_run.state else ""))
+                parts.append(repr(task_run.name))
+        return "\n".join(parts)
+
+    return asyncio.run(collect())
+
+
+def _save(values: dict[str, str]) -> None:
+    block = ServerSecrets()
+    for name, value in values.items():
+        block.set(name, value)
+    block.save(BLOCK, overwrite=True)
+
+
+def test_no_secret_anywhere(prefect_server, stack) -> None:
+    env, proxy = stack
+    config = str(env.config_path)
+    old = dict(env.secrets)
+    new = default_secrets(TAG + "n")
+    new["newrelic_license_key"] = ("fedcba9876543210fedcba9876543210" + TAG + "ab")[:40]
+    states = []
+    with ProcessLists(lambda: list(env.hosts.values())) as ps:
+        # pull: the block from the servers (dry run, then for real)
+        states.append(pull_server_secrets(environment="staging", config=config, return_state=True))
+        states.append(
+            pull_server_secrets(
+                environment="staging", config=config, dry_run=False, return_state=True
+            )
+        )
+        # push: rotate every secret (database and broker passwords where they are checked too)
+        _save(new)
+        states.append(push_server_secrets(environment="staging", config=config, return_state=True))
+        states.append(
+            push_server_secrets(
+                environment="staging", config=config, dry_run=False, return_state=True
+            )
+        )
+        # a failure: the database no longer accepts what the servers hold -> exception + rollback
+        env.db_host.exec(["sh", "-c", "printf 'wrong-pw-x' > /home/deploy/database_password"])
+        _save(dict(new, database_password=old["database_password"]))
+        states.append(
+            push_server_secrets(
+                environment="staging", config=config, dry_run=False, return_state=True
+            )
+        )
+    assert [s.is_completed() for s in states] == [True, True, True, True, False], [
+        s.message for s in states
+    ]
+    assert "refuses dbuser with both" in states[-1].message
+    assert ps.samples > 50
+
+    stored = _everything_prefect_stored([s.state_details.flow_run_id for s in states])
+    assert len(stored) > 10_000  # logs, artifacts and states were really read
+    processes = "\n".join(sorted(ps.lines))
+    assert "supervisorctl" in processes or "rabbitmqctl" in processes or "sudo" in processes
+    leaks = [
+        (name, where)
+        for values in (old, new)
+        for name, value in values.items()
+        for where, text in (("prefect", stored), ("process lists", processes))
+        if value in text
+    ]
+    assert leaks == []

@@ -1,0 +1,286 @@
+"""push-server-secrets: the plan as tables; the flow on a whole environment of real peers (moto, the
+Django app behind nginx and pgbouncer on web/worker hosts, PostgreSQL, RabbitMQ, a load balancer
+that really forwards) with a real secrets block."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import requests
+
+from blocks.secrets import ServerSecrets
+from fabflows.file_rollout import RolloutFailed
+from fabflows.testing.app_env import build_app_env
+from fabflows.testing.elb_proxy import ElbProxy
+from fabflows.testing.moto_server import MotoServer
+from fabflows.testing.rabbitmq import authenticates
+from flows.push_server_secrets import AuthChange, plan_push_server_secrets, push_server_secrets
+from tasks.ssh.secrets import FileFact, HostFiles, resolve_files, secret_path
+
+BLOCK = "myproject-staging-secrets"
+HOME = "/home/deploy"
+
+
+def _staging():
+    import yaml
+
+    from config import resolve_environment
+    from config.models import FabulawsConfig
+    from fabflows.testing.configs import SAMPLE
+
+    data = yaml.safe_load(SAMPLE.read_text())
+    data.update(deploy_user="deploy", home=HOME)
+    return resolve_environment(FabulawsConfig.model_validate(data), "staging")
+
+
+def _facts(address: str, role: str, files: dict[str, tuple[str | None, str, int]]) -> HostFiles:
+    return HostFiles(
+        host=address,
+        address=address,
+        role=role,
+        files=[
+            FileFact(path=p, exists=fp is not None, owner=o, group=o, mode=m, fingerprint=fp)
+            for p, (fp, o, m) in files.items()
+        ],
+    )
+
+
+APP = {"web": ["{environment}-web"], "worker": ["{environment}-celery"]}
+
+
+@pytest.mark.parametrize(
+    ("current", "wanted", "auth", "mode", "restart", "changes"),
+    [
+        # same everywhere: nothing to do
+        ({"smtp": ("a", "deploy", 0o600)}, {"smtp": "a"}, [], "rolling", [], []),
+        # a new value: file updated, app restarted rolling
+        (
+            {"smtp": ("a", "deploy", 0o600)},
+            {"smtp": "b"},
+            [],
+            "rolling",
+            ["staging-web"],
+            ["update"],
+        ),
+        # wrong mode only: rewritten, nothing restarted
+        ({"smtp": ("a", "deploy", 0o644)}, {"smtp": "a"}, [], "rolling", [], ["owner/mode"]),
+        # missing: created
+        ({"smtp": (None, None, None)}, {"smtp": "a"}, [], "rolling", ["staging-web"], ["create"]),
+        # userlist re-rendered: pgbouncer too
+        (
+            {"userlist": ("a", "deploy", 0o600)},
+            {"userlist": "b"},
+            [],
+            "rolling",
+            ["staging-pgbouncer", "staging-web"],
+            ["update"],
+        ),
+        # the database password changes where it is checked: a window
+        (
+            {"db": ("a", "deploy", 0o600)},
+            {"db": "b"},
+            [AuthChange(secret="database_password", where="db", what="ALTER ROLE")],
+            "window",
+            ["staging-web"],
+            ["update"],
+        ),
+    ],
+)
+def test_plan(current, wanted, auth, mode, restart, changes) -> None:
+    env = _staging()
+    specs = resolve_files(None, env)
+    paths = {
+        "smtp": secret_path(HOME, "smtp_password"),
+        "db": secret_path(HOME, "database_password"),
+        "userlist": "/home/deploy/services/pgbouncer/userlist-staging.txt",
+    }
+    facts = [_facts("10.0.0.5", "web", {paths[k]: v for k, v in current.items()})]
+    desired = {"10.0.0.5": {paths[k]: v for k, v in wanted.items()}}
+    plan = plan_push_server_secrets(
+        env,
+        BLOCK,
+        ["database_password", "smtp_password"],
+        specs,
+        facts,
+        desired,
+        {"10.0.0.5": "web-1"},
+        APP,
+        ["database_password", "broker_password"],
+        "rolling",
+        auth,
+    )
+    host = plan.hosts[0]
+    assert [f.change for f in host.files] == changes
+    assert host.restart == restart
+    assert plan.mode == mode
+    assert plan.noop is (not changes and not auth)
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory):
+    moto = MotoServer().start()
+    proxy = ElbProxy(moto.endpoint, "myproject-staging-lb")
+    extra = {
+        "newrelic": {"drain_seconds": 0.5, "healthy_timeout_seconds": 30},
+        "secrets": {
+            "app_programs": {
+                "web": ["{environment}-web", "secretcheck"],
+                "worker": ["{environment}-celery"],
+            }
+        },
+    }
+    env = build_app_env(
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("push"),
+        site_url=proxy.url,
+        fabflows_extra=extra,
+        prefix="ps",
+    )
+    proxy.start()
+    try:
+        yield env, proxy
+    finally:
+        proxy.stop()
+        env.destroy()
+        moto.stop()
+
+
+def _save(values: dict[str, str]) -> None:
+    block = ServerSecrets()
+    for name, value in values.items():
+        block.set(name, value)
+    block.save(BLOCK, overwrite=True)
+
+
+def _run(env, **kw):
+    return push_server_secrets(
+        environment="staging", config=str(env.config_path), return_state=True, **kw
+    )
+
+
+def _file(host, name: str) -> str:
+    return host.exec(["cat", f"{HOME}/{name}"]).stdout
+
+
+def _pids(env) -> dict[str, str]:
+    return {
+        h.name: h.exec(
+            ["sh", "-c", "supervisorctl pid staging-web:staging-server"], check=False
+        ).stdout
+        for h in env.by_role("web")
+    }
+
+
+def _leftovers(env) -> list[str]:
+    out = []
+    for h in env.hosts.values():
+        found = h.exec(
+            ["sh", "-c", f"ls -a {HOME} {HOME}/services/pgbouncer /etc | grep fabflows"],
+            check=False,
+        )
+        out += [f"{h.name}:{line}" for line in found.stdout.split()]
+    return out
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_noop_then_rolling_rotation_without_a_single_error(prefect_server, stack) -> None:
+    env, proxy = stack
+    _save(env.secrets)
+    state = _run(env, dry_run=False)
+    assert state.is_completed(), state.message
+    result = state.result()
+    # the default files (pgbouncer userlist as the app has it, New Relic files) get rendered once
+    assert result.outcome in ("completed", "nothing to change")
+
+    new = dict(env.secrets, smtp_password="n3w smtp'\"$x`y`")
+    _save(new)
+    dry = _run(env).result()
+    assert dry.plan.mode == "rolling" and dry.plan.changed_secrets == ["smtp_password"]
+    assert all(
+        _file(h, "smtp_password") == env.secrets["smtp_password"] for h in env.hosts.values()
+    )
+
+    before = _pids(env)
+    state = _run(env, dry_run=False)
+    assert state.is_completed(), state.message
+    report = state.result().rollout
+    assert report.mode == "rolling" and not report.rolled_back
+    assert report.probe is not None and report.probe.samples > 20
+    assert report.probe.non_200 == 0, report.probe.describe()
+    assert all(_file(h, "smtp_password") == new["smtp_password"] for h in env.hosts.values())
+    assert all(before[k] != v for k, v in _pids(env).items())
+    assert _leftovers(env) == []
+    env.secrets.update(new)
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_database_and_broker_rotation_keeps_the_site_working(prefect_server, stack) -> None:
+    env, proxy = stack
+    new = dict(
+        env.secrets, database_password="r0tated db'\"$(id)", broker_password="r0tated br$`x`"
+    )
+    _save(new)
+    dry = _run(env).result()
+    assert dry.plan.mode == "window"
+    assert {a.secret for a in dry.plan.auth} == {"database_password", "broker_password"}
+
+    state = _run(env, dry_run=False)
+    assert state.is_completed(), state.message
+    report = state.result().rollout
+    assert report.mode == "window" and report.window_seconds is not None
+    db = env.db_host
+    psycopg.connect(
+        host=db.ip,
+        user="dbuser",
+        dbname="myproject_staging",
+        password=new["database_password"],
+        connect_timeout=5,
+    ).close()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            host=db.ip,
+            user="dbuser",
+            dbname="myproject_staging",
+            password=env.secrets["database_password"],
+            connect_timeout=5,
+        ).close()
+    cache = env.by_role("cache")[0]
+    assert authenticates(cache, "deploy", new["broker_password"])
+    # the site reads the database through pgbouncer with the new password
+    r = requests.get(proxy.url, timeout=5)
+    assert r.status_code == 200 and "latest order" in r.text
+    assert _leftovers(env) == []
+    env.secrets.update(new)
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_failed_restart_rolls_everything_back(prefect_server, stack) -> None:
+    env, proxy = stack
+    web2 = env.by_role("web")[1]
+    web2.exec(
+        ["sh", "-c", "cat > /etc/supervisor/conf.d/70-check.conf; supervisorctl update >/dev/null"],
+        input="[program:secretcheck]\ncommand=/bin/sh -c 'grep -q BAD /home/deploy/smtp_password "
+        "&& exit 1; exec sleep 1000000'\nstartsecs=1\nstartretries=0\n",
+    )
+    new = dict(env.secrets, smtp_password="BAD-value-9")
+    _save(new)
+    state = _run(env, dry_run=False)
+    assert state.is_failed()
+    assert web2.name in state.message or web2.ip in state.message
+    assert all(
+        _file(h, "smtp_password") == env.secrets["smtp_password"] for h in env.hosts.values()
+    )
+    assert _leftovers(env) == []
+    r = requests.get(proxy.url, timeout=5)
+    assert r.status_code == 200
+    assert len(proxy.backends) == 2  # web2 is back in the load balancer
+    with pytest.raises(RolloutFailed):
+        state.result()
+    _save(env.secrets)
