@@ -82,24 +82,42 @@ def _init_service(remote: Remote, name: str) -> bool | None:
     return code == 0
 
 
+def _members(status: dict[str, str], name: str) -> dict[str, str]:
+    """The programs ``name`` means: a group's members, or the program itself."""
+    members = {k: v for k, v in status.items() if k.startswith(name + ":")}
+    if not members and name in status:
+        members = {name: status[name]}
+    return members
+
+
 def ensure_services(
-    remote: Remote, names: Sequence[str], *, running: bool
+    remote: Remote, names: Sequence[str], *, running: bool, settle_seconds: float = 120.0
 ) -> tuple[list[str], list[str]]:
     """Start (``running``) or stop the named services where they are not already so.
 
+    A program supervisor is still STARTING (it just booted, or PostgreSQL is recovering) is not
+    started again: it is waited for, like the ones started here, until RUNNING (at most
+    ``settle_seconds``).
+
     Returns:
         (what was changed or would be, names this server does not have).
+
+    Raises:
+        CommandError: a start or stop failed, or a program did not reach RUNNING in time.
     """
     status = supervisor_status(remote) or {}
     changed: list[str] = []
     absent: list[str] = []
+    settle: list[str] = []
     for name in names:
-        members = {k: v for k, v in status.items() if k.startswith(name + ":")}
-        if members or name in status:
-            target = f"{name}:*" if members else name
-            states = members.values() if members else [status[name]]
+        members = _members(status, name)
+        if members:
+            target = f"{name}:*" if name not in status else name
+            states = list(members.values())
             if running:
-                needed = any(s != "RUNNING" for s in states)
+                needed = any(s not in ("RUNNING", "STARTING") for s in states)
+                if any(s != "RUNNING" for s in states):
+                    settle.append(name)
             else:
                 needed = any(s in RUNNING_STATES for s in states)
             if needed:
@@ -112,18 +130,26 @@ def ensure_services(
         elif is_running != running:
             remote.write(["service", name, "start" if running else "stop"], sudo=True)
             changed.append(name)
-    if running and changed and not remote.dry_run:
-        after = supervisor_status(remote) or {}
-        bad = [
-            f"{k} {v}"
-            for k, v in after.items()
-            if any(k == c or k.startswith(c.removesuffix(":*") + ":") for c in changed)
-            and v != "RUNNING"
-        ]
-        if bad:
-            raise CommandError(
-                remote.host, "supervisorctl status", None, "not running: " + ", ".join(bad)
-            )
+    if running and settle and not remote.dry_run:
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            after = supervisor_status(remote) or {}
+            bad = [
+                f"{k} {v}"
+                for name in settle
+                for k, v in _members(after, name).items()
+                if v != "RUNNING"
+            ]
+            if not bad:
+                break
+            if time.monotonic() >= deadline:
+                raise CommandError(
+                    remote.host,
+                    "supervisorctl status",
+                    None,
+                    f"not running after {settle_seconds:.0f} s: " + ", ".join(bad),
+                )
+            time.sleep(0.5)
     return changed, absent
 
 

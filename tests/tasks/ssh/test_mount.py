@@ -46,6 +46,10 @@ programs=staging-pgbouncer-main
 command=/bin/sleep 100000
 autostart=false
 startsecs=0
+[program:slowdb]
+command=/bin/sleep 100000
+autostart=false
+startsecs=3
 """
 
 INIT_SCRIPT = """#!/bin/sh
@@ -221,3 +225,24 @@ def test_wait_for_ssh(host, opts, test_network, tmp_path: Path) -> None:
 
 def test_parse_queues() -> None:
     assert parse_queues("celery\t3\nceleryev.abc 0\nnoise\n") == {"celery": 3, "celeryev.abc": 0}
+
+
+def test_a_program_still_starting_is_waited_for_not_restarted(host, opts) -> None:
+    """After a boot supervisor may still be STARTING a program (PostgreSQL recovering)."""
+    host.exec(["sh", "-c", "supervisorctl start slowdb >/dev/null 2>&1 &"])
+    deadline = time.monotonic() + 5
+    while _status(host, "slowdb") != "STARTING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _status(host, "slowdb") == "STARTING"
+    fleet = [FleetHost(name="mnt1", address=host.ip, role="db-primary")]
+    with disable_run_logger(), ConnectionPool(opts) as pool:
+        result = run_fleet(
+            fleet,
+            post_start_step(["slowdb"]),
+            pool=pool,
+            rate=RateControl(),
+            dry_run=False,
+            name="t",
+        ).results[0]
+    assert result.status == "unchanged", result.message  # waited, nothing started twice
+    assert result.commands == [] and _status(host, "slowdb") == "RUNNING"

@@ -1,0 +1,166 @@
+"""An environment for stop/start/resize benchmarks: moto inventory, one isolated test host per
+instance following EC2 states (:class:`~fabflows.testing.ec2_hosts.Ec2HostMirror`), PostgreSQL
+with a table of ``rows`` rows on the primary, a worker with a celery stand-in under supervisor,
+web servers with FabulAWS's nginx logic, and a config pointing at all of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config import load_config
+from fabflows.testing.configs import moto_section, write_config
+from fabflows.testing.ec2_hosts import Ec2HostMirror
+from sandbox.aws_seed import seed
+from sandbox.provision import provision_web
+from sandbox.testhosts import HostSpec, TestHost, TestNetwork
+
+ROLES = ("cache", "db-primary", "db-replica", "worker")
+HOME = "/home/deploy"
+WORKER_SUPERVISOR = """\
+[group:staging-celery]
+programs=staging-celery-main
+[program:staging-celery-main]
+command=/bin/sleep 100000
+autostart=false
+startsecs=0
+"""
+SEED_TYPES = {
+    "cache": "t1.micro",
+    "db-primary": "m1.small",
+    "db-replica": "m1.small",
+    "web": "m1.small",
+    "worker": "m3.large",
+}
+
+
+def supervisorctl(host: TestHost, *args: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = host.exec(["supervisorctl", *args], check=False)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"supervisorctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        time.sleep(0.2)
+
+
+def psql(host: TestHost, sql: str) -> str:
+    return host.exec(
+        ["runuser", "-u", "postgres", "--", "psql", "-Atc", sql], timeout=600
+    ).stdout.strip()
+
+
+def _web(host: TestHost, role: str) -> None:
+    if role == "web":
+        host.wait_for_port(80)
+        provision_web(host, f"{HOME}/services/nginx/html", 8000)
+
+
+def write_lab_config(
+    directory: Path, endpoint: str, network: TestNetwork, instance_types: dict[str, str]
+) -> Path:
+    section = moto_section(endpoint, staging={})
+    section |= {
+        "ssh": {
+            "user": "deploy",
+            "identity_file": str(network.client_key),
+            "known_hosts_file": str(network.known_hosts),
+            "address_attribute": "private_ip_address",
+            "connect_timeout": 3,
+        },
+        "state_dir": str(directory / "state"),
+        "stop_start": {
+            "poll_seconds": 0.2,
+            "reachable_wait_seconds": 120,
+            "site_wait_seconds": 120,
+            "instance_wait_seconds": 120,
+        },
+        "upgrade": {"check_timeout_seconds": 30},
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        directory,
+        fabflows=section,
+        deploy_user="deploy",
+        home=HOME,
+        static_html={},
+        site_domains_map={"staging": []},
+        instance_types={"staging": instance_types},
+    )
+
+
+@dataclass
+class PowerLab:
+    config: Path
+    hosts: dict[str, TestHost]
+    ids: dict[str, str]
+    mirror: Ec2HostMirror
+    database_bytes: int
+
+    def destroy(self) -> None:
+        self.mirror.destroy_created()
+        for host in self.hosts.values():
+            if host.name in self.mirror.network.hosts:
+                self.mirror.network.destroy(host.name)
+
+
+def build_power_lab(
+    network: TestNetwork,
+    moto: Any,
+    directory: Path,
+    *,
+    rows: int,
+    instance_types: dict[str, str],
+    first_address: int = 4,
+) -> PowerLab:
+    """Start the hosts (call from the main thread), seed moto, fill the database."""
+    subnet = network.subnet
+    specs = [
+        HostSpec(
+            f"pl-{role}", f"{subnet}.{first_address + n}", "db" if role.startswith("db") else "base"
+        )
+        for n, role in enumerate(ROLES)
+    ]
+    hosts = dict(zip(ROLES, network.start(specs), strict=True))
+    worker = hosts["worker"]
+    worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
+    supervisorctl(worker, "update")
+    supervisorctl(worker, "start", "staging-celery:*")
+    primary = hosts["db-primary"]
+    primary.wait_for_port(5432, timeout=60)
+    psql(primary, "CREATE TABLE shop_order (id bigint PRIMARY KEY, note text, created timestamptz)")
+    fill = "INSERT INTO shop_order SELECT g, repeat(md5(g::text), 2), now() FROM generate_series(1, :rows) g;\n"
+    primary.exec(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"rows={int(rows)}",
+        ],
+        input=fill,
+        timeout=900,
+    )
+    size = int(psql(primary, "SELECT pg_database_size('postgres')"))
+    seeded_cfg = load_config(
+        write_lab_config(directory / "seed", moto.endpoint, network, SEED_TYPES)
+    )
+    seeded = seed(
+        moto.endpoint, seeded_cfg, ["staging"], f"{subnet}.0/24", iter(h.ip for h in hosts.values())
+    ).environments[0]
+    ids = {role: seeded.instance_ids[role][0] for role in ROLES}
+    mirror = Ec2HostMirror(network, moto.endpoint, subnet, on_new_host=_web, name_prefix="plw")
+    for role, host in hosts.items():
+        mirror.adopt(ids[role], host)
+    mirror.attach(moto)
+    mirror.reconcile()
+    config = write_lab_config(directory, moto.endpoint, network, instance_types)
+    return PowerLab(config=config, hosts=hosts, ids=ids, mirror=mirror, database_bytes=size)
