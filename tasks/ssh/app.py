@@ -146,17 +146,16 @@ the groups (in the order given). Prints supervisorctl's lines."""
 
 START_SCRIPT = r"""set -u
 marker=$1; remove=$2; shift 2
-supervisorctl start "$@" 2>&1
-status=$(supervisorctl status 2>&1); echo "$status" | sed 's/^/status /'
-ok=yes
-for g in "$@"; do
-  echo "$status" | awk -v g="${g%:*}" '($1 == g || index($1, g ":") == 1) && $2 != "RUNNING" { exit 1 }' || ok=no
-done
-if [ "$remove" = yes ] && [ "$ok" = yes ]; then rm -f -- "$marker"; echo "marker removed"; fi
+out=$(supervisorctl start "$@" 2>&1); echo "$out"
+# supervisorctl start waits until each program counts as RUNNING (or failed to start)
+if echo "$out" | grep ERROR | grep -vq "already started"; then
+  supervisorctl status 2>&1 | sed 's/^/status /'
+elif [ "$remove" = yes ]; then
+  rm -f -- "$marker"; echo "marker removed"
+fi
 """
-"""As root: one ``supervisorctl start`` (it waits until each program counts as RUNNING), the status
-of every program, then — only if asked and every program of those groups is RUNNING — the marker
-removed."""
+"""As root: one ``supervisorctl start`` (it returns once each program counts as RUNNING, or with an
+ERROR line); on an error the status of every program, else (if asked) the marker removed."""
 
 
 def _not_running(programs: Sequence[ProgramState], groups: Sequence[str]) -> list[str]:
@@ -215,18 +214,25 @@ def _start_step(
         if result is None:  # dry run
             return HostResult(status="changed", message=f"would start {', '.join(order)}")
         lines = result.stdout.splitlines()
-        programs = parse_status("\n".join(ln[7:] for ln in lines if ln.startswith("status ")))
         started = [ln for ln in lines if ln.endswith(": started")]
-        missing = [g for g in groups if not any(p.group == g for p in programs)]
-        if missing:
-            return HostResult(
-                status="failed", message=f"no supervisor group(s) {', '.join(missing)}"
-            )
-        bad = _not_running(programs, groups)
-        deadline = time.monotonic() + wait
-        while bad and time.monotonic() < deadline:  # STARTING / BACKOFF: give it the time asked
-            time.sleep(0.5)
-            bad = _not_running(_status(remote), groups)
+        errors = [
+            ln
+            for ln in lines
+            if "ERROR" in ln and "already started" not in ln and not ln.startswith("status ")
+        ]
+        bad: list[str] = []
+        if errors:
+            programs = parse_status("\n".join(ln[7:] for ln in lines if ln.startswith("status ")))
+            missing = [g for g in groups if not any(p.group == g for p in programs)]
+            if missing:
+                return HostResult(
+                    status="failed", message=f"no supervisor group(s) {', '.join(missing)}"
+                )
+            bad = _not_running(programs, groups)
+            deadline = time.monotonic() + wait
+            while bad and time.monotonic() < deadline:  # STARTING / BACKOFF: give it the time asked
+                time.sleep(0.5)
+                bad = _not_running(_status(remote), groups)
             if not bad and only is None:
                 remote.write(["rm", "-f", "--", marker_path(home)], sudo=True)
         if bad:

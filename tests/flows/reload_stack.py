@@ -128,6 +128,7 @@ def stack_config(
             "reload_production_db": reload_settings,
         },
     }
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "fabflows.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
