@@ -52,6 +52,13 @@ def test_two_workers_on_postgres_share_the_runs(pg_cluster, moto_server, tmp_pat
             temporary_settings({PREFECT_API_URL: stack.api}),
             get_client(sync_client=True) as client,
         ):
+            deadline = time.monotonic() + 60  # both workers polling before any run exists
+            online: set[str] = set()
+            while time.monotonic() < deadline and not online >= {"w1", "w2"}:
+                workers = client.read_workers_for_work_pool("fabflows")
+                online = {w.name for w in workers if str(w.status.value) == "ONLINE"}
+                time.sleep(0.5)
+            assert online >= {"w1", "w2"}, online
             describe = client.read_deployment_by_name("describe-environment/myproject-staging")
             hold = client.read_deployment_by_name("hold-environment-lock/myproject-staging")
             runs = [client.create_flow_run_from_deployment(describe.id) for _ in range(4)]

@@ -72,6 +72,19 @@ def _client(s: Stack):
     return temporary_settings({PREFECT_API_URL: s.api})
 
 
+def _until(check, click, attempts: int = 3, wait: float = 10.0):
+    """Click, then poll ``check`` (the API, not the page); click again if the UI dropped it."""
+    for _ in range(attempts):
+        click()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            found = check()
+            if found:
+                return found
+            time.sleep(0.3)
+    raise AssertionError("the UI did not do it")
+
+
 def _wait_state(s: Stack, run_id, states: set[str], timeout: float = 60):
     with _client(s), get_client(sync_client=True) as client:
         deadline = time.monotonic() + timeout
@@ -113,20 +126,19 @@ def test_run_from_the_ui_form_completes_with_artifacts(stack: dict) -> None:
             page.wait_for_load_state("networkidle")
             # the form: environment and deployment are fixed choices from the config
             page.get_by_text("Environment to describe").wait_for(timeout=20000)
+            page.wait_for_timeout(1000)  # the form fills its defaults asynchronously
             page.locator("input").first.fill("ui-e2e-describe")  # Run Name
             page.screenshot(path=OUTPUT / "2-form.png", full_page=True)
-            page.get_by_role("button", name="Submit").click()
-            with _client(s), get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 20
-                runs = []
-                while not runs and time.monotonic() < deadline:
-                    runs = client.read_flow_runs(
+
+            def created():
+                with _client(s), get_client(sync_client=True) as client:
+                    return client.read_flow_runs(
                         flow_run_filter=FlowRunFilter(
                             name=FlowRunFilterName(any_=["ui-e2e-describe"])
                         )
                     )
-                    time.sleep(0.3)
-            assert runs, "the UI did not create the run"
+
+            runs = _until(created, lambda: page.get_by_role("button", name="Submit").click())
             run = runs[0]
             assert run.parameters == {"environment": "staging", "deployment": "myproject"}
             done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=90)
@@ -261,14 +273,19 @@ def test_approve_from_the_ui_resume_form(stack: dict) -> None:
             dialog = page.get_by_role("dialog")
             dialog.get_by_text("drop table sessions").wait_for(timeout=20000)  # the plan
             dialog.get_by_text("Expected downtime:").wait_for()
+            page.wait_for_timeout(1000)  # the form fills its defaults asynchronously
             toggle = dialog.locator("input[type=checkbox]").first
             toggle.evaluate("e => e.click()")  # the styled toggle hides its checkbox
             assert toggle.is_checked()
             dialog.locator("textarea").nth(0).fill("dana")
             dialog.locator("textarea").nth(1).fill("plan checked")
             page.screenshot(path=OUTPUT / "5-approval-form.png")
-            dialog.get_by_role("button", name="Submit").click()
-            dialog.wait_for(state="hidden", timeout=30000)
+
+            def resumed():
+                with _client(s), get_client(sync_client=True) as client:
+                    return not client.read_flow_run(run.id).state.is_paused()
+
+            _until(resumed, lambda: dialog.get_by_role("button", name="Submit").click())
         finally:
             browser.close()
     done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}, timeout=60)
