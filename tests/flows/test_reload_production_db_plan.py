@@ -1,0 +1,239 @@
+"""The pure parts of reload-production-db: request checks, the plan, recovery decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import load_config, resolve_environment
+from config.models import ReloadProductionDbSettings
+from fabflows.errors import BadInput, Refused
+from fabflows.testing.configs import write_config
+from fabflows.upgrade_mode import UpgradeStatus
+from flows.reload_production_db import (
+    RecoveryPlan,
+    ReloadFacts,
+    ReloadProductionDbParams,
+    check_request,
+    plan_recovery,
+    plan_reload_production_db,
+    previous_to_drop,
+)
+from tasks.postgres.copy import SourceFacts
+from tasks.postgres.databases import DatabaseInfo, DatabaseServerFacts
+from tasks.postgres.names import Marker, now_text
+from tasks.postgres.server import DbServer
+from tasks.ssh.app import AppStopRecord, HostAppState
+from tasks.ssh.fleet import FleetHost
+
+LIVE = "myproject_staging"
+
+
+@pytest.fixture
+def envs(tmp_path):
+    cfg = load_config(
+        write_config(tmp_path, fabflows={"environments": {"testing": {"database_name": "x" * 50}}})
+    )
+    return {e: resolve_environment(cfg, e) for e in ("staging", "production", "testing")}
+
+
+def test_check_request(envs) -> None:
+    check_request(envs["staging"], envs["production"])
+    with pytest.raises(Refused, match="production environment"):
+        check_request(envs["production"], envs["staging"])
+    with pytest.raises(BadInput, match="both myproject/staging"):
+        check_request(envs["staging"], envs["staging"])
+    with pytest.raises(BadInput, match="63"):
+        check_request(envs["testing"], envs["production"])
+
+
+def _db(
+    name: str, marker: Marker | None = None, allow: bool = True, size: int = 1000
+) -> DatabaseInfo:
+    return DatabaseInfo(
+        name=name,
+        size_bytes=size,
+        allow_connections=allow,
+        owner="dbuser",
+        connections=0,
+        comment=marker.to_comment() if marker else None,
+    )
+
+
+def _facts(*dbs: DatabaseInfo, free: int = 10**12) -> DatabaseServerFacts:
+    return DatabaseServerFacts(
+        server="db", version=150000, data_directory="/d", free_bytes=free, databases=list(dbs)
+    )
+
+
+def _marker(state: str, run: str = "dead", **kw) -> Marker:
+    return Marker(run=run, live=LIVE, state=state, since=now_text(), **kw)
+
+
+def _app(host: str, flow: str | None) -> HostAppState:
+    marker = (
+        AppStopRecord(run="dead", flow=flow, groups=["staging-web"], since="") if flow else None
+    )
+    return HostAppState(host=host, address="10.0.0.1", role="web", marker=marker)
+
+
+PREV = f"{LIVE}__prev_20260101000000"
+OLDER = f"{LIVE}__prev_20250101000000"
+
+
+@pytest.mark.parametrize(
+    ("dbs", "app", "holder", "expected"),
+    [
+        ([_db(LIVE)], [_app("web1", None)], None, RecoveryPlan()),
+        ([_db(LIVE), _db(PREV, _marker("previous"))], [], None, RecoveryPlan()),
+        (
+            [_db(LIVE), _db(f"{LIVE}__reload", _marker("side"))],
+            [],
+            None,
+            RecoveryPlan(stop_copies=[f"{LIVE}__reload"], drop=[f"{LIVE}__reload"]),
+        ),
+        (
+            [_db(LIVE), _db(f"{LIVE}__reload")],
+            [],
+            None,  # killed between CREATE and COMMENT
+            RecoveryPlan(stop_copies=[f"{LIVE}__reload"], drop=[f"{LIVE}__reload"]),
+        ),
+        (
+            [_db(LIVE, _marker("swapped", previous=PREV)), _db(PREV)],
+            [_app("web1", "reload-production-db")],
+            ("dead", "reload-production-db"),
+            RecoveryPlan(swap_back=PREV, start_app=["web1"], end_upgrade_mode="dead"),
+        ),
+        (
+            [_db(LIVE, _marker("migrated", previous=PREV)), _db(PREV)],
+            [],
+            None,
+            RecoveryPlan(clear_marker=True),
+        ),
+        ([_db(LIVE, allow=False)], [], None, RecoveryPlan(allow_connections=True)),
+        (
+            [_db(PREV), _db(OLDER)],
+            [],
+            None,
+            RecoveryPlan(swap_back=PREV, notes=[f"the live database {LIVE} is missing"]),
+        ),
+        ([_db(LIVE)], [_app("web1", "upgrade-packages")], ("x", "begin-upgrade"), RecoveryPlan()),
+        # this run's own marker is not a dead run's leftover
+        (
+            [_db(LIVE, _marker("swapped", run="me", previous=PREV)), _db(PREV)],
+            [],
+            ("me", "reload-production-db"),
+            RecoveryPlan(),
+        ),
+    ],
+)
+def test_plan_recovery(dbs, app, holder, expected) -> None:
+    plan = plan_recovery(LIVE, _facts(*dbs), app, holder, run="me")
+    assert plan == expected
+    assert plan.needed == (expected != RecoveryPlan())
+
+
+def test_previous_to_drop() -> None:
+    names = [LIVE, PREV, OLDER, "other__prev_20240101000000"]
+    new = f"{LIVE}__prev_20270101000000"
+    assert previous_to_drop([*names, new], LIVE, 0, new) == [new, PREV, OLDER]
+    assert previous_to_drop([*names, new], LIVE, 1, new) == [PREV, OLDER]
+    assert previous_to_drop(names, LIVE, 3, new) == []
+
+
+def _reload_facts(workers: int = 1, free: int = 10**12, source_bytes: int = 10**9) -> ReloadFacts:
+    server = DbServer(name="db", address="10.0.0.2", db_address="10.0.0.2")
+    return ReloadFacts(
+        target=server,
+        source=server.model_copy(
+            update={"name": "proddb", "address": "10.0.0.3", "db_address": "10.0.0.3"}
+        ),
+        target_db=_facts(_db(LIVE), free=free),
+        source_db=SourceFacts.model_validate(
+            {
+                "database": "myproject_production",
+                "size_bytes": source_bytes,
+                "version": 150000,
+                "tables": [
+                    {"schema": "public", "name": f"t{i}", "bytes": 10 - i, "estimated_rows": 1}
+                    for i in range(8)
+                ],
+            }
+        ),
+        web=[FleetHost(name="web1", address="10.0.0.4", role="web")],
+        workers=[
+            FleetHost(name=f"w{i}", address=f"10.0.1.{i}", role="worker") for i in range(workers)
+        ],
+        app=[],
+        upgrade=UpgradeStatus(
+            environment="myproject/staging",
+            checked_at="2026-01-01T00:00:00Z",
+            auto_scaling_group=None,
+            suspended_processes=[],
+            recorded=None,
+            hosts=[],
+        ),
+    )
+
+
+PARAMS = ReloadProductionDbParams(
+    environment="staging",
+    deployment="myproject",
+    source_environment="production",
+    source_deployment="myproject",
+)
+
+
+def test_plan(envs) -> None:
+    settings = ReloadProductionDbSettings(
+        masking={"statements": ["UPDATE auth_user SET email = ''"], "checks": []}
+    )
+    plan = plan_reload_production_db(
+        PARAMS, envs["staging"], _reload_facts(), settings, RecoveryPlan(), "/code"
+    )
+    steps = [c.step for c in plan.changes]
+    assert steps == [
+        "create-side",
+        "copy",
+        "mask",
+        "verify-copy",
+        "upgrade-mode-on",
+        "stop-app",
+        "swap",
+        "migrate",
+        "start-app",
+        "upgrade-mode-off",
+        "cleanup",
+    ]
+    assert [c.step for c in plan.changes if c.downtime] == [
+        "upgrade-mode-on",
+        "stop-app",
+        "swap",
+        "migrate",
+        "start-app",
+    ]
+    assert plan.tables == ["public.t0", "public.t1", "public.t2", "public.t3", "public.t4"]
+    assert plan.migrate_command == "cd /code && python3 manage.py migrate --noinput"
+    assert (
+        "pg_dump -Fc -Z0" in plan.changes[1].action
+        and "password" not in plan.render_markdown().lower()
+    )
+
+
+def test_plan_refusals(envs) -> None:
+    settings = ReloadProductionDbSettings()
+    with pytest.raises(BadInput, match="free"):
+        plan_reload_production_db(
+            PARAMS, envs["staging"], _reload_facts(free=10**9), settings, RecoveryPlan(), "/c"
+        )
+    # a dead run's side database counts as space that will be freed
+    facts = _reload_facts(free=10**9)
+    facts = facts.model_copy(
+        update={"target_db": _facts(_db(LIVE), _db(f"{LIVE}__reload", size=10**9), free=10**9)}
+    )
+    plan_reload_production_db(
+        PARAMS, envs["staging"], facts, settings, RecoveryPlan(drop=[f"{LIVE}__reload"]), "/c"
+    )
+    with pytest.raises(BadInput, match="no running worker"):
+        plan_reload_production_db(
+            PARAMS, envs["staging"], _reload_facts(workers=0), settings, RecoveryPlan(), "/c"
+        )
