@@ -7,7 +7,7 @@ import shlex
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from config import ConfigError, EnvironmentConfig
 from config.models import ReloadProductionDbSettings
-from fabflows import audit
+from fabflows import approval, audit
 from fabflows.errors import BadInput, Refused
 from fabflows.lock import environment_lock
 from fabflows.report import artifact_key, markdown_table, publish_markdown, text_table
@@ -796,6 +796,9 @@ def reload_production_db(
     the migrations (seconds plus migration time, whatever the database size). The source is only
     read (one snapshot).
 
+    **Approval:** an environment marked `protected` in config pauses for approval of the plan
+    before anything changes (staging and testing are not protected by default).
+
     **Dry run** (the default) reads everything for real (servers, databases, free space, the
     source over the path the copy will take, leftovers of dead runs) and publishes the plan.
 
@@ -883,6 +886,17 @@ def reload_production_db(
                 steps=clock.steps,
                 wall_s=round(time.monotonic() - started, 2),
             )
+        if approval.approval_required(env, destructive=True):
+            try:  # a protected (non-production) environment: someone approves the plan first
+                approval.request_approval(
+                    env,
+                    ctx.config,
+                    plan_markdown=plan.render_markdown(),
+                    expected_downtime=timedelta(seconds=15),
+                    flow_name=FLOW_NAME,
+                )
+            except approval.ApprovalRejected as exc:
+                return exc.as_state()
         report = _apply(
             pages,
             ctx,
