@@ -268,3 +268,29 @@ def test_watch_list_survives_a_restart(service: dict, tmp_path: Path) -> None:
     first = Watcher(path, None, service["config"], 1)
     first.add("00000000-0000-0000-0000-000000000001", {"flow": "f", "label": "l", "who": "w"})
     assert "00000000-0000-0000-0000-000000000001" in Watcher(path, None, service["config"], 1).runs
+
+
+def test_serve_loads_its_secrets_from_blocks(service: dict, tmp_path: Path) -> None:
+    from prefect.blocks.system import Secret
+    from prefect_slack import SlackWebhook
+
+    from fabflows import logfilter
+    from fabflows.chatops.app import load_app
+
+    Secret(value="Zx9-signing-secret-from-block").save("test-slack-signing", overwrite=True)
+    SlackWebhook(url=service["slack"].url("/hook-from-block")).save(
+        "test-slack-ops", overwrite=True
+    )
+    path = write_config(
+        tmp_path,
+        fabflows={
+            "chatops": CHATOPS
+            | {"signing_secret_block": "test-slack-signing", "webhook_block": "test-slack-ops"},
+            "state_dir": str(tmp_path / "state"),
+        },
+    )
+    app = load_app(str(path))
+    assert app.state.watcher.webhook_url.endswith("/hook-from-block")
+    assert "Zx9-signing-secret-from-block" not in logfilter.redact(
+        "secret Zx9-signing-secret-from-block"
+    )
