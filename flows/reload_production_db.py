@@ -50,6 +50,7 @@ from tasks.postgres.copy import (
 from tasks.postgres.databases import (
     DatabaseServerFacts,
     allow_connections,
+    analyze_database,
     count_rows,
     create_database,
     describe_databases,
@@ -465,7 +466,7 @@ def plan_reload_production_db(
         Change(
             step="verify-copy",
             target=t,
-            action=f"row counts of {len(tables)} largest tables equal the copy's snapshot",
+            action=f"ANALYZE; row counts of {len(tables)} largest tables equal the copy's snapshot",
         ),
         Change(
             step="upgrade-mode-on",
@@ -998,6 +999,7 @@ def _apply(
             if settings.masking.checks:
                 check_masking(pool, target, side, list(settings.masking.checks))
         with clock.step("verify-copy"):
+            analyze_database(pool, target, side, dry_run=False)
             counts = count_rows(pool, target, side, plan.tables)
             if counts != copy_result.snapshot_counts:
                 raise RuntimeError(

@@ -482,3 +482,25 @@ def swap_back_databases(
     return _result(
         server, True, dry_run, f"{verb} {previous} back as {live} (the new database dropped)", stmts
     )
+
+
+@task(
+    name="analyze-database",
+    task_run_name="analyze-database-{database}",
+    cache_policy=NO_CACHE,
+    retries=0,
+)
+def analyze_database(
+    pool: ConnectionPool, server: DbServer, database: str, *, dry_run: bool, timeout: float = 3600
+) -> DatabaseChange:
+    """``ANALYZE`` every table of ``database`` (pg_restore leaves a copy without statistics).
+
+    Before a copy goes live: the app gets sensible query plans from its first request, and
+    autovacuum has no analyze to start on the new tables while the swap ends every session.
+    Idempotent; nothing to compensate (statistics only).
+    """
+    write_sql(
+        remote_for(pool, server, dry_run=dry_run), ["ANALYZE"], database=database, timeout=timeout
+    )
+    verb = "Would analyze" if dry_run else "Analyzed"
+    return _result(server, True, dry_run, f"{verb} {database} on {server.name}", ["ANALYZE"])
