@@ -136,3 +136,19 @@ def test_step_records_its_duration_only_on_success() -> None:
 def test_stops_are_cancelled_states_with_the_reason() -> None:
     state = guard.StepDoesNotFit("window closing").as_state()
     assert state.is_cancelled() and state.message == "window closing"
+
+
+def test_durations_are_kept_in_a_prefect_variable(prefect_server) -> None:
+    from prefect.variables import Variable
+
+    history = guard.DurationHistory("reload-production-db", "myproject/staging")
+    for seconds in (100, 700, 200, 300):
+        history.record("copy-database", seconds)
+    assert history.expected("copy-database").total_seconds() == 700  # longest of the last three
+    history.record("copy-database", 50)
+    assert history.expected("copy-database").total_seconds() == 300
+    stored = Variable.get("fabflows-durations-reload-production-db-myproject-staging")
+    assert stored["copy-database"][-1] == 50
+    assert (
+        guard.DurationHistory("other-flow", "myproject/staging").expected("copy-database") is None
+    )
