@@ -16,4 +16,5 @@ FLOWS: dict[str, str] = {
     "recover-environment": "flows.recover_environment:recover_environment",
     "resize-environment": "flows.resize_environment:resize_environment",
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
+    "deploy-serial": "flows.deploy_serial:deploy_serial",
 }

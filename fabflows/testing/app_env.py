@@ -132,6 +132,7 @@ def provision_server(env: AppEnv, host: TestHost, role: str) -> None:
     """Make ``host`` what the image of ``role`` would be (app, secrets, agent)."""
     from sandbox.provision import provision_app
 
+    host.wait_for_port(80, timeout=30)  # nginx starts about a second after the host
     write_secret_files(host, env.secrets)
     if role in ("web", "worker"):
         assert env.db_host is not None
@@ -253,6 +254,47 @@ def build_app_env(
     return env
 
 
+IMAGE_PATHS = (
+    "/etc/nginx/sites-available",
+    "/etc/nginx/sites-enabled",
+    "/etc/supervisor/conf.d",
+    "/etc/newrelic-infra.yml",
+    HOME + "/www",
+    HOME + "/services",
+)
+
+
+def clone_image(source: TestHost, target: TestHost, secret_names: list[str]) -> None:
+    """Give ``target`` the web files of ``source``, as booting from an image of it would.
+
+    Files first (site, supervisor programs, code, config, secret files), then the programs start,
+    and nginx switches to the app's site only once the app answers: like an instance booting from
+    an AMI, the new server never answers the health check before it can serve.
+    """
+    import subprocess
+
+    src, dst = source.root(), target.root()
+    paths = list(IMAGE_PATHS) + [f"{HOME}/{n}" for n in secret_names]
+    for path in paths:
+        if not (src / path.lstrip("/")).exists():
+            continue
+        target_path = dst / path.lstrip("/")
+        subprocess.run(["rm", "-rf", str(target_path)], check=True)
+        subprocess.run(["cp", "-a", str(src / path.lstrip("/")), str(target_path)], check=True)
+    target.wait_for_port(80, timeout=30)
+    target.exec(
+        [
+            "sh",
+            "-c",
+            "for i in $(seq 100); do supervisorctl update >/dev/null 2>&1 && break; sleep 0.1; done; "
+            "for i in $(seq 300); do "
+            "curl -fs -o /dev/null http://127.0.0.1:8000/healthcheck.html && break; sleep 0.1; done; "
+            "nginx -s reload",
+        ],
+        timeout=60,
+    )
+
+
 class InstanceFollower:
     """Give instances launched after the seed a provisioned host; destroy terminated ones' hosts."""
 
@@ -279,7 +321,7 @@ class InstanceFollower:
                 self.env.hosts[iid] = host
                 self.env.roles[iid] = role
                 try:
-                    provision_server(self.env, host, role)
+                    self.provision(host, role)
                 except Exception as exc:  # noqa: BLE001 - recorded, the test asserts on it
                     self.errors.append(f"{iid}: {exc}")
                 self.started.append(iid)
@@ -287,6 +329,18 @@ class InstanceFollower:
                 self.env.net.destroy(host.name)
                 del self.env.hosts[iid]
                 self.destroyed.append(iid)
+
+    def provision(self, host: TestHost, role: str) -> None:
+        """What the image gives a new server: a web server's files cloned, else provisioning."""
+        sources = [
+            h
+            for iid, h in self.env.hosts.items()
+            if self.env.roles.get(iid) == role and h is not host
+        ]
+        if role == "web" and sources:
+            clone_image(sources[0], host, list(self.env.secrets))
+        else:
+            provision_server(self.env, host, role)
 
     def run_until(self, future: Future, interval: float = 0.3, timeout: float = 900) -> Any:
         """Follow the instances (on this, the main, thread) until ``future`` is done."""

@@ -1,10 +1,12 @@
 """The data plane moto does not have: a load balancer that really forwards HTTP.
 
 moto keeps a classic ELB's registrations and reports every running instance InService, but routes no
-traffic. :class:`ElbProxy` does: an HTTP reverse proxy on a local port that forwards each request to
-one of the instances the ELB has *InService* (as moto says, re-read every ``refresh`` seconds), round
-robin, at the instance's private address. A backend that fails gets a 502, as an ELB answers, and no
-backend at all a 503. So a probe through it sees what users behind a real ELB would see while
+traffic and never runs the health check. :class:`ElbProxy` does both: an HTTP reverse proxy on a
+local port that forwards each request, round robin, to the instances the ELB has registered and
+*InService* (as moto says, re-read every ``refresh`` seconds) **and** that pass the ELB's health
+check (``GET /healthcheck.html`` answering 200, ``healthy_threshold`` times in a row to come in,
+``unhealthy_threshold`` failures to go out), at the instance's private address. A backend that fails
+gets a 502, as an ELB answers, and no backend at all a 503. So a probe through it sees what users behind a real ELB would see while
 runbooks register, deregister, restart and replace servers.
 """
 
@@ -31,6 +33,9 @@ class ElbProxy:
         backend_port: int = 80,
         refresh: float = 0.2,
         timeout: float = 5.0,
+        health_path: str = "/healthcheck.html",
+        healthy_threshold: int = 2,
+        unhealthy_threshold: int = 2,
     ):
         self.endpoint = endpoint
         self.name = load_balancer_name
@@ -39,6 +44,11 @@ class ElbProxy:
         self.refresh = refresh
         self.timeout = timeout
         self.backends: list[str] = []
+        self.health_path = health_path
+        self.healthy_threshold = healthy_threshold
+        self.unhealthy_threshold = unhealthy_threshold
+        self._checks: dict[str, list[int]] = {}  # ip -> [successes in a row, failures in a row]
+        self._healthy: set[str] = set()
         self.requests = 0
         self.errors = 0
         self._ips: dict[str, str] = {}
@@ -75,12 +85,34 @@ class ElbProxy:
                 for inst in r["Instances"]:
                     if inst.get("PrivateIpAddress"):
                         self._ips[inst["InstanceId"]] = inst["PrivateIpAddress"]
-        backends = [self._ips[i] for i in ids if i in self._ips]
+        registered = [self._ips[i] for i in ids if i in self._ips]
+        backends = [ip for ip in registered if self._health_check(ip)]
         with self._lock:
             if backends != self.backends:
                 self.backends = backends
                 self._cycle = itertools.cycle(backends or [None])
         return backends
+
+    def _health_check(self, ip: str) -> bool:
+        """One health check of ``ip``; True while it counts as healthy (thresholds applied)."""
+        ok = False
+        try:
+            conn = http.client.HTTPConnection(ip, self.backend_port, timeout=1.0)
+            conn.request("GET", self.health_path)
+            ok = conn.getresponse().status == 200
+            conn.close()
+        except OSError:
+            ok = False
+        counts = self._checks.setdefault(ip, [0, 0])
+        if ok:
+            counts[0], counts[1] = counts[0] + 1, 0
+            if counts[0] >= self.healthy_threshold:
+                self._healthy.add(ip)
+        else:
+            counts[0], counts[1] = 0, counts[1] + 1
+            if counts[1] >= self.unhealthy_threshold:
+                self._healthy.discard(ip)
+        return ip in self._healthy
 
     def _refresher(self) -> None:
         elb, ec2 = self._clients()

@@ -6,6 +6,9 @@ Two gaps matter for taking web servers out of service and putting them back:
    balancers and target groups, and ``ExitStandby`` registers it again. moto only flips the
    lifecycle state; the instance keeps getting "traffic" (InService), and every later change of
    the group registers its Standby instances in the target groups again.
+3. **Launch template versions cannot be deleted**: moto has no ``DeleteLaunchTemplateVersions``.
+   Added here as AWS documents it: the default version cannot be deleted, deleted versions are
+   no longer described or launched, numbers are never reused.
 2. **Manual deregistration of a group's instance from a classic ELB.** On AWS an ELB has one list of
    instances; moto keeps the ones the group registered in a second list that
    ``DeregisterInstancesFromLoadBalancer`` does not touch, so the instance stays InService.
@@ -92,8 +95,83 @@ def apply() -> None:
                     except Exception:  # noqa: BLE001
                         pass
 
+        _patch_launch_template_versions()
         AutoScalingBackend.update_attached_target_groups = update_attached_target_groups
         AutoScalingBackend.enter_standby_instances = enter_standby_instances
         AutoScalingBackend.exit_standby_instances = exit_standby_instances
         ELBBackend.deregister_instances = deregister_instances
         _applied = True
+
+
+def _patch_launch_template_versions() -> None:
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import InvalidLaunchTemplateVersionNotFound
+    from moto.ec2.models.launch_templates import LaunchTemplate, LaunchTemplateBackend
+    from moto.ec2.responses.launch_templates import LaunchTemplates
+
+    get_version = LaunchTemplate.get_version
+    describe = LaunchTemplateBackend.describe_launch_template_versions
+
+    def deleted(template) -> set[int]:  # noqa: ANN001
+        if not hasattr(template, "fabflows_deleted"):
+            template.fabflows_deleted = set()
+        return template.fabflows_deleted
+
+    def patched_get_version(self, num):  # noqa: ANN001, ANN202
+        version = get_version(self, num)
+        if version.number in deleted(self):
+            raise InvalidLaunchTemplateVersionNotFound(template_id=self.id, version=num)
+        return version
+
+    def patched_describe(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        return [(t, v) for t, v in describe(self, *args, **kwargs) if v.number not in deleted(t)]
+
+    def delete_launch_template_versions(self) -> ActionResult:  # noqa: ANN001
+        name = self._get_param("LaunchTemplateName")
+        template_id = self._get_param("LaunchTemplateId")
+        versions = self._get_param("LaunchTemplateVersion", []) or self._get_param("Versions", [])
+        self.error_on_dryrun()
+        if name:
+            template = self.ec2_backend.get_launch_template_by_name(name)
+        else:
+            template = self.ec2_backend.get_launch_template(template_id)
+        ok, failed = [], []
+        for raw in versions:
+            entry = {"LaunchTemplateId": template.id, "LaunchTemplateName": template.name}
+            number = int(raw)
+            known = 1 <= number <= len(template.versions) and number not in deleted(template)
+            if not known:
+                failed.append(
+                    {
+                        **entry,
+                        "VersionNumber": number,
+                        "ResponseError": {
+                            "Code": "launchTemplateVersionDoesNotExist",
+                            "Message": "no such version",
+                        },
+                    }
+                )
+            elif number == template.default_version_number:
+                failed.append(
+                    {
+                        **entry,
+                        "VersionNumber": number,
+                        "ResponseError": {
+                            "Code": "launchTemplateVersionIsDefault",
+                            "Message": "the default version cannot be deleted",
+                        },
+                    }
+                )
+            else:
+                deleted(template).add(number)
+                ok.append({**entry, "VersionNumber": number})
+        return ActionResult(
+            {
+                "SuccessfullyDeletedLaunchTemplateVersions": ok,
+                "UnsuccessfullyDeletedLaunchTemplateVersions": failed,
+            }
+        )
+
+    LaunchTemplate.get_version = patched_get_version
+    LaunchTemplateBackend.describe_launch_template_versions = patched_describe
+    LaunchTemplates.delete_launch_template_versions = delete_launch_template_versions

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import datetime
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -42,6 +43,7 @@ class GroupInstance(BaseModel):
     image_id: str | None = None
     private_ip_address: str | None = None
     state: str | None = Field(default=None, description="EC2 state (running...).")
+    launch_time: datetime | None = None
 
 
 @task(name="describe-group-instances", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -80,6 +82,7 @@ def group_instances(creds: AwsCredentials, auto_scaling_group_name: str) -> list
                 image_id=inst.get("ImageId"),
                 private_ip_address=inst.get("PrivateIpAddress"),
                 state=(inst.get("State") or {}).get("Name"),
+                launch_time=inst.get("LaunchTime"),
             )
         )
     return sorted(out, key=lambda i: i.instance_id)

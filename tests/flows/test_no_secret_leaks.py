@@ -23,9 +23,15 @@ from prefect.client.schemas.filters import (
 )
 
 from blocks.secrets import ServerSecrets
-from fabflows.testing.app_env import build_app_env, default_secrets
+from fabflows.testing.app_env import (
+    InstanceFollower,
+    build_app_env,
+    default_secrets,
+    run_in_thread,
+)
 from fabflows.testing.elb_proxy import ElbProxy
 from fabflows.testing.moto_server import MotoServer
+from flows.deploy_serial import deploy_serial
 from flows.pull_server_secrets import pull_server_secrets
 from flows.push_server_secrets import push_server_secrets
 
@@ -76,7 +82,10 @@ def stack(test_network, tmp_path_factory):
         tmp_path_factory.mktemp("leaks"),
         site_url=proxy.url,
         secrets=default_secrets(TAG),
-        fabflows_extra={"newrelic": {"drain_seconds": 0.3, "healthy_timeout_seconds": 30}},
+        fabflows_extra={
+            "newrelic": {"drain_seconds": 0.3, "healthy_timeout_seconds": 30},
+            "refresh": {"drain_seconds": 0.5, "poll_seconds": 0.5, "instance_timeout_seconds": 60},
+        },
         prefix="lk",
     )
     proxy.start()
@@ -152,10 +161,16 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
                 environment="staging", config=config, dry_run=False, return_state=True
             )
         )
-    assert [s.is_completed() for s in states] == [True, True, True, True, False], [
+        # deploy-serial: new image, web servers replaced (their new hosts carry the secret files)
+        follower = InstanceFollower(env, prefix="lf")
+        future = run_in_thread(
+            deploy_serial, environment="staging", config=config, dry_run=False, return_state=True
+        )
+        states.append(follower.run_until(future, timeout=600))
+    assert [s.is_completed() for s in states] == [True, True, True, True, False, True], [
         s.message for s in states
     ]
-    assert "refuses dbuser with both" in states[-1].message
+    assert "refuses dbuser with both" in states[4].message
     assert ps.samples > 50
 
     stored = _everything_prefect_stored([s.state_details.flow_run_id for s in states])

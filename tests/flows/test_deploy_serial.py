@@ -1,0 +1,252 @@
+"""deploy-serial: the plan as tables; the refresh on real peers, where every instance the group
+launches gets its own test host (provisioned as the image would be) behind a load balancer that
+really forwards and health-checks."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import boto3
+import pytest
+
+from fabflows.errors import BadInput, Refused
+from fabflows.testing.app_env import InstanceFollower, build_app_env, run_in_thread
+from fabflows.testing.elb_proxy import ElbProxy
+from fabflows.testing.moto_server import MotoServer
+from flows.deploy_serial import RefreshFailed, deploy_serial, plan_deploy_serial
+from tasks.aws.autoscaling import AutoScalingGroup
+from tasks.aws.images import Image
+from tasks.aws.instance_refresh import GroupInstance
+from tasks.aws.launch_templates import TemplateVersion
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def _staging():
+    import yaml
+
+    from config import resolve_environment
+    from config.models import FabulawsConfig
+    from fabflows.testing.configs import SAMPLE
+
+    return resolve_environment(
+        FabulawsConfig.model_validate(yaml.safe_load(SAMPLE.read_text())), "staging"
+    )
+
+
+def _group(**kw) -> AutoScalingGroup:
+    base = dict(
+        auto_scaling_group_name="ag",
+        min_size=1,
+        desired_capacity=2,
+        max_size=4,
+        launch_template="lt",
+        launch_template_version="$Latest",
+    )
+    return AutoScalingGroup(**{**base, **kw})
+
+
+def _inst(iid: str, state: str = "InService", hour: int = 1) -> GroupInstance:
+    return GroupInstance(
+        instance_id=iid,
+        lifecycle_state=state,
+        health_status="Healthy",
+        image_id="ami-old",
+        private_ip_address="10.0.0.1",
+        state="running",
+        launch_time=NOW.replace(hour=hour),
+    )
+
+
+VERSIONS = [TemplateVersion(number=n, image_id=f"ami-{n}", default=n == 1) for n in (1, 2, 3)]
+IMAGES = [Image(image_id=f"ami-{n}", name=f"img{n}", state="available") for n in (1, 2, 3)]
+
+
+def test_plan_picks_newest_source_and_prunes_beyond_keep() -> None:
+    plan = plan_deploy_serial(
+        _staging(),
+        _group(),
+        [_inst("i-a", hour=1), _inst("i-b", hour=5)],
+        VERSIONS,
+        IMAGES,
+        2,
+        None,
+        NOW,
+    )
+    assert plan.source_instance == "i-b" and plan.current_version == 3
+    assert [r.old_instance_id for r in plan.replacements] == ["i-a", "i-b"]
+    assert plan.prune_versions == [1, 2] and [i.name for i in plan.prune_images] == ["img1", "img2"]
+    assert plan.image_name == "myproject_staging_web_20261126T120000Z"
+    keep3 = plan_deploy_serial(
+        _staging(), _group(), [_inst("i-a"), _inst("i-b")], VERSIONS, IMAGES, 3, "i-a", NOW
+    )
+    assert keep3.prune_versions == [1] and [i.name for i in keep3.prune_images] == ["img1"]
+
+
+@pytest.mark.parametrize(
+    ("group", "instances", "source", "error", "match"),
+    [
+        ({"max_size": 2}, ["i-a", "i-b"], None, BadInput, "no room for one more"),
+        ({"suspended_processes": ["Launch"]}, ["i-a", "i-b"], None, Refused, "Launch suspended"),
+        ({}, ["i-a", ("i-b", "Standby")], None, Refused, "i-b Standby"),
+        ({}, ["i-a"], None, Refused, "1 instance"),
+        ({}, ["i-a", "i-b"], "i-zz", BadInput, "not an InService instance"),
+        ({"launch_template_version": None}, ["i-a", "i-b"], None, BadInput, "no launch template"),
+    ],
+)
+def test_refusals_before_anything_changes(group, instances, source, error, match) -> None:
+    insts = [_inst(*i) if isinstance(i, tuple) else _inst(i) for i in instances]
+    with pytest.raises(error, match=match):
+        plan_deploy_serial(_staging(), _group(**group), insts, VERSIONS, IMAGES, 3, source, NOW)
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory):
+    moto = MotoServer().start()
+    proxy = ElbProxy(moto.endpoint, "myproject-staging-lb")
+    extra = {"refresh": {"drain_seconds": 1, "poll_seconds": 0.5, "instance_timeout_seconds": 60}}
+    env = build_app_env(
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("refresh"),
+        site_url=proxy.url,
+        rabbitmq=False,
+        fabflows_extra=extra,
+        prefix="ds",
+    )
+    proxy.start()
+    try:
+        yield env, proxy
+    finally:
+        proxy.stop()
+        env.destroy()
+        moto.stop()
+
+
+class Capacity:
+    """Samples how many web servers the load balancer really forwards to."""
+
+    def __init__(self, proxy: ElbProxy):
+        self.proxy = proxy
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.seen.append(len(self.proxy.backends))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _clients(env):
+    kw = dict(
+        endpoint_url=env.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="t",
+        aws_secret_access_key="t",
+    )
+    return boto3.client("ec2", **kw), boto3.client("autoscaling", **kw)
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_refresh_with_surge_serves_throughout_and_prunes(prefect_server, stack) -> None:
+    env, proxy = stack
+    ec2, asg = _clients(env)
+    old_ids = sorted(i for i, r in env.roles.items() if r == "web")
+    # an older image made by fabflows for this environment, to be pruned (keep_images=1)
+    stale = ec2.create_image(
+        InstanceId=old_ids[0],
+        Name="myproject_staging_web_old",
+        TagSpecifications=[
+            {
+                "ResourceType": "image",
+                "Tags": [{"Key": "fabflows:environment", "Value": "myproject/staging"}],
+            }
+        ],
+    )["ImageId"]
+    dry = deploy_serial(environment="staging", config=str(env.config_path), keep_images=1)
+    assert dry.dry_run and len(dry.plan.replacements) == 2
+    assert [i.image_id for i in dry.plan.prune_images] == [stale]
+
+    follower = InstanceFollower(env, prefix="dn")
+    with Capacity(proxy) as capacity:
+        future = run_in_thread(
+            deploy_serial,
+            environment="staging",
+            config=str(env.config_path),
+            dry_run=False,
+            keep_images=1,
+            return_state=True,
+        )
+        state = follower.run_until(future, timeout=600)
+    assert follower.errors == []
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert sorted(result.replaced) == old_ids
+    assert all(i.new and i.lifecycle_state == "InService" for i in result.instances)
+    assert len(result.instances) == 2
+    assert result.probe is not None and result.probe.non_200 == 0, result.probe.describe()
+    assert min(capacity.seen) >= 2, "capacity dropped below desired"
+    assert max(capacity.seen) == 3
+    assert sorted(follower.destroyed) == old_ids and len(follower.started) == 2
+    group = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]
+    assert group["DesiredCapacity"] == 2 and group["LaunchTemplate"]["Version"] == str(
+        result.template_version
+    )
+    versions = ec2.describe_launch_template_versions(LaunchTemplateName="myproject-staging-web")
+    assert [v["VersionNumber"] for v in versions["LaunchTemplateVersions"]] == [
+        result.template_version
+    ]
+    assert stale not in {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]}
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_new_instance_that_never_serves_is_removed_and_nothing_else_changes(
+    prefect_server, stack, monkeypatch
+) -> None:
+    env, proxy = stack
+    ec2, asg = _clients(env)
+    before = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]
+    old_ids = sorted(i["InstanceId"] for i in before["Instances"])
+    follower = InstanceFollower(env, prefix="dx")
+    # the new image is broken: hosts start, but nothing is provisioned (no site, no health check)
+    monkeypatch.setattr(InstanceFollower, "provision", lambda *a, **k: None)
+    import yaml
+
+    data = yaml.safe_load(env.config_path.read_text())
+    data["fabflows"]["refresh"]["instance_timeout_seconds"] = 8
+    config = env.config_path.with_name("short.yaml")
+    config.write_text(yaml.safe_dump(data))
+    with Capacity(proxy) as capacity:
+        future = run_in_thread(
+            deploy_serial,
+            environment="staging",
+            config=str(config),
+            dry_run=False,
+            return_state=True,
+        )
+        state = follower.run_until(future, timeout=300)
+    assert state.is_failed()
+    assert "stopped after 0 replacement(s)" in state.message
+    for iid in old_ids:
+        assert iid in state.message
+    with pytest.raises(RefreshFailed):
+        state.result()
+    after = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]
+    assert sorted(i["InstanceId"] for i in after["Instances"]) == old_ids
+    assert after["DesiredCapacity"] == 2
+    assert after["LaunchTemplate"]["Version"] == before["LaunchTemplate"]["Version"]
+    assert min(capacity.seen) >= 2
