@@ -670,6 +670,21 @@ def apply_recovery(
     return done
 
 
+def undo_swap(pool: ConnectionPool, target: DbServer, live: str, run: str) -> bool:
+    """If this run's new database is live with its migrations unconfirmed, put the previous one
+    back. Reads the databases' markers, so it is right even when the swap itself failed half-way
+    (both renames commit together, but its last statements may not have run). True if undone."""
+    facts = describe_databases(pool, target)
+    current = facts.get(live)
+    marker = current.marker if current else None
+    if marker and marker.run == run and marker.state == "swapped" and marker.previous:
+        swap_back_databases(pool, target, live, marker.previous, dry_run=False)
+        return True
+    if current is not None and not current.allow_connections:
+        allow_connections(pool, target, live, True, dry_run=False)
+    return False
+
+
 def _groups(env: EnvironmentConfig) -> dict[str, list[str]]:
     """Groups that must run on each role (pgbouncer included): started, and checked RUNNING."""
     groups = env.supervisor_groups
@@ -1060,13 +1075,18 @@ def _apply(
                     )
                     migrated = True
             finally:
-                if swapped_previous and not migrated:
-                    swap_back_databases(pool, target, live, swapped_previous, dry_run=False)
-                    swapped_previous = None
-                if app_stopped:
-                    with clock.step("start-app"):
-                        started = start_app(app_hosts, pool, _groups(env), env.home, dry_run=False)
-                        started.raise_for_errors()
+                try:
+                    if not migrated:
+                        # whatever the swap reported, the databases say whether it happened
+                        undone = undo_swap(pool, target, live, run)
+                        swapped_previous = None if undone else swapped_previous
+                finally:
+                    if app_stopped:
+                        with clock.step("start-app"):
+                            started = start_app(
+                                app_hosts, pool, _groups(env), env.home, dry_run=False
+                            )
+                            started.raise_for_errors()
             step_boundary("upgrade-mode-off")
         window_report = window.report
         # -------------------------------------------------------- verify and clean up

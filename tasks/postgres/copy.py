@@ -1,15 +1,17 @@
 """Copying a database between two servers without the data passing through the flow's machine.
 
 The copy runs **on the target database server**: ``pg_dump`` there connects to the source server
-over the network (as the source's app role, ``database_user``) and is piped straight into
-``pg_restore`` into the side database (as the ``postgres`` OS user over the local socket, objects
-owned by ``database_user``)::
+over the network (as the source's app role, ``database_user``) and is piped straight into ``psql``
+on the side database (as the ``postgres`` OS user over the local socket, after ``SET ROLE
+<database_user>`` so every object belongs to the app's role)::
 
-    pg_dump -Fc -Z0 --snapshot=S -h SOURCE -U USER SOURCE_DB | pg_restore --no-owner --no-acl
-        --exit-on-error --role=USER -d SIDE_DB
+    { SET ROLE USER; pg_dump --format=plain --no-owner --no-acl --snapshot=S -h SOURCE -U USER
+      SOURCE_DB; } | psql -v ON_ERROR_STOP=1 -d SIDE_DB
 
-Custom format, uncompressed, streamed: the fastest way measured on 2 cores (research/test-peers.md
-§3: 13.5 s for 668 MB, against 15.2 s for directory format with -j2 and 21.7 s compressed).
+Plain format streamed, stopping at the first error: the fastest of the modes measured between two
+test hosts on 2 cores (bench/reload_production_db.py, 1085 MB: plain 15.2 s, directory format with
+-j2 17.7 s, custom -Z0 through pg_restore 22.6 s; research/test-peers.md measured custom -Z0 a
+little ahead of plain on 668 MB, 13.5 s against 14.3 s, so re-measure on your servers).
 
 **The password** of the source role never touches a command line or a file: it is sent on the
 launching command's **stdin**, read by the shell into ``PGPASSWORD`` and inherited by ``psql`` and
@@ -51,7 +53,7 @@ from tasks.ssh.remote import CommandError, Remote, sh_argv
 JOB_ROOT = "/var/lib/postgresql"
 
 RESTORE_OPTIONS = "-c maintenance_work_mem=256MB -c synchronous_commit=off"
-"""PGOPTIONS of the restore session: faster index builds, no waiting for WAL flushes."""
+"""PGOPTIONS of the loading session: faster index builds, no waiting for WAL flushes."""
 
 COPY_SCRIPT = r"""#!/bin/bash
 # fabflows reload-production-db: copy SOURCE_DB (on SRC_HOST) into SIDE_DB on this server.
@@ -73,8 +75,10 @@ case "$snap" in
   *) echo "exporting a snapshot on the source failed: $snap"; finish 90 ;;
 esac
 echo "dump started $(date -u +%FT%TZ)"
-pg_dump -Fc -Z0 --snapshot="$snap" -h "$src_host" -p "$src_port" -U "$src_user" -d "$src_db" \
-  | PGOPTIONS="$RESTORE_OPTIONS" pg_restore --no-owner --no-acl --exit-on-error --role="$role" -d "$side" &
+{ cat "$job/prelude.sql" &&
+  pg_dump --format=plain --no-owner --no-acl --snapshot="$snap" \
+    -h "$src_host" -p "$src_port" -U "$src_user" -d "$src_db"; } \
+  | PGOPTIONS="$RESTORE_OPTIONS" psql -X -q -v ON_ERROR_STOP=1 -d "$side" >/dev/null &
 pipeline=$!
 # Count the largest tables in the same snapshot while the dump runs.
 cat "$job/counts.sql" >&"$to_src"
@@ -237,9 +241,9 @@ class CopyJob(StepResult):
 def copy_command(source: DbServer, database: str, user: str, side: str) -> str:
     """How the copy reads in plans and logs."""
     return (
-        f"pg_dump -Fc -Z0 --snapshot=<exported> -h {source.db_address} -p {source.port} "
-        f"-U {shlex.quote(user)} -d {shlex.quote(database)} | pg_restore --no-owner --no-acl "
-        f"--exit-on-error --role={shlex.quote(user)} -d {shlex.quote(side)}"
+        f"{{ SET ROLE {user}; pg_dump --format=plain --no-owner --no-acl --snapshot=<exported> "
+        f"-h {source.db_address} -p {source.port} -U {shlex.quote(user)} -d {shlex.quote(database)}; }}"
+        f" | psql -v ON_ERROR_STOP=1 -d {shlex.quote(side)}"
     )
 
 
@@ -297,6 +301,13 @@ def start_copy(
     )
     remote.write_file(
         f"{job}/copy.sh", COPY_SCRIPT.encode(), owner="postgres", group="postgres", mode=0o700
+    )
+    remote.write_file(
+        f"{job}/prelude.sql",
+        (render(sql.SQL("SET ROLE {}").format(sql.Identifier(user))) + ";\n").encode(),
+        owner="postgres",
+        group="postgres",
+        mode=0o600,
     )
     remote.write_file(
         f"{job}/counts.sql",

@@ -88,6 +88,9 @@ def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
         proc.wait()
+    if step == "copy-running":  # the copy outlives the flow on the target: recovery must end it
+        running = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
+        assert running.strip(), "the copy had already ended: this case did not kill mid-copy"
     report = recover_environment(environment="staging", config=str(stack.config), dry_run=False)
     assert report.left is None or not report.left.needed
     # no copy left running on the target database server

@@ -214,7 +214,7 @@ def test_plan(envs) -> None:
     assert plan.tables == ["public.t0", "public.t1", "public.t2", "public.t3", "public.t4"]
     assert plan.migrate_command == "cd /code && python3 manage.py migrate --noinput"
     assert (
-        "pg_dump -Fc -Z0" in plan.changes[1].action
+        "pg_dump --format=plain" in plan.changes[1].action
         and "password" not in plan.render_markdown().lower()
     )
 
