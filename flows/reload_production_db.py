@@ -91,8 +91,9 @@ STEPS = (
     "create-side",
     "copy",
     "copy-running",
-    "mask",
     "verify-copy",
+    "mask",
+    "analyze",
     "upgrade-mode-on",
     "stop-app",
     "swap",
@@ -452,6 +453,12 @@ def plan_reload_production_db(
             action=f"{copy_command(facts.source, facts.source_db.database, target_env.database_user, side)} (from {s}, run on {t})",
             compensation=f"kill the copy, drop {side}",
         ),
+        Change(
+            step="verify-copy",
+            target=t,
+            action=f"row counts of the {len(tables)} largest tables equal the copy's snapshot",
+            compensation=f"drop {side}",
+        ),
     ]
     if settings.masking.statements:
         changes.append(
@@ -464,9 +471,9 @@ def plan_reload_production_db(
         )
     changes += [
         Change(
-            step="verify-copy",
+            step="analyze",
             target=t,
-            action=f"ANALYZE; row counts of {len(tables)} largest tables equal the copy's snapshot",
+            action=f"ANALYZE {side} (statistics for the app's first queries)",
         ),
         Change(
             step="upgrade-mode-on",
@@ -1001,6 +1008,13 @@ def _apply(
                 progress_key=artifact_key("reload-copy", env.deployment, env.environment),
                 started_at=copy_started,
             )
+        with clock.step("verify-copy"):  # complete: every row of the dump's snapshot is there
+            counts = count_rows(pool, target, side, plan.tables)
+            if counts != copy_result.snapshot_counts:
+                raise RuntimeError(
+                    f"the copy's row counts differ from the source's snapshot: copy {counts}, "
+                    f"source {copy_result.snapshot_counts}"
+                )
         with clock.step("mask"):
             if settings.masking.statements:
                 mask_database(
@@ -1013,14 +1027,8 @@ def _apply(
                 )
             if settings.masking.checks:
                 check_masking(pool, target, side, list(settings.masking.checks))
-        with clock.step("verify-copy"):
+        with clock.step("analyze"):
             analyze_database(pool, target, side, dry_run=False)
-            counts = count_rows(pool, target, side, plan.tables)
-            if counts != copy_result.snapshot_counts:
-                raise RuntimeError(
-                    f"the copy's row counts differ from the source's snapshot: copy {counts}, "
-                    f"source {copy_result.snapshot_counts}"
-                )
         # -------------------------------------------------------- the short window
         step_boundary("upgrade-mode-on")
         with upgrade_window(ctx, pool=pool, pages=pages, probe_url=False) as window:

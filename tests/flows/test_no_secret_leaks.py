@@ -34,6 +34,7 @@ from fabflows.testing.moto_server import MotoServer
 from flows.deploy_serial import deploy_serial
 from flows.pull_server_secrets import pull_server_secrets
 from flows.push_server_secrets import push_server_secrets
+from flows.update_newrelic_keys import update_newrelic_keys
 
 pytestmark = [pytest.mark.hosts, pytest.mark.flow]
 
@@ -72,6 +73,35 @@ class ProcessLists:
         self._thread.join(timeout=10)
 
 
+class SentCommands:
+    """Every command line sent over SSH (what the hosts' process lists show), recorded on our side.
+
+    ``ps`` sampling can miss a command that lives a millisecond; this cannot. The original channel
+    method still runs: nothing is replaced, the command is only copied on its way out.
+    """
+
+    def __init__(self):
+        self.commands: list[str] = []
+
+    def __enter__(self):
+        import paramiko
+
+        self._original = paramiko.Channel.exec_command
+        recorder = self
+
+        def exec_command(channel, command):  # noqa: ANN001, ANN202
+            recorder.commands.append(command if isinstance(command, str) else command.decode())
+            return recorder._original(channel, command)
+
+        paramiko.Channel.exec_command = exec_command
+        return self
+
+    def __exit__(self, *exc):
+        import paramiko
+
+        paramiko.Channel.exec_command = self._original
+
+
 @pytest.fixture(scope="module")
 def stack(test_network, tmp_path_factory):
     moto = MotoServer().start()
@@ -97,27 +127,40 @@ def stack(test_network, tmp_path_factory):
         moto.stop()
 
 
+async def _all(read, **kwargs) -> list:  # noqa: ANN001
+    """Every page of a Prefect read (the API answers 200 rows at most per call)."""
+    out: list = []
+    while True:
+        page = await read(limit=200, offset=len(out), **kwargs)
+        out += page
+        if len(page) < 200:
+            return out
+
+
 def _everything_prefect_stored(run_ids: list) -> str:
     async def collect() -> str:
         parts: list[str] = []
         async with get_client() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
+            runs = await _all(
+                client.read_flow_runs,
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
             )
+            assert len(runs) == len(run_ids)
             for run in runs:
                 parts += [repr(run.parameters), repr(run.state.message if run.state else "")]
                 parts.append(repr(run.tags))
                 for state in await client.read_flow_run_states(run.id):
                     parts.append(repr(state.message))
-            logs = await client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))
+            logs = await _all(
+                client.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))
             )
             parts += [log.message for log in logs]
-            for artifact in await client.read_artifacts():
+            for artifact in await _all(client.read_artifacts):
                 parts += [repr(artifact.data), repr(artifact.description), repr(artifact.key)]
-            for task_run in await client.read_task_runs():
+            for task_run in await _all(client.read_task_runs):
                 parts.append(repr(task_run.state.message if task_run.state else ""))
                 parts.append(repr(task_run.name))
+            parts.append(f"({len(logs)} logs)")
         return "\n".join(parts)
 
     return asyncio.run(collect())
@@ -136,8 +179,9 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
     old = dict(env.secrets)
     new = default_secrets(TAG + "n")
     new["newrelic_license_key"] = ("fedcba9876543210fedcba9876543210" + TAG + "ab")[:40]
+    keys = [(TAG * 7)[:40], (TAG[::-1] * 7)[:40]]
     states = []
-    with ProcessLists(lambda: list(env.hosts.values())) as ps:
+    with SentCommands() as sent, ProcessLists(lambda: list(env.hosts.values())) as ps:
         # pull: the block from the servers (dry run, then for real)
         states.append(pull_server_secrets(environment="staging", config=config, return_state=True))
         states.append(
@@ -153,9 +197,21 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
                 environment="staging", config=config, dry_run=False, return_state=True
             )
         )
+        # update-newrelic-keys: a new license key, rolling, then another one, fast
+        for key, mode in ((keys[0], "rolling"), (keys[1], "fast")):
+            _save(dict(new, newrelic_license_key=key))
+            states.append(
+                update_newrelic_keys(
+                    environment="staging",
+                    config=config,
+                    dry_run=False,
+                    mode=mode,
+                    return_state=True,
+                )
+            )
         # a failure: the database no longer accepts what the servers hold -> exception + rollback
         env.db_host.exec(["sh", "-c", "printf 'wrong-pw-x' > /home/deploy/database_password"])
-        _save(dict(new, database_password=old["database_password"]))
+        _save(dict(new, database_password=old["database_password"], newrelic_license_key=keys[1]))
         states.append(
             push_server_secrets(
                 environment="staging", config=config, dry_run=False, return_state=True
@@ -167,21 +223,26 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
             deploy_serial, environment="staging", config=config, dry_run=False, return_state=True
         )
         states.append(follower.run_until(future, timeout=600))
-    assert [s.is_completed() for s in states] == [True, True, True, True, False, True], [
-        s.message for s in states
-    ]
-    assert "refuses dbuser with both" in states[4].message
+    expected = [True, True, True, True, True, True, False, True]
+    assert [s.is_completed() for s in states] == expected, [s.message for s in states]
+    assert "refuses dbuser with both" in states[6].message
     assert ps.samples > 50
 
     stored = _everything_prefect_stored([s.state_details.flow_run_id for s in states])
     assert len(stored) > 10_000  # logs, artifacts and states were really read
     processes = "\n".join(sorted(ps.lines))
+    commands = "\n".join(sent.commands)
+    assert len(sent.commands) > 100 and "supervisorctl restart" in commands
     assert "supervisorctl" in processes or "rabbitmqctl" in processes or "sudo" in processes
     leaks = [
         (name, where)
-        for values in (old, new)
+        for values in (old, new, {"license_2": keys[0], "license_3": keys[1]})
         for name, value in values.items()
-        for where, text in (("prefect", stored), ("process lists", processes))
+        for where, text in (
+            ("prefect", stored),
+            ("process lists", processes),
+            ("commands sent over SSH", commands),
+        )
         if value in text
     ]
     assert leaks == []

@@ -26,8 +26,9 @@ KILL_AT = [
     "create-side",
     "copy",
     "copy-running",
-    "mask",
     "verify-copy",
+    "mask",
+    "analyze",
     "upgrade-mode-on",
     "stop-app",
     "swap",
@@ -100,7 +101,7 @@ def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
     live = _live_is(stack)
     assert live in (f"old:{generation}", "new"), live
     # and the next run works
-    if step in ("swap", "cleanup"):
+    if step == "swap":
         from flows.reload_production_db import reload_production_db
 
         again = reload_production_db(environment="staging", config=str(stack.config), dry_run=False)

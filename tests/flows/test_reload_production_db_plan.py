@@ -194,8 +194,9 @@ def test_plan(envs) -> None:
     assert steps == [
         "create-side",
         "copy",
-        "mask",
         "verify-copy",
+        "mask",
+        "analyze",
         "upgrade-mode-on",
         "stop-app",
         "swap",

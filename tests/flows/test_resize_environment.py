@@ -91,7 +91,8 @@ def test_plan_strategies_in_order() -> None:
     ]
     assert not p.problems and p.retired == []
     assert "not available in fabflows yet" in p.warnings[0]
-    assert not plan(ALL, refresh_available=True).warnings
+    assert "RabbitMQ keeps persistent messages" in p.warnings[1]
+    assert len(plan(ALL, refresh_available=True).warnings) == 1
 
 
 def test_plan_nothing_to_do() -> None:

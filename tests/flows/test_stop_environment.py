@@ -28,7 +28,7 @@ from flows.stop_environment import stop_environment
 from sandbox.aws_seed import seed
 from sandbox.testhosts import HostSpec, TestHost
 from tasks.aws.ec2_writes import STOPPED_TAG
-from tasks.aws.group_sizes import SIZES_TAG
+from tasks.aws.group_sizes import CACHE_TAG, SIZES_TAG
 
 GROUP = "myproject-staging-ag"
 ROLES = ("cache", "db-primary", "db-replica", "worker")  # the seed's order for non-web roles
@@ -93,7 +93,8 @@ class Env:
 
 
 @pytest.fixture
-def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
+def environment(request, aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
+    strategy = getattr(request, "param", "stop")
     # non-web servers at .4-.7: moto gives the group's instances the next free addresses
     specs = [
         HostSpec(f"s6-{role}", f"{TEST_SUBNET}.{4 + n}", "db" if role.startswith("db") else "base")
@@ -109,7 +110,14 @@ def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
     _psql(primary, "CREATE TABLE shop_order (id int PRIMARY KEY, note text)")
     _psql(primary, "INSERT INTO shop_order SELECT g, md5(g::text) FROM generate_series(1, 500) g")
 
-    section = moto_section(aws.endpoint, staging={"cache_strategy": "stop"})
+    staging = {"cache_strategy": strategy}
+    if strategy == "terminate-and-recreate":
+        staging["cache_launch_template"] = "myproject-cache"
+        boto_client(aws, "ec2").create_launch_template(
+            LaunchTemplateName="myproject-cache",
+            LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "t1.micro"},
+        )
+    section = moto_section(aws.endpoint, staging=staging)
     section |= {
         "ssh": {
             "user": "deploy",
@@ -227,6 +235,44 @@ def test_a_stop_failing_half_way_brings_the_environment_back(
     assert SIZES_TAG not in {t["Key"] for t in g["Tags"]}
     assert set(env.states().values()) == {"running"}
     assert _celery(env.hosts["worker"]) == "RUNNING"  # quieted, then back in service
+
+
+@pytest.mark.flow
+@pytest.mark.hosts
+@pytest.mark.parametrize("environment", ["terminate-and-recreate"], indirect=True)
+def test_cache_terminated_at_stop_is_relaunched_where_it_was(
+    prefect_server, environment: Env
+) -> None:
+    env = environment
+    cache_ip = env.hosts["cache"].ip
+    down = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
+    assert any("empties Redis" in w for w in down.plan.warnings)
+    assert any("no RabbitMQ found" in w for w in down.plan.warnings)
+    assert env.states()["cache"] == "terminated"
+    assert env.hosts["cache"].name not in env.mirror.network.hosts  # the server is gone
+    record = {t["Key"]: t["Value"] for t in env.group()["Tags"]}[CACHE_TAG]
+    assert f'"ip":"{cache_ip}"' in record and '"type":"t1.micro"' in record
+
+    up = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
+    assert up.outcome == "started", up.render_text()
+    assert any("new SSH host key" in w for w in up.plan.warnings)
+    ec2 = boto_client(env.aws, "ec2")
+    caches = [
+        i
+        for r in ec2.describe_instances(
+            Filters=[
+                {"Name": "tag:role", "Values": ["cache"]},
+                {"Name": "instance-state-name", "Values": ["running"]},
+            ]
+        )["Reservations"]
+        for i in r["Instances"]
+    ]
+    assert len(caches) == 1 and caches[0]["InstanceId"] != env.ids["cache"]
+    assert caches[0]["PrivateIpAddress"] == cache_ip and caches[0]["InstanceType"] == "t1.micro"
+    assert CACHE_TAG not in {t["Key"] for t in env.group()["Tags"]}
+    assert all(c.ok for c in up.site_checks)
+    again = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
+    assert again.plan.cache_recreate is None  # not launched twice
 
 
 def test_production_is_refused_without_allow_stop(aws, tmp_path: Path) -> None:
