@@ -244,6 +244,12 @@ def plan_resize_environment(
                 "web instances keep their type until they are replaced: the rolling refresh "
                 "(deploy-serial) is not available in fabflows yet"
             )
+    if any(c.role == "cache" and c.strategy == "window" for c in changes):
+        warnings.append(
+            "the cache server restarts inside the window: RabbitMQ keeps persistent messages "
+            "(Celery's default) and drops transient ones; Redis keeps only what it has saved to "
+            "disk; memcached starts empty"
+        )
     for itype, roles in sorted(needed.items()):
         if itype in unknown_types:
             problems.append(

@@ -75,6 +75,11 @@ def start_environment(
     instances waited for; every web server must answer 200 (users and health check), and the site
     URL too when one is configured. Records are removed only after that.
 
+    A cache launched again (terminate-and-recreate) gets its recorded private address back (EC2
+    releases it when the old instance terminates; if something else took it, the launch fails
+    with `InvalidIPAddress.InUse` and the record stays for the next run). It comes up with a new
+    SSH host key and empty queues and caches, and is not logged into: add its key to known_hosts.
+
     **Blast radius:** starts every stopped server of the environment; costs resume.
 
     **Dry run shows:** each server and its action, the group's sizes now and as recorded, and the

@@ -253,6 +253,22 @@ def test_cache_terminated_at_stop_is_relaunched_where_it_was(
     record = {t["Key"]: t["Value"] for t in env.group()["Tags"]}[CACHE_TAG]
     assert f'"ip":"{cache_ip}"' in record and '"type":"t1.micro"' in record
 
+    # moto never releases a terminated instance's private address (EC2 does, once it is
+    # terminated), so the record is moved to a free one: the relaunch path is the same
+    free_ip = f"{TEST_SUBNET}.30"
+    boto_client(env.aws, "autoscaling").create_or_update_tags(
+        Tags=[
+            {
+                "ResourceId": GROUP,
+                "ResourceType": "auto-scaling-group",
+                "Key": CACHE_TAG,
+                "Value": record.replace(cache_ip, free_ip),
+                "PropagateAtLaunch": False,
+            }
+        ]
+    )
+    cache_ip = free_ip
+
     up = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
     assert up.outcome == "started", up.render_text()
     assert any("new SSH host key" in w for w in up.plan.warnings)
