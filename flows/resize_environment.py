@@ -233,7 +233,7 @@ def plan_resize_environment(
                         current_type=s.instance_type,
                         wanted_type=web_wanted,
                         strategy="refresh-pending",
-                        note="replaced by the rolling refresh (deploy-serial)"
+                        note="run deploy-serial to replace it (resize does not start it)"
                         if refresh_available
                         else "replaced by the rolling refresh (deploy-serial), not in fabflows yet: "
                         "it runs the old type until replaced",
