@@ -17,4 +17,5 @@ FLOWS: dict[str, str] = {
     "resize-environment": "flows.resize_environment:resize_environment",
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
     "deploy-serial": "flows.deploy_serial:deploy_serial",
+    "update-newrelic-keys": "flows.update_newrelic_keys:update_newrelic_keys",
 }

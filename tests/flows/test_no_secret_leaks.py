@@ -10,6 +10,7 @@ each host), which catches a value on any command line, sudo's included. Redactio
 from __future__ import annotations
 
 import asyncio
+import shlex
 import threading
 import uuid
 
@@ -238,11 +239,12 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
         (name, where)
         for values in (old, new, {"license_2": keys[0], "license_3": keys[1]})
         for name, value in values.items()
+        for form in {value, shlex.quote(value)}  # as typed, and as a shell word on a command line
         for where, text in (
             ("prefect", stored),
             ("process lists", processes),
             ("commands sent over SSH", commands),
         )
-        if value in text
+        if form in text
     ]
-    assert leaks == []
+    assert sorted(set(leaks)) == []
