@@ -436,6 +436,12 @@ def plan_reload_production_db(
         raise BadInput(f"the live database {live} does not exist on {facts.target.name}")
     if not facts.workers:
         raise BadInput(f"{target_env.label} has no running worker to run the migrations on")
+    unreachable = [f"{h.host} ({h.error})" for h in facts.app if h.error]
+    if unreachable:
+        raise BadInput(
+            f"{target_env.label}: app server(s) unreachable, the app could not be stopped and started "
+            "again: " + "; ".join(unreachable)
+        )
     tables = [t.qualified for t in facts.source_db.tables[: settings.verify_tables]]
     migrate = f"cd {shlex.quote(code_root)} && {shlex.join(settings.migrate_command)}"
     t, s = facts.target.name, facts.source.name
@@ -798,7 +804,7 @@ def reload_production_db(
     """Replace a staging (or testing) database with a copy of production, with seconds of downtime.
 
     **What it does.** Copies the source database (production by default) into a *side* database on
-    the target's db-primary while the target stays up: `pg_dump -Fc -Z0 | pg_restore` runs on the
+    the target's db-primary while the target stays up: a plain `pg_dump | psql` stream (stopping at the first error) runs on the
     target server, reading the source over the network, so the data never passes through the
     machine running the flow (no password on any command line). Optional masking SQL from config
     runs on the copy and is checked. The row counts of the largest tables must equal the counts in

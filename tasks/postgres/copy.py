@@ -340,7 +340,7 @@ def start_copy(
 
 
 class CopyFailed(RuntimeError):
-    """pg_dump or pg_restore failed (the message has the tool's last error line)."""
+    """pg_dump or psql failed (the message has the first error line of the copy's log)."""
 
 
 class CopyResult(BaseModel):
@@ -436,7 +436,7 @@ def wait_for_copy(
     log = _read(remote, job.job_dir + "/copy.log")
     if rc != 0:
         errors = [ln for ln in log.splitlines() if "error" in ln.lower() or "fatal" in ln.lower()]
-        detail = (errors or log.strip().splitlines() or ["(no output)"])[-1]
+        detail = (errors[:1] or log.strip().splitlines()[-1:] or ["(no output)"])[0]
         raise CopyFailed(
             f"copying into {job.side} on {target.name} failed (exit {rc}) after {seconds:.1f} s: {detail}"
         )

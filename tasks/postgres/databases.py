@@ -493,7 +493,7 @@ def swap_back_databases(
 def analyze_database(
     pool: ConnectionPool, server: DbServer, database: str, *, dry_run: bool, timeout: float = 3600
 ) -> DatabaseChange:
-    """``ANALYZE`` every table of ``database`` (pg_restore leaves a copy without statistics).
+    """``ANALYZE`` every table of ``database`` (a restored copy has no statistics).
 
     Before a copy goes live: the app gets sensible query plans from its first request, and
     autovacuum has no analyze to start on the new tables while the swap ends every session.

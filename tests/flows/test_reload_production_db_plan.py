@@ -238,3 +238,19 @@ def test_plan_refusals(envs) -> None:
         plan_reload_production_db(
             PARAMS, envs["staging"], _reload_facts(workers=0), settings, RecoveryPlan(), "/c"
         )
+
+
+def test_plan_refuses_unreachable_app_servers(envs) -> None:
+    facts = _reload_facts().model_copy(
+        update={
+            "app": [
+                HostAppState(
+                    host="web1", address="10.0.0.4", role="web", error="unreachable: timed out"
+                )
+            ]
+        }
+    )
+    with pytest.raises(BadInput, match="web1 .unreachable: timed out"):
+        plan_reload_production_db(
+            PARAMS, envs["staging"], facts, ReloadProductionDbSettings(), RecoveryPlan(), "/c"
+        )
