@@ -479,7 +479,7 @@ def plan_reload_production_db(
         Change(
             step="analyze",
             target=t,
-            action=f"ANALYZE {side} (statistics for the app's first queries)",
+            action=f"VACUUM (ANALYZE) {side} (statistics and visibility for the app's first queries)",
         ),
         Change(
             step="upgrade-mode-on",

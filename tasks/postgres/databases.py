@@ -493,14 +493,14 @@ def swap_back_databases(
 def analyze_database(
     pool: ConnectionPool, server: DbServer, database: str, *, dry_run: bool, timeout: float = 3600
 ) -> DatabaseChange:
-    """``ANALYZE`` every table of ``database`` (a restored copy has no statistics).
+    """``VACUUM (ANALYZE)`` every table of ``database`` (a freshly loaded copy has no statistics,
+    no visibility map and no hint bits).
 
-    Before a copy goes live: the app gets sensible query plans from its first request, and
-    autovacuum has no analyze to start on the new tables while the swap ends every session.
-    Idempotent; nothing to compensate (statistics only).
+    Before a copy goes live: the app gets sensible query plans and index-only scans from its first
+    request, and autovacuum has nothing to start on the new tables (analyze, or the vacuum that
+    inserts trigger) while the swap ends every session. Idempotent; nothing to compensate.
     """
-    write_sql(
-        remote_for(pool, server, dry_run=dry_run), ["ANALYZE"], database=database, timeout=timeout
-    )
-    verb = "Would analyze" if dry_run else "Analyzed"
-    return _result(server, True, dry_run, f"{verb} {database} on {server.name}", ["ANALYZE"])
+    stmt = "VACUUM (ANALYZE)"
+    write_sql(remote_for(pool, server, dry_run=dry_run), [stmt], database=database, timeout=timeout)
+    verb = "Would vacuum and analyze" if dry_run else "Vacuumed and analyzed"
+    return _result(server, True, dry_run, f"{verb} {database} on {server.name}", [stmt])
