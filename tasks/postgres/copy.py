@@ -8,10 +8,11 @@ on the side database (as the ``postgres`` OS user over the local socket, after `
     { SET ROLE USER; pg_dump --format=plain --no-owner --no-acl --snapshot=S -h SOURCE -U USER
       SOURCE_DB; } | psql -v ON_ERROR_STOP=1 -d SIDE_DB
 
-Plain format streamed, stopping at the first error: the fastest of the modes measured between two
-test hosts on 2 cores (bench/reload_production_db.py, 1085 MB: plain 15.2 s, directory format with
--j2 17.7 s, custom -Z0 through pg_restore 22.6 s; research/test-peers.md measured custom -Z0 a
-little ahead of plain on 668 MB, 13.5 s against 14.3 s, so re-measure on your servers).
+Plain format streamed, stopping at the first error: measured between two test hosts on 2 cores
+(bench/reload_production_db.py, 1085 MB), it was far ahead on a busy machine (plain 15.2 s, directory
+format with -j2 17.7 s, custom -Z0 through pg_restore 22.6 s) and within noise of the others on a
+quiet one (8.8-11.9 s for all three); unlike the directory format it needs no room for a dump file.
+research/test-peers.md measured custom -Z0 a little ahead on 668 MB (13.5 s against 14.3 s).
 
 **The password** of the source role never touches a command line or a file: it is sent on the
 launching command's **stdin**, read by the shell into ``PGPASSWORD`` and inherited by ``psql`` and
