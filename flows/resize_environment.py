@@ -4,6 +4,7 @@ cache's queues, promoted without a lag check and left the old servers running fo
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Sequence
@@ -233,16 +234,15 @@ def plan_resize_environment(
                         current_type=s.instance_type,
                         wanted_type=web_wanted,
                         strategy="refresh-pending",
-                        note="run deploy-serial to replace it (resize does not start it)"
+                        note="replaced by deploy-serial after the resize (surge, no downtime)"
                         if refresh_available
-                        else "replaced by the rolling refresh (deploy-serial), not in fabflows yet: "
-                        "it runs the old type until replaced",
+                        else "keeps the old type until deploy-serial replaces it (not run here)",
                     )
                 )
         if any(c.strategy == "refresh-pending" for c in changes) and not refresh_available:
             warnings.append(
-                "web instances keep their type until they are replaced: the rolling refresh "
-                "(deploy-serial) is not available in fabflows yet"
+                "web instances keep their type until they are replaced: this resize does not run "
+                "the rolling refresh (deploy-serial not available, or refresh_web off)"
             )
     if any(c.role == "cache" and c.strategy == "window" for c in changes):
         warnings.append(
@@ -321,6 +321,9 @@ class ResizeReport(BaseModel):
     downtime: ProbeSummary | None = Field(default=None, description="Measured at the probe URL.")
     downtime_goal_seconds: float
     site_checks: list[HttpCheck] = Field(default_factory=list)
+    web_refresh: str | None = Field(
+        default=None, description="What deploy-serial did to the web instances (None: not run)."
+    )
 
     def render_text(self) -> str:
         out = [f"{self.deployment}/{self.environment}: {self.outcome}", ""]
@@ -504,6 +507,7 @@ def resize_environment(
     config: str | None = None,
     dry_run: bool = True,
     window_override_reason: str | None = None,
+    refresh_web: bool = True,
 ) -> ResizeReport:
     """Change servers to `instance_types[env][role]` (the original's `recreate_servers`, done safely).
 
@@ -523,9 +527,11 @@ def resize_environment(
       copied, no replica is rebuilt). Promoting a resized replica instead is not implemented.
       With `cache_strategy: terminate-and-recreate` the cache is not resized here: change its
       launch template.
-    - **web**: a new launch template version with the wanted type (no downtime); running web
-      instances are replaced by the rolling refresh (`deploy-serial`), which is not in fabflows
-      yet: until it runs they keep their type, and the report says so.
+    - **web**: a new launch template version with the wanted type (no downtime); then, after
+      everything else and outside this run's lock, `deploy-serial` replaces the running web
+      instances with surge capacity (its new version starts from this one, so it keeps the new
+      type). With `refresh_web` off, or without deploy-serial, they keep their type until
+      replaced, and the report says so.
     - **stopped servers** (e.g. by stop-environment): changed while stopped.
 
     **Refused before any change:** a wanted type EC2 does not know in the region, or with less
@@ -548,6 +554,7 @@ def resize_environment(
         dry_run: Only show the plan (default). Untick to apply.
         window_override_reason: Resize the primary outside the maintenance window, for this
             recorded reason.
+        refresh_web: Replace the running web instances with deploy-serial afterwards.
     """
     logger = get_run_logger()
     ctx = load_context(environment, deployment, config)
@@ -581,7 +588,7 @@ def resize_environment(
         unknown_types=unknown,
         minimum_memory_mib=resize_settings.minimum_memory_mib,
         cache_strategy=settings.cache_strategy,
-        refresh_available=REFRESH_FLOW in FLOWS,
+        refresh_available=REFRESH_FLOW in FLOWS and refresh_web,
         address_attribute=env.address_attribute,
     )
     plan_md = render_plan(plan, resize_settings.downtime_goal_seconds)
@@ -751,11 +758,42 @@ def resize_environment(
                 downtime.total_downtime_s,
                 resize_settings.downtime_goal_seconds,
             )
+    web_refresh = None
     if plan.by_strategy("refresh-pending"):
-        outcome += "; web instances await the rolling refresh"
+        if refresh_web and REFRESH_FLOW in FLOWS:
+            # after this run's lock is released: deploy-serial takes the environment's lock itself
+            module, _, attr = FLOWS[REFRESH_FLOW].partition(":")
+            refresh = getattr(importlib.import_module(module), attr)
+            try:
+                result = refresh(
+                    environment=env.environment,
+                    deployment=env.deployment,
+                    config=config,
+                    dry_run=False,
+                )
+            except Exception as exc:
+                raise RuntimeError(
+                    f"{env.label} resized ({outcome}), but replacing the web instances with "
+                    f"{REFRESH_FLOW} failed: {exc}. Run {REFRESH_FLOW} again."
+                ) from exc
+            probe = getattr(result, "probe", None)
+            web_refresh = (
+                f"{REFRESH_FLOW}: {len(getattr(result, 'replaced', {}))} web instance(s) replaced"
+                + (f"; {probe.describe()}" if probe else "")
+            )
+            outcome += f"; {web_refresh}"
+        else:
+            outcome += "; web instances await the rolling refresh (deploy-serial)"
     publish_markdown(
         key + "-result",
         f"# {FLOW_NAME}: {outcome}\n\n" + "\n".join(f"- {s.summary}" for s in log),
         f"Resize of {env.label}",
     )
-    return report(outcome, steps=log, window_seconds=seconds, downtime=downtime, site_checks=checks)
+    return report(
+        outcome,
+        steps=log,
+        window_seconds=seconds,
+        downtime=downtime,
+        site_checks=checks,
+        web_refresh=web_refresh,
+    )

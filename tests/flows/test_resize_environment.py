@@ -13,6 +13,7 @@ import pytest
 
 from config import load_config
 from fabflows.errors import BadInput
+from fabflows.testing import launch_template_fidelity, moto_fidelity
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
@@ -90,7 +91,7 @@ def test_plan_strategies_in_order() -> None:
         ("web", "i-w2", "refresh-pending"),
     ]
     assert not p.problems and p.retired == []
-    assert "not available in fabflows yet" in p.warnings[0]
+    assert "does not run the rolling refresh" in p.warnings[0]
     assert "RabbitMQ keeps persistent messages" in p.warnings[1]
     assert len(plan(ALL, refresh_available=True).warnings) == 1
 
@@ -180,6 +181,7 @@ def _config(tmp_path: Path, aws, network, instance_types: dict[str, str]) -> Pat
             "instance_wait_seconds": 60,
         },
         "upgrade": {"check_timeout_seconds": 20},
+        "refresh": {"poll_seconds": 0.2, "drain_seconds": 0, "instance_timeout_seconds": 60},
     }
     return write_config(
         tmp_path,
@@ -223,6 +225,8 @@ class Env:
 
 @pytest.fixture
 def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
+    moto_fidelity.apply()  # Standby leaves the load balancers, as on AWS (deploy-serial needs it)
+    launch_template_fidelity.apply()  # a version made from another inherits its data, as on AWS
     specs = [
         HostSpec(f"r6-{role}", f"{TEST_SUBNET}.{4 + n}", "db" if role.startswith("db") else "base")
         for n, role in enumerate(ROLES)
@@ -306,7 +310,14 @@ def test_resize_in_place_with_a_short_measured_window(prefect_server, environmen
         LaunchTemplateName="myproject-staging-web", Versions=["$Latest"]
     )["LaunchTemplateVersions"][0]
     assert latest["LaunchTemplateData"]["InstanceType"] == "m5.large"
-    assert "await the rolling refresh" in done.outcome
+    # deploy-serial replaced the web instances; its new version kept the new type
+    assert done.web_refresh.startswith("deploy-serial: 2 web instance(s) replaced")
+    group = boto_client(env.aws, "autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=["myproject-staging-ag"]
+    )["AutoScalingGroups"][0]
+    web_ids = [i["InstanceId"] for i in group["Instances"]]
+    web = boto_client(env.aws, "ec2").describe_instances(InstanceIds=web_ids)["Reservations"]
+    assert {i["InstanceType"] for r in web for i in r["Instances"]} == {"m5.large"}
     tags = boto_client(env.aws, "ec2").describe_instances(InstanceIds=list(env.ids.values()))
     for r in tags["Reservations"]:
         for i in r["Instances"]:
