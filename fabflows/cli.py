@@ -148,6 +148,7 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     elif args.apply:
         print(f"fabflows: {args.flow} changes nothing; --apply ignored", file=sys.stderr)
     os.environ.setdefault("FABFLOWS_PROGRESS_BAR", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from here
     os.environ.setdefault("FABFLOWS_STARTED_BY", f"cli:{os.environ.get('USER', 'unknown')}")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

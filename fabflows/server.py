@@ -228,9 +228,16 @@ def run(args: argparse.Namespace) -> int:
             print(str(exc), file=sys.stderr)
             return 1
         print(result.text())
+        from fabflows import warm
+
+        pid = warm.start()
+        print(f"warm runner: {'running (pid %d)' % pid if pid else 'not started'}")  # noqa: UP031
         print(f"export PREFECT_API_URL={result.info.api_url}" if result.info else "")
         return 0
     if args.server_command == "stop":
+        from fabflows import warm
+
+        warm.stop()
         print("stopped" if stop(args.state_dir) else "not running")
         return 0
     current = status(args.state_dir)

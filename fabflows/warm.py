@@ -118,6 +118,10 @@ def _child(conn: socket.socket, request: dict, fds: list[int], gate: int) -> Non
     except BaseException as exc:  # report, never leave the client hanging
         print(f"fabflows: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
+    # what a normal interpreter exit does: Prefect stops its temporary server in an atexit hook
+    import atexit
+
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -146,16 +146,16 @@ def demo() -> int:
     if up(state_dir) != 0:
         return 1
     config = str(state_dir / "fabflows.yaml")
+    from fabflows import server, warm
+
     ui = None
     try:
-        from fabflows import server  # type: ignore[attr-defined]
-
-        ui = server.ensure_running()
-    except (ImportError, AttributeError):
-        pass
-    if ui:
-        os.environ["PREFECT_API_URL"] = ui.rstrip("/") + "/api" if not ui.endswith("/api") else ui
-        # read by fabflows.cli.prefect_api_url() before Prefect settings are used
+        ui = (
+            server.start().info.api_url
+        )  # kept running: the UI, and the fast path for `fabflows run`
+        warm.start()
+    except RuntimeError as exc:
+        print(f"fabflows demo: no Prefect server ({exc}); using a temporary one", file=sys.stderr)
     from fabflows.cli import main as cli_main
 
     print("\n$ fabflows run describe-environment --environment staging --config " + config)
@@ -163,6 +163,7 @@ def demo() -> int:
     if ui:
         base = ui.removesuffix("/api")
         print(f"\nSee the run in the Prefect UI: {base}/runs (flow 'describe-environment').")
+        print("The server and the warm runner keep running: `fabflows server stop` stops them.")
     else:
         print(
             "\n(The run used a temporary Prefect server; `fabflows server start` keeps one with a UI.)"
