@@ -703,7 +703,10 @@ class NewRelicSettings(Strict):
     """update-newrelic-keys."""
 
     restart_timeout_seconds: float = Field(
-        default=120, gt=0, le=3600, description="Longest a restart of one server's programs may take."
+        default=120,
+        gt=0,
+        le=3600,
+        description="Longest a restart of one server's programs may take.",
     )
     healthy_timeout_seconds: float = Field(
         default=120,
