@@ -10,7 +10,8 @@ test host per EC2 instance, following its state) with ``rows`` rows in the prima
 2. start-environment (apply): back in reverse, every server reachable and in service, the group's
    sizes restored, every web server answering 200;
 3. resize-environment (apply) to bigger types: worker and replica one at a time, the primary and
-   the cache in one upgrade window; a probe polls a web server every 100 ms and counts non-200.
+   the cache in one upgrade window (a probe polls a web server every 100 ms and counts non-200),
+   then deploy-serial replaces the two web instances on the new type (surge, no downtime).
 
 The figure the issue names is resize's measured downtime: goal under 2 minutes, independent of
 the database's size (the primary's window is a stop/change/start; nothing is copied). In the
@@ -106,6 +107,7 @@ def bench(args: argparse.Namespace) -> int:
                         if resized.downtime
                         else None,
                         "rows_after": int(count),
+                        "web_refresh": resized.web_refresh,
                     }
                     results.append(row)
                     print(json.dumps(row), flush=True)

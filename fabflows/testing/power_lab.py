@@ -80,6 +80,7 @@ def write_lab_config(
             "instance_wait_seconds": 120,
         },
         "upgrade": {"check_timeout_seconds": 30},
+        "refresh": {"poll_seconds": 0.2, "drain_seconds": 0, "instance_timeout_seconds": 120},
     }
     directory.mkdir(parents=True, exist_ok=True)
     return write_config(
@@ -118,6 +119,10 @@ def build_power_lab(
     first_address: int = 4,
 ) -> PowerLab:
     """Start the hosts (call from the main thread), seed moto, fill the database."""
+    from fabflows.testing import launch_template_fidelity, moto_fidelity
+
+    moto_fidelity.apply()
+    launch_template_fidelity.apply()
     subnet = network.subnet
     specs = [
         HostSpec(
