@@ -9,6 +9,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows import audit
 from fabflows.report import (
     artifact_key,
     markdown_table,
@@ -196,6 +197,7 @@ def describe_environment(
     logger = get_run_logger()
     ctx = load_context(environment, deployment, config)
     env = ctx.env
+    starter = audit.record_start(env)
     before = CALLS.copy()
 
     servers_f = describe_servers.submit(ctx.creds, env.deployment, env.environment)
@@ -218,4 +220,10 @@ def describe_environment(
     logger.info("%s\n%s", env.label, text_table(rows, SERVER_COLUMNS))
     for problem in description.problems:
         logger.warning("%s", problem)
+    audit.record_summary(
+        env,
+        outcome=f"described {len(description.servers)} servers, {len(description.problems)} problem(s)",
+        plan_markdown=render_markdown(description),
+        starter=starter,
+    )
     return description
