@@ -139,6 +139,11 @@ def test_malformed_rules_in_config_are_refused_at_load(tmp_path: Path, section, 
 # --------------------------------------------------------------------------- the flow, for real
 
 
+def _section(aws, tmp_path: Path, **environments) -> dict:
+    """moto, and a state_dir of the test's own (the environment lock is not shared with others)."""
+    return moto_section(aws.endpoint, **environments) | {"state_dir": str(tmp_path / "state")}
+
+
 def _live(aws):
     s3 = boto_client(aws, "s3")
     try:
@@ -158,7 +163,7 @@ def bucket(aws):
 
 @pytest.mark.flow
 def test_dry_run_apply_and_apply_again(prefect_server, aws, bucket, tmp_path: Path) -> None:
-    config = str(write_config(tmp_path, fabflows=moto_section(aws.endpoint)))
+    config = str(write_config(tmp_path, fabflows=_section(aws, tmp_path)))
     before = _live(aws)
     dry = fix_static_cors("staging", config=config)
     assert dry.plan.changed and dry.applied is None
@@ -179,7 +184,7 @@ def test_dry_run_apply_and_apply_again(prefect_server, aws, bucket, tmp_path: Pa
 def test_failed_verification_puts_the_previous_rules_back(
     prefect_server, aws, bucket, tmp_path: Path
 ) -> None:
-    config = str(write_config(tmp_path, fabflows=moto_section(aws.endpoint)))
+    config = str(write_config(tmp_path, fabflows=_section(aws, tmp_path)))
     before = _live(aws)
     # the real preflight is unsigned (no SigV4 scope): fail it with a 503
     aws.queue_fault("", "*", code="ServiceUnavailable", status=503)
@@ -192,8 +197,9 @@ def test_failed_verification_puts_the_previous_rules_back(
 def test_rules_refusing_the_site_are_refused_before_any_change(
     prefect_server, aws, bucket, tmp_path: Path
 ) -> None:
-    section = moto_section(
-        aws.endpoint,
+    section = _section(
+        aws,
+        tmp_path,
         staging={
             "static_cors_rules": [
                 {"allowed_origins": ["https://x.example"], "allowed_methods": ["GET"]}
