@@ -70,6 +70,7 @@ class Stack:
                 "fabflows",
                 "--name",
                 name,
+                *(["--limit", str(limit)] if limit else []),
             ],
             env=self.env(),
             stdout=log,
