@@ -83,6 +83,9 @@ class AppEnv:
         return [h for iid, h in self.hosts.items() if self.roles.get(iid) == role]
 
     def destroy(self) -> None:
+        from fabflows.testing import moto_fidelity
+
+        moto_fidelity.elb_health_checks(False)
         for host in list(self.hosts.values()):
             if host.name in self.net.hosts:
                 self.net.destroy(host.name)
@@ -169,9 +172,14 @@ def build_app_env(
     ``app=False``: every host on the base image with only the secret files (no database, no app):
     enough for flows that read or write files.
     """
+    import requests
+
     from fabflows.testing import moto_fidelity
 
     moto_fidelity.apply()
+    moto_fidelity.elb_health_checks(True)  # off again in AppEnv.destroy()
+    # moto keeps one state per process, whichever server serves it: start from an empty one
+    requests.post(moto_endpoint + "/moto-api/reset", timeout=10).raise_for_status()
 
     section = moto_section(moto_endpoint)
     section["ssh"] = {

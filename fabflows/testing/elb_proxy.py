@@ -1,12 +1,11 @@
 """The data plane moto does not have: a load balancer that really forwards HTTP.
 
-moto keeps a classic ELB's registrations and reports every running instance InService, but routes no
-traffic and never runs the health check. :class:`ElbProxy` does both: an HTTP reverse proxy on a
-local port that forwards each request, round robin, to the instances the ELB has registered and
-*InService* (as moto says, re-read every ``refresh`` seconds) **and** that pass the ELB's health
-check (``GET /healthcheck.html`` answering 200, ``healthy_threshold`` times in a row to come in,
-``unhealthy_threshold`` failures to go out), at the instance's private address. A backend that fails
-gets a 502, as an ELB answers, and no backend at all a 503. So a probe through it sees what users behind a real ELB would see while
+moto keeps a classic ELB's registrations but routes no traffic. :class:`ElbProxy` does: an HTTP
+reverse proxy on a local port that forwards each request, round robin, to the instances the ELB has
+registered and *InService* (re-read every ``refresh`` seconds), at the instance's private address.
+With :func:`fabflows.testing.moto_fidelity.elb_health_checks` on, InService means the instance
+passed the ELB's health check, as on AWS (``health_check=True`` makes the proxy check by itself
+instead). A backend that fails gets a 502, as an ELB answers, and no backend at all a 503. So a probe through it sees what users behind a real ELB would see while
 runbooks register, deregister, restart and replace servers.
 """
 
@@ -31,11 +30,12 @@ class ElbProxy:
         region: str = "us-east-1",
         bind: str = "127.0.0.1",
         backend_port: int = 80,
-        refresh: float = 0.2,
+        refresh: float = 0.1,
         timeout: float = 5.0,
         health_path: str = "/healthcheck.html",
         healthy_threshold: int = 2,
         unhealthy_threshold: int = 2,
+        health_check: bool = False,
     ):
         self.endpoint = endpoint
         self.name = load_balancer_name
@@ -44,6 +44,7 @@ class ElbProxy:
         self.refresh = refresh
         self.timeout = timeout
         self.backends: list[str] = []
+        self.health_check = health_check
         self.health_path = health_path
         self.healthy_threshold = healthy_threshold
         self.unhealthy_threshold = unhealthy_threshold
@@ -86,7 +87,7 @@ class ElbProxy:
                     if inst.get("PrivateIpAddress"):
                         self._ips[inst["InstanceId"]] = inst["PrivateIpAddress"]
         registered = [self._ips[i] for i in ids if i in self._ips]
-        backends = [ip for ip in registered if self._health_check(ip)]
+        backends = [ip for ip in registered if not self.health_check or self._health_check(ip)]
         with self._lock:
             if backends != self.backends:
                 self.backends = backends

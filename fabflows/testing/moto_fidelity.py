@@ -6,6 +6,11 @@ Two gaps matter for taking web servers out of service and putting them back:
    balancers and target groups, and ``ExitStandby`` registers it again. moto only flips the
    lifecycle state; the instance keeps getting "traffic" (InService), and every later change of
    the group registers its Standby instances in the target groups again.
+4. **Health checks never run**: a classic ELB says InService for any running instance. With
+   :func:`elb_health_checks` on (the whole-environment tests turn it on while their servers
+   exist), ``DescribeInstanceHealth`` really requests the load balancer's health-check target at
+   each instance's private address and applies its healthy/unhealthy thresholds, as an ELB does:
+   a new instance is OutOfService until it has answered enough checks.
 3. **Launch template versions cannot be deleted**: moto has no ``DeleteLaunchTemplateVersions``.
    Added here as AWS documents it: the default version cannot be deleted, deleted versions are
    no longer described or launched, numbers are never reused.
@@ -96,6 +101,7 @@ def apply() -> None:
                         pass
 
         _patch_launch_template_versions()
+        _patch_elb_health()
         AutoScalingBackend.update_attached_target_groups = update_attached_target_groups
         AutoScalingBackend.enter_standby_instances = enter_standby_instances
         AutoScalingBackend.exit_standby_instances = exit_standby_instances
@@ -175,3 +181,86 @@ def _patch_launch_template_versions() -> None:
     LaunchTemplate.get_version = patched_get_version
     LaunchTemplateBackend.describe_launch_template_versions = patched_describe
     LaunchTemplates.delete_launch_template_versions = delete_launch_template_versions
+
+
+_health_checks_on = False
+_health: dict[
+    tuple[str, str], list[int]
+] = {}  # (lb, instance) -> [ok streak, fail streak, healthy]
+_health_lock = threading.Lock()
+
+
+def elb_health_checks(on: bool) -> None:
+    """Turn the health checks of classic ELBs on or off (process-wide; history reset)."""
+    global _health_checks_on
+    apply()
+    with _health_lock:
+        _health_checks_on = on
+        _health.clear()
+
+
+def _check(address: str, target: str, timeout: float = 0.5) -> bool:
+    """One ELB health check: ``HTTP:80/healthcheck.html`` -> GET it, 200 is healthy; ``TCP:22``."""
+    import http.client
+    import socket
+
+    protocol, _, rest = target.partition(":")
+    port_text, _, path = rest.partition("/")
+    try:
+        port = int(port_text)
+        if protocol.upper() in ("HTTP", "HTTPS"):
+            conn = http.client.HTTPConnection(address, port, timeout=timeout)
+            conn.request("GET", "/" + path)
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _patch_elb_health() -> None:
+    from moto.ec2.models import ec2_backends
+    from moto.elb.models import ELBBackend
+
+    describe = ELBBackend.describe_instance_health
+
+    def describe_instance_health(self, lb_name, instances):  # noqa: ANN001, ANN202
+        out = describe(self, lb_name, instances)
+        if not _health_checks_on:
+            return out
+        elb = self.get_load_balancer(lb_name)
+        check = getattr(elb, "health_check", None)
+        if check is None:
+            return out
+        ec2 = ec2_backends[self.account_id][self.region_name]
+        for entry in out:
+            if entry["State"] != "InService":
+                continue
+            try:
+                address = ec2.get_instance(entry["InstanceId"]).private_ip
+            except Exception:  # noqa: BLE001
+                continue
+            ok = _check(address, check.target)
+            with _health_lock:
+                streaks = _health.setdefault((lb_name, entry["InstanceId"]), [0, 0, 0])
+                if ok:
+                    streaks[0], streaks[1] = streaks[0] + 1, 0
+                    if streaks[0] >= int(check.healthy_threshold):
+                        streaks[2] = 1
+                else:
+                    streaks[0], streaks[1] = 0, streaks[1] + 1
+                    if streaks[1] >= int(check.unhealthy_threshold):
+                        streaks[2] = 0
+                healthy = bool(streaks[2])
+            if not healthy:
+                entry["State"] = "OutOfService"
+                entry["ReasonCode"] = "Instance"
+                entry["Description"] = (
+                    "Instance has failed at least the UnhealthyThreshold number of health checks "
+                    "consecutively."
+                )
+        return out
+
+    ELBBackend.describe_instance_health = describe_instance_health

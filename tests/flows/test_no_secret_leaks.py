@@ -14,7 +14,9 @@ import shlex
 import threading
 import uuid
 
+import psycopg
 import pytest
+import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -32,6 +34,7 @@ from fabflows.testing.app_env import (
 )
 from fabflows.testing.elb_proxy import ElbProxy
 from fabflows.testing.moto_server import MotoServer
+from fabflows.testing.rabbitmq import authenticates as broker_accepts
 from flows.deploy_serial import deploy_serial
 from flows.pull_server_secrets import pull_server_secrets
 from flows.push_server_secrets import push_server_secrets
@@ -198,6 +201,24 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
                 environment="staging", config=config, dry_run=False, return_state=True
             )
         )
+        assert states[-1].is_completed(), states[-1].message
+        rotation = states[-1].result()
+        assert rotation.rollout.mode == "window"
+        assert {a.secret for a in rotation.plan.auth} == {"database_password", "broker_password"}
+        # rotated where they are checked, and the site (Django -> pgbouncer -> PostgreSQL) works
+        db = env.db_host
+        psycopg.connect(
+            host=db.ip, user="dbuser", dbname="myproject_staging",
+            password=new["database_password"], connect_timeout=5,
+        ).close()  # fmt: skip
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(
+                host=db.ip, user="dbuser", dbname="myproject_staging",
+                password=old["database_password"], connect_timeout=5,
+            ).close()  # fmt: skip
+        assert broker_accepts(env.by_role("cache")[0], "deploy", new["broker_password"])
+        page = requests.get(proxy.url, timeout=5)
+        assert page.status_code == 200 and "latest order" in page.text
         # update-newrelic-keys: a new license key, rolling, then another one, fast
         for key, mode in ((keys[0], "rolling"), (keys[1], "fast")):
             _save(dict(new, newrelic_license_key=key))
