@@ -27,7 +27,7 @@ from tasks.aws.ec2 import describe_servers
 from tasks.postgres.roles import alter_role_password, shown_statement
 from tasks.ssh.connection import ConnectionPool, SshOptions
 from tasks.ssh.fleet import FleetHost, RateControl, hosts_from_servers, run_fleet
-from tasks.ssh.rabbitmq import broker_password_step
+from tasks.ssh.rabbitmq import broker_check_step, broker_password_step
 from tasks.ssh.secrets import (
     BadTemplate,
     FileSpec,
@@ -398,17 +398,39 @@ def change_broker_password(
     new: SecretStr,
     *,
     dry_run: bool,
+    checked: bool = False,
 ) -> None:
     """Make every cache server's RabbitMQ accept ``new`` for ``user`` (compensation: swap them)."""
     result = run_fleet(
         hosts,
-        broker_password_step(user, current, new),
+        broker_password_step(user, current, new, checked=checked),
         pool=pool,
         rate=RateControl(max_concurrency="100%", max_errors=0),
         dry_run=dry_run,
         name="change-broker-password",
     )
     result.raise_for_errors()
+
+
+@task(name="check-broker-password", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def check_broker(
+    pool: ConnectionPool, hosts: list[FleetHost], user: str, current: SecretStr, new: SecretStr
+) -> dict[str, str]:
+    """Read-only: address -> which password (``current``/``new``) each broker accepts.
+
+    Raises:
+        FleetError: a broker refuses both (the servers' broker_password does not match it).
+    """
+    result = run_fleet(
+        hosts,
+        broker_check_step(user, current, new),
+        pool=pool,
+        rate=RateControl(max_concurrency="100%", max_errors="100%"),
+        dry_run=True,
+        name="check-broker-password",
+    )
+    result.raise_for_errors()
+    return {r.address: r.output for r in result.results}
 
 
 # --------------------------------------------------------------------------- the flow
@@ -608,29 +630,35 @@ def gather_auth(
         caches = [h for h in hosts if h.role == "cache"]
         cache, current = reference_value(pool, hosts, "cache", env.home, "broker_password")
         new = values["broker_password"]
+        user = settings.broker_user or env.deploy_user
         if (
             cache is not None
             and current is not None
             and current.get_secret_value() != new.get_secret_value()
         ):
-            user = settings.broker_user or env.deploy_user
-            auth.append(
-                AuthChange(
-                    secret="broker_password",
-                    where=f"RabbitMQ user {user} on {', '.join(labels[c.address] for c in caches)}",
-                    what=f"rabbitmqctl change_password {user} < stdin",
+            # which password each broker accepts, checked now (outside any window): a broker
+            # refusing both stops the run here, before anything changed
+            states = check_broker(pool, caches, user, current, new)
+            todo = [c for c in caches if states.get(c.address) != "new"]
+            if todo:
+                auth.append(
+                    AuthChange(
+                        secret="broker_password",
+                        where=f"RabbitMQ user {user} on "
+                        + ", ".join(labels[c.address] for c in todo),
+                        what=f"rabbitmqctl change_password {user} < stdin",
+                    )
                 )
-            )
-            do.append(
-                lambda c=current, n=new: change_broker_password(
-                    pool, caches, user, c, n, dry_run=False
+                do.append(
+                    lambda c=current, n=new, h=todo: change_broker_password(
+                        pool, h, user, c, n, dry_run=False, checked=True
+                    )
                 )
-            )
-            undo.append(
-                lambda c=current, n=new: change_broker_password(
-                    pool, caches, user, n, c, dry_run=False
+                undo.append(
+                    lambda c=current, n=new, h=todo: change_broker_password(
+                        pool, h, user, n, c, dry_run=False
+                    )
                 )
-            )
 
     def apply() -> None:
         for step in do:

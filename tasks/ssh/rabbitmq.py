@@ -46,26 +46,54 @@ def change_password(remote: Remote, user: str, password: SecretStr) -> None:
     )
 
 
-def broker_password_step(user: str, current: SecretStr, new: SecretStr):  # noqa: ANN201
+def broker_password_step(  # noqa: ANN201
+    user: str, current: SecretStr, new: SecretStr, *, checked: bool = False
+):
     """A fleet step making ``user`` accept ``new`` (checked with ``current`` first).
+
+    ``checked=True`` skips the checks before the change (the caller ran :func:`broker_check_step`
+    earlier, outside a window: each rabbitmqctl call costs a second or two).
 
     Raises (inside the step, so the host fails with the message): the broker refuses both
     passwords, or refuses the new one after the change.
     """
 
     def step(remote: Remote, host: FleetHost) -> HostResult:
-        if authenticates(remote, user, new):
-            return HostResult(status="unchanged", message=f"{user} already has the new password")
-        if not authenticates(remote, user, current):
-            raise RuntimeError(
-                f"RabbitMQ refuses {user} with both the current and the new password: the "
-                "servers' broker_password does not match the broker"
-            )
+        if not checked:
+            state = broker_state(remote, user, current, new)
+            if state == "new":
+                return HostResult(
+                    status="unchanged", message=f"{user} already has the new password"
+                )
         change_password(remote, user, new)
         if remote.dry_run:
             return HostResult(status="changed", message=f"would change the password of {user}")
         if not authenticates(remote, user, new):
             raise RuntimeError(f"RabbitMQ refuses {user} with the new password after the change")
         return HostResult(status="changed", message=f"changed the password of {user}")
+
+    return step
+
+
+def broker_state(remote: Remote, user: str, current: SecretStr, new: SecretStr) -> str:
+    """``new`` (already changed) or ``current``; raises RuntimeError when the broker refuses both."""
+    if authenticates(remote, user, new):
+        return "new"
+    if authenticates(remote, user, current):
+        return "current"
+    raise RuntimeError(
+        f"RabbitMQ refuses {user} with both the current and the new password: the servers' "
+        "broker_password does not match the broker"
+    )
+
+
+def broker_check_step(user: str, current: SecretStr, new: SecretStr):  # noqa: ANN201
+    """A read-only fleet step: which password the broker accepts now (``output``: new/current)."""
+
+    def step(remote: Remote, host: FleetHost) -> HostResult:
+        state = broker_state(remote, user, current, new)
+        return HostResult(
+            status="unchanged", message=f"{user}: accepts the {state} password", output=state
+        )
 
     return step
