@@ -392,9 +392,10 @@ class Rollout:
                         try:
                             if before_swap is not None:
                                 before_swap()
-                            if mode == "window":
-                                self.apply_all(others, "apply-other-servers")
-                            self.apply_all(web, "apply-web-servers")
+                            if mode == "window":  # users see the page anyway: all at once
+                                self.apply_all(others + web, "apply-all-servers")
+                            else:
+                                self.apply_all(web, "apply-web-servers")
                         except Exception as exc:
                             error = exc
                             problems += self._undo("window")
