@@ -21,6 +21,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,25 +77,67 @@ def _pump(a: socket.socket, b) -> None:  # noqa: ANN001 - a paramiko Channel
                 if not data:
                     break
                 a.sendall(data)
-    except OSError:
+    except (OSError, EOFError):
         pass
     finally:
-        b.close()
+        try:
+            b.close()
+        except (OSError, EOFError):  # the SSH connection itself is gone: nothing to tell it
+            pass
         a.close()
+
+
+class _Forwarder:
+    """The SSH side of :func:`tunnel`: opens a channel per local connection, and opens a new
+    SSH connection when the old one died (a dropped connection costs one session, not the task)."""
+
+    def __init__(self, host: str, opts: SshOptions, port: int):
+        self.host, self.opts, self.port = host, opts, port
+        self._lock = threading.Lock()
+        self.conn = connect(host, opts)
+        self.reconnects = 0
+
+    def _transport(self):  # noqa: ANN202 - a paramiko Transport
+        with self._lock:
+            transport = self.conn.client.get_transport()
+            if transport is None or not transport.is_active():
+                self.conn.close()
+                self.conn = connect(self.host, self.opts)
+                self.reconnects += 1
+                transport = self.conn.client.get_transport()
+            return transport
+
+    def open(self, peer: tuple[str, int]):  # noqa: ANN201 - a paramiko Channel
+        for attempt in (1, 2):
+            transport = self._transport()
+            try:
+                return transport.open_channel(
+                    "direct-tcpip",
+                    ("127.0.0.1", self.port),
+                    peer,
+                    timeout=self.opts.connect_timeout,
+                )
+            except Exception:  # the connection may have died just now: once more on a new one
+                if attempt == 2 or transport.is_active():
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
 
 
 @contextmanager
 def tunnel(host: str, opts: SshOptions, port: int) -> Iterator[int]:
     """A local port (127.0.0.1, bound before this yields) forwarded over SSH to the server's
     ``127.0.0.1:<port>``: PostgreSQL needs no address reachable from here."""
-    conn = connect(host, opts)
+    forwarder = _Forwarder(host, opts, port)
     listener = socket.socket()
     stop = threading.Event()
     try:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         listener.settimeout(0.5)
-        transport = conn.client.get_transport()
 
         def accept() -> None:
             while not stop.is_set():
@@ -105,9 +148,7 @@ def tunnel(host: str, opts: SshOptions, port: int) -> Iterator[int]:
                 except OSError:
                     return
                 try:
-                    channel = transport.open_channel(
-                        "direct-tcpip", ("127.0.0.1", port), peer, timeout=opts.connect_timeout
-                    )
+                    channel = forwarder.open(peer)
                 except Exception:  # noqa: BLE001 - the client sees a closed connection
                     client.close()
                     continue
@@ -118,29 +159,37 @@ def tunnel(host: str, opts: SshOptions, port: int) -> Iterator[int]:
     finally:
         stop.set()
         listener.close()
-        conn.close()
+        forwarder.close()
 
 
-def _login(port: int, role: str, database: str, password: SecretStr) -> psycopg.Connection | None:
-    """A session as ``role`` with ``password``; None when the password is refused."""
-    try:
-        return psycopg.connect(
-            host="127.0.0.1",
-            port=port,
-            user=role,
-            dbname=database,
-            password=password.get_secret_value(),
-            connect_timeout=10,
-            autocommit=True,
-            application_name="fabflows",
-        )
-    except psycopg.OperationalError as exc:
-        text = str(exc)
-        if "password authentication failed" in text or "authentication failed" in text:
-            return None
-        raise RolePasswordError(
-            f"cannot reach PostgreSQL as {role} on the db-primary: {text.strip().splitlines()[-1]}"
-        ) from None
+def login_as(port: int, role: str, database: str, password: SecretStr) -> psycopg.Connection | None:
+    """A session as ``role`` with ``password``; None when the password is refused.
+
+    A connection dropped before PostgreSQL answered (the SSH connection under the tunnel died) is
+    tried twice more: the tunnel opens a new SSH connection, and a login only reads."""
+    for attempt in range(1, 4):
+        try:
+            return psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=role,
+                dbname=database,
+                password=password.get_secret_value(),
+                connect_timeout=10,
+                autocommit=True,
+                application_name="fabflows",
+            )
+        except psycopg.OperationalError as exc:
+            text = str(exc)
+            if "password authentication failed" in text or "authentication failed" in text:
+                return None
+            if attempt < 3 and "closed the connection unexpectedly" in text:
+                time.sleep(0.5 * attempt)
+                continue
+            raise RolePasswordError(
+                f"cannot reach PostgreSQL as {role} on the db-primary: {' '.join(text.split())}"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 @task(
@@ -178,7 +227,7 @@ def alter_role_password(
     logger = get_run_logger()
     shown = shown_statement(role)
     with tunnel(server, opts, port) as local:
-        session = _login(local, role, database, new)
+        session = login_as(local, role, database, new)
         if session is not None:
             session.close()
             summary = f"{role} on {server} already accepts the new password"
@@ -191,7 +240,7 @@ def alter_role_password(
                 server=server,
                 statement=shown,
             )
-        session = _login(local, role, database, current)
+        session = login_as(local, role, database, current)
         if session is None:
             raise RolePasswordError(
                 f"PostgreSQL on {server} refuses {role} with both the current and the new "
@@ -213,7 +262,7 @@ def alter_role_password(
                 new.get_secret_value().encode(), role.encode(), b"scram-sha-256"
             ).decode()
             session.execute(alter_role_statement(role, verifier))
-        check = _login(local, role, database, new)
+        check = login_as(local, role, database, new)
         if check is None:
             raise RolePasswordError(
                 f"{role} on {server}: ALTER ROLE ran but the new password is refused"

@@ -9,7 +9,13 @@ from pydantic import SecretStr
 
 from sandbox.seed_db import psql, seed_database
 from sandbox.testhosts import HostSpec
-from tasks.postgres.roles import RolePasswordError, alter_role_password, shown_statement
+from tasks.postgres.roles import (
+    RolePasswordError,
+    alter_role_password,
+    login_as,
+    shown_statement,
+    tunnel,
+)
 from tasks.ssh.connection import SshOptions
 
 pytestmark = pytest.mark.hosts
@@ -30,6 +36,14 @@ def _login(ip: str, password: str) -> bool:
         return True
     except psycopg.OperationalError:
         return False
+
+
+def _session(port: int, password: str) -> bool:
+    conn = login_as(port, "dbuser", "appdb", SecretStr(password))
+    if conn is None:
+        return False
+    with conn:
+        return conn.execute("SELECT current_user").fetchone() == ("dbuser",)
 
 
 def test_dry_apply_again_and_compensate(make_hosts, test_network) -> None:
@@ -78,3 +92,11 @@ def test_dry_apply_again_and_compensate(make_hosts, test_network) -> None:
     logs = db.exec(["sh", "-c", "cat /var/log/supervisor/postgresql.log"]).stdout
     assert "ALTER ROLE" in logs and "SCRAM-SHA-256$" in logs
     assert OLD not in logs and NEW not in logs
+
+    # the SSH connection under the tunnel dies mid-task (sshd's session killed, the listener kept):
+    # the next login opens a new one instead of failing the rotation
+    with tunnel(db.ip, opts, 5432) as port:
+        assert _session(port, OLD)
+        sessions = db.exec(["pkill", "-KILL", "-f", "^sshd: deploy"], check=False)
+        assert sessions.returncode == 0, "no sshd session to kill"
+        assert _session(port, OLD)
