@@ -26,10 +26,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from config.models import StopStartSettings
+from config.models import EnvironmentSettings, StopStartSettings
 from fabflows.runbook import RunContext
-from tasks.aws.autoscaling import AutoScalingGroup
-from tasks.aws.ec2 import Server
+from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
+from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.ec2_writes import (
     STOPPED_TAG,
     RunRecord,
@@ -453,6 +453,32 @@ def plan_start_environment(
         problems=problems,
         warnings=warnings,
     )
+
+
+def gather_start_plan(
+    ctx: RunContext, settings: EnvironmentSettings
+) -> tuple[AutoScalingGroup | None, PowerPlan]:
+    """Gather the servers and the web group as they are now (read tasks) and plan a start.
+
+    start-environment plans with it, and a failed stop-environment plans its way back up with it.
+    """
+    env = ctx.env
+    servers = describe_servers(ctx.creds, env.deployment, env.environment)
+    group = (
+        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
+        if env.auto_scaling_group
+        else None
+    )
+    plan = plan_start_environment(
+        env.label,
+        servers,
+        group,
+        group_configured=env.auto_scaling_group,
+        cache_strategy=settings.cache_strategy,
+        cache_launch_template=settings.cache_launch_template,
+        address_attribute=env.address_attribute,
+    )
+    return group, plan
 
 
 def stopped_capacity(

@@ -17,12 +17,11 @@ from fabflows.runbook import RunContext, load_context
 from flows.environment_power import (
     PowerReport,
     clear_records,
-    plan_start_environment,
+    gather_start_plan,
     power_up,
     render_plan,
     stopped_capacity,
 )
-from tasks.aws.autoscaling import describe_auto_scaling_group
 from tasks.aws.ec2 import describe_servers
 from tasks.aws.ec2_writes import describe_launch_template_type
 from tasks.aws.pricing import compute_savings, price_table
@@ -105,21 +104,7 @@ def start_environment(
     audit.record_start(env)
     opts = SshOptions.from_settings(cfg.fabflows.ssh, env.deploy_user)
 
-    servers = describe_servers(ctx.creds, env.deployment, env.environment)
-    group = (
-        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-        if env.auto_scaling_group
-        else None
-    )
-    plan = plan_start_environment(
-        env.label,
-        servers,
-        group,
-        group_configured=env.auto_scaling_group,
-        cache_strategy=settings.cache_strategy,
-        cache_launch_template=settings.cache_launch_template,
-        address_attribute=env.address_attribute,
-    )
+    group, plan = gather_start_plan(ctx, settings)
     web_type = None
     if group is not None and group.launch_template:
         web_type = describe_launch_template_type(

@@ -16,8 +16,8 @@ from fabflows.runbook import load_context
 from flows.environment_power import (
     PowerReport,
     clear_records,
+    gather_start_plan,
     hourly_cost,
-    plan_start_environment,
     plan_stop_environment,
     power_down,
     power_up,
@@ -196,21 +196,7 @@ def stop_environment(
         except BaseException as exc:
             logger.error("stop failed (%s): bringing %s back up from the records", exc, env.label)
             try:
-                undo_servers = describe_servers(ctx.creds, env.deployment, env.environment)
-                undo_group = (
-                    describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-                    if env.auto_scaling_group
-                    else None
-                )
-                undo = plan_start_environment(
-                    env.label,
-                    undo_servers,
-                    undo_group,
-                    group_configured=env.auto_scaling_group,
-                    cache_strategy=settings.cache_strategy,
-                    cache_launch_template=settings.cache_launch_template,
-                    address_attribute=env.address_attribute,
-                )
+                _, undo = gather_start_plan(ctx, settings)
                 from flows.start_environment import load_passphrase
 
                 undo_log: list[StepResult] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from prefect import flow
@@ -17,15 +18,17 @@ def hold_environment_lock(
     config: str | None = None,
     seconds: float = 30,
     marker: str = "",
+    release: str = "",
 ) -> str:
-    """Hold the environment's lock for ``seconds`` (writes ``marker`` once held).
+    """Hold the environment's lock for ``seconds``, or until the file ``release`` exists.
 
     Args:
         environment: Environment to lock.
         deployment: Deployment.
         config: Config path (default: $FABFLOWS_CONFIG).
-        seconds: How long to hold it.
+        seconds: How long to hold it at most.
         marker: File to append the hold interval to (epoch seconds).
+        release: A file whose appearance ends the hold early.
     """
     ctx = load_context(environment, deployment, config)
     audit.record_start(ctx.env)
@@ -33,7 +36,9 @@ def hold_environment_lock(
         if marker:  # "<acquired> <released>" lines, appended
             with open(marker, "a") as f:
                 f.write(f"{time.time()} ")
-        time.sleep(seconds)
+        until = time.monotonic() + seconds
+        while time.monotonic() < until and not (release and os.path.exists(release)):
+            time.sleep(0.1)
         if marker:
             with open(marker, "a") as f:
                 f.write(f"{time.time()}\n")

@@ -1,12 +1,13 @@
-"""An environment for stop/start/resize benchmarks: moto inventory, one isolated test host per
-instance following EC2 states (:class:`~fabflows.testing.ec2_hosts.Ec2HostMirror`), PostgreSQL
-with a table of ``rows`` rows on the primary, a worker with a celery stand-in under supervisor,
-web servers with FabulAWS's nginx logic, and a config pointing at all of it.
+"""An environment for the stop/start/resize tests and benchmarks: moto inventory, one isolated
+test host per instance following EC2 states (:class:`~fabflows.testing.ec2_hosts.Ec2HostMirror`),
+PostgreSQL with a table of ``rows`` rows on the primary, a worker with a celery stand-in under
+supervisor, web servers with FabulAWS's nginx logic, and a config pointing at all of it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ SEED_TYPES = {
 
 
 def supervisorctl(host: TestHost, *args: str, timeout: float = 15.0) -> None:
+    """Run supervisorctl in a host, waiting for supervisord (PID 1) to open its socket first."""
     deadline = time.monotonic() + timeout
     while True:
         done = host.exec(["supervisorctl", *args], check=False)
@@ -49,21 +51,34 @@ def supervisorctl(host: TestHost, *args: str, timeout: float = 15.0) -> None:
 
 
 def psql(host: TestHost, sql: str) -> str:
+    """``sql`` as the postgres superuser in the host; unaligned, tuples only."""
     return host.exec(
         ["runuser", "-u", "postgres", "--", "psql", "-Atc", sql], timeout=600
     ).stdout.strip()
 
 
-def _web(host: TestHost, role: str) -> None:
+def celery_state(host: TestHost) -> str:
+    """The celery stand-in's supervisor state on the worker (RUNNING, STOPPED...)."""
+    out = host.exec(["supervisorctl", "status", "staging-celery:staging-celery-main"], check=False)
+    return out.stdout.split()[1]
+
+
+def provision_web_host(host: TestHost, role: str) -> None:
+    """What a web AMI's boot does here: FabulAWS's nginx logic and the app's port."""
     if role == "web":
         host.wait_for_port(80)
         provision_web(host, f"{HOME}/services/nginx/html", 8000)
 
 
 def write_lab_config(
-    directory: Path, endpoint: str, network: TestNetwork, instance_types: dict[str, str]
+    directory: Path,
+    endpoint: str,
+    network: TestNetwork,
+    instance_types: dict[str, str],
+    staging: dict[str, Any] | None = None,
 ) -> Path:
-    section = moto_section(endpoint, staging={})
+    """The lab's config: ssh to the test hosts, short polls, ``staging`` settings on top."""
+    section = moto_section(endpoint, staging=staging or {})
     section |= {
         "ssh": {
             "user": "deploy",
@@ -117,20 +132,38 @@ def build_power_lab(
     rows: int,
     instance_types: dict[str, str],
     first_address: int = 4,
+    name_prefix: str = "pl",
+    staging: dict[str, Any] | None = None,
+    start: Callable[[Sequence[HostSpec]], list[TestHost]] | None = None,
 ) -> PowerLab:
-    """Start the hosts (call from the main thread), seed moto, fill the database."""
+    """Start the hosts (call from the main thread), seed moto, fill the database.
+
+    Args:
+        network: The test network the hosts join.
+        moto: The moto server (``endpoint``; its requests drive the mirror).
+        directory: Where the configs and state go.
+        rows: Rows in ``shop_order`` on the db-primary.
+        instance_types: The config's instance types (the seed uses :data:`SEED_TYPES`).
+        first_address: Host part of the first non-web server's address (moto gives the
+            group's instances the next free ones).
+        name_prefix: Host names: ``<prefix>-<role>``, new web hosts ``<prefix>w...``.
+        staging: Extra settings of the ``staging`` environment (``cache_strategy``...).
+        start: Starts the hosts (default ``network.start``; tests pass ``make_hosts``).
+    """
     from fabflows.testing import launch_template_fidelity, moto_fidelity
 
-    moto_fidelity.apply()
-    launch_template_fidelity.apply()
+    moto_fidelity.apply()  # Standby leaves the load balancers, as on AWS (deploy-serial needs it)
+    launch_template_fidelity.apply()  # a version made from another inherits its data, as on AWS
     subnet = network.subnet
     specs = [
         HostSpec(
-            f"pl-{role}", f"{subnet}.{first_address + n}", "db" if role.startswith("db") else "base"
+            f"{name_prefix}-{role}",
+            f"{subnet}.{first_address + n}",
+            "db" if role.startswith("db") else "base",
         )
         for n, role in enumerate(ROLES)
     ]
-    hosts = dict(zip(ROLES, network.start(specs), strict=True))
+    hosts = dict(zip(ROLES, (start or network.start)(specs), strict=True))
     worker = hosts["worker"]
     worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
     supervisorctl(worker, "update")
@@ -156,16 +189,22 @@ def build_power_lab(
     )
     size = int(psql(primary, "SELECT pg_database_size('postgres')"))
     seeded_cfg = load_config(
-        write_lab_config(directory / "seed", moto.endpoint, network, SEED_TYPES)
+        write_lab_config(directory / "seed", moto.endpoint, network, SEED_TYPES, staging)
     )
     seeded = seed(
         moto.endpoint, seeded_cfg, ["staging"], f"{subnet}.0/24", iter(h.ip for h in hosts.values())
     ).environments[0]
     ids = {role: seeded.instance_ids[role][0] for role in ROLES}
-    mirror = Ec2HostMirror(network, moto.endpoint, subnet, on_new_host=_web, name_prefix="plw")
+    mirror = Ec2HostMirror(
+        network,
+        moto.endpoint,
+        subnet,
+        on_new_host=provision_web_host,
+        name_prefix=f"{name_prefix}w",
+    )
     for role, host in hosts.items():
         mirror.adopt(ids[role], host)
     mirror.attach(moto)
     mirror.reconcile()
-    config = write_lab_config(directory, moto.endpoint, network, instance_types)
+    config = write_lab_config(directory, moto.endpoint, network, instance_types, staging)
     return PowerLab(config=config, hosts=hosts, ids=ids, mirror=mirror, database_bytes=size)

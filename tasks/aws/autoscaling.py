@@ -7,17 +7,16 @@ can be undone by the next end-upgrade, which resumes exactly what fabflows suspe
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.aws.session import aws_client
-from tasks.plan import StepResult
+from tasks.plan import RunRecord, StepResult
 
 
 class AutoScalingGroup(BaseModel):
@@ -81,10 +80,8 @@ TAG_VALUE_LIMIT = 256
 """Auto Scaling tag values are at most 256 characters."""
 
 
-class UpgradeModeRecord(BaseModel):
+class UpgradeModeRecord(RunRecord):
     """Who put the environment in upgrade mode, and when. Kept on the group and on each web server."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     run: str = Field(
         description="Flow run id that holds upgrade mode (local-<uuid> outside Prefect)."
@@ -96,25 +93,6 @@ class UpgradeModeRecord(BaseModel):
     by: str = Field(
         default="", description="host:pid:start of the process that took it (liveness check)."
     )
-
-    @field_validator("since")
-    @classmethod
-    def _utc_seconds(cls, v: datetime) -> datetime:
-        """Stored to the second in UTC, so a record read back equals the one written."""
-        if v.tzinfo is None:
-            raise ValueError("since must carry a time zone")
-        return v.astimezone(UTC).replace(microsecond=0)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "run": self.run,
-                "flow": self.flow,
-                "since": self.since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "by": self.by,
-            },
-            separators=(",", ":"),
-        )
 
     @classmethod
     def from_json(cls, text: str) -> UpgradeModeRecord:

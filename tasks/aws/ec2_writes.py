@@ -16,9 +16,7 @@ standard retry mode handles throttling underneath.
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -26,11 +24,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.aws.ec2 import Server, server_from_instance
 from tasks.aws.session import aws_client
-from tasks.plan import StepResult
+from tasks.plan import RunRecord, StepResult
 
 STOPPED_TAG = "fabflows:stopped"
 RESIZE_TAG = "fabflows:resize"
@@ -38,43 +36,6 @@ RESIZE_TAG = "fabflows:resize"
 
 class InstanceWaitTimeout(TimeoutError):
     """Instances did not reach the wanted state in time; the message names them."""
-
-
-class RunRecord(BaseModel):
-    """Which run did something to an instance, and since when (kept in a tag, JSON)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    run: str
-    flow: str
-    since: datetime
-
-    @field_validator("since")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("since must carry a time zone")
-        return v.astimezone(UTC).replace(microsecond=0)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "run": self.run,
-                "flow": self.flow,
-                "since": self.since.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def from_tag(cls, text: str | None) -> RunRecord | None:
-        """The record in a tag value; None when absent or unreadable."""
-        if not text:
-            return None
-        try:
-            return cls.model_validate_json(text)
-        except ValueError:
-            return None
 
 
 def stop_record_of(server: Server) -> RunRecord | None:

@@ -95,6 +95,52 @@ def _summary(verb: str, instance_id: str, where: Sequence[str], targets: Targets
     return f"{verb} {instance_id} {preposition} {shown}"
 
 
+def _change_membership(
+    creds: AwsCredentials,
+    instance_id: str,
+    targets: Targets,
+    registered_in: list[str],
+    places: list[str],
+    *,
+    register: bool,
+    dry_run: bool,
+) -> MembershipResult:
+    """(De)register ``instance_id`` in ``places`` (classic ELB names and target group ARNs)."""
+    verb = "register" if register else "deregister"
+    if not places:
+        summary = (
+            f"{instance_id} is already registered"
+            if register
+            else f"{instance_id} is in no load balancer"
+        )
+    elif dry_run:
+        summary = _summary(f"Would {verb}", instance_id, places, targets)
+    else:
+        for where in places:
+            if where.startswith("arn:"):
+                elbv2 = aws_client(creds, "elbv2")
+                call = elbv2.register_targets if register else elbv2.deregister_targets
+                call(TargetGroupArn=where, Targets=[{"Id": instance_id}])
+            else:
+                elb = aws_client(creds, "elb")
+                call = (
+                    elb.register_instances_with_load_balancer
+                    if register
+                    else elb.deregister_instances_from_load_balancer
+                )
+                call(LoadBalancerName=where, Instances=[{"InstanceId": instance_id}])
+        summary = _summary(f"{verb.capitalize()}ed", instance_id, places, targets)
+    get_run_logger().info("%s", summary)
+    return MembershipResult(
+        changed=bool(places),
+        dry_run=dry_run,
+        summary=summary,
+        instance_id=instance_id,
+        registered_in=registered_in,
+        changed_in=places,
+    )
+
+
 @task(
     name="deregister-instance",
     task_run_name="deregister-{instance_id}",
@@ -111,32 +157,8 @@ def deregister_instance(
     """
     states = health_of(creds, [instance_id], targets)
     registered = [where for (_, where), state in states.items() if state != "absent"]
-    if not registered:
-        summary = f"{instance_id} is in no load balancer"
-        changed = False
-    elif dry_run:
-        summary = _summary("Would deregister", instance_id, registered, targets)
-        changed = True
-    else:
-        for where in registered:
-            if where.startswith("arn:"):
-                aws_client(creds, "elbv2").deregister_targets(
-                    TargetGroupArn=where, Targets=[{"Id": instance_id}]
-                )
-            else:
-                aws_client(creds, "elb").deregister_instances_from_load_balancer(
-                    LoadBalancerName=where, Instances=[{"InstanceId": instance_id}]
-                )
-        summary = _summary("Deregistered", instance_id, registered, targets)
-        changed = True
-    get_run_logger().info("%s", summary)
-    return MembershipResult(
-        changed=changed,
-        dry_run=dry_run,
-        summary=summary,
-        instance_id=instance_id,
-        registered_in=registered,
-        changed_in=registered,
+    return _change_membership(
+        creds, instance_id, targets, registered, registered, register=False, dry_run=dry_run
     )
 
 
@@ -162,32 +184,8 @@ def register_instance(
         for (_, where), state in states.items()
         if state == "absent" and (only is None or where in only)
     ]
-    if not missing:
-        summary = f"{instance_id} is already registered"
-        changed = False
-    elif dry_run:
-        summary = _summary("Would register", instance_id, missing, targets)
-        changed = True
-    else:
-        for where in missing:
-            if where.startswith("arn:"):
-                aws_client(creds, "elbv2").register_targets(
-                    TargetGroupArn=where, Targets=[{"Id": instance_id}]
-                )
-            else:
-                aws_client(creds, "elb").register_instances_with_load_balancer(
-                    LoadBalancerName=where, Instances=[{"InstanceId": instance_id}]
-                )
-        summary = _summary("Registered", instance_id, missing, targets)
-        changed = True
-    get_run_logger().info("%s", summary)
-    return MembershipResult(
-        changed=changed,
-        dry_run=dry_run,
-        summary=summary,
-        instance_id=instance_id,
-        registered_in=before,
-        changed_in=missing,
+    return _change_membership(
+        creds, instance_id, targets, before, missing, register=True, dry_run=dry_run
     )
 
 

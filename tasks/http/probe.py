@@ -161,20 +161,14 @@ def check_upgrade_mode(
     Raises:
         HttpCheckFailed: a server (or the site) answered anything else within ``timeout``.
     """
-    bases = list(server_urls) + ([site_url] if site_url else [])
-    sites = [site_url] if site_url else []
-    specs: list[tuple[str, int, bytes | None, bool]] = []
-    for base in bases:
-        verify = _verify_for(base, sites)
-        specs.append((base, 503, page, verify))
-        specs.append((join_url(base, healthcheck_path), 200, None, verify))
-    checks = _check_all(specs, timeout)
-    logger = get_run_logger()
-    for c in checks:
-        logger.info("%s", c.describe())
-    if not all(c.ok for c in checks):
-        raise HttpCheckFailed("upgrade mode is not what users and the load balancer see", checks)
-    return checks
+    return _check_front_and_health(
+        server_urls,
+        healthcheck_path,
+        site_url,
+        (503, page),
+        timeout,
+        "upgrade mode is not what users and the load balancer see",
+    )
 
 
 @task(name="check-site-up", cache_policy=NO_CACHE, retries=0)
@@ -190,19 +184,38 @@ def check_site_up(
     Raises:
         HttpCheckFailed: something did not answer 200 within ``timeout``.
     """
+    return _check_front_and_health(
+        server_urls,
+        healthcheck_path,
+        site_url,
+        (200, None),
+        timeout,
+        "the site does not answer 200",
+    )
+
+
+def _check_front_and_health(
+    server_urls: list[str],
+    healthcheck_path: str,
+    site_url: str | None,
+    front: tuple[int, bytes | None],
+    timeout: float,
+    failure: str,
+) -> list[HttpCheck]:
+    """Each server (and the site): ``/`` answers ``front`` (status, body), the health check 200."""
     bases = list(server_urls) + ([site_url] if site_url else [])
     sites = [site_url] if site_url else []
     specs: list[tuple[str, int, bytes | None, bool]] = []
     for base in bases:
         verify = _verify_for(base, sites)
-        specs.append((base, 200, None, verify))
+        specs.append((base, front[0], front[1], verify))
         specs.append((join_url(base, healthcheck_path), 200, None, verify))
     checks = _check_all(specs, timeout)
     logger = get_run_logger()
     for c in checks:
         logger.info("%s", c.describe())
     if not all(c.ok for c in checks):
-        raise HttpCheckFailed("the site does not answer 200", checks)
+        raise HttpCheckFailed(failure, checks)
     return checks
 
 

@@ -125,20 +125,23 @@ def parse_simulation(text: str) -> list[PackageVersion]:
     return out
 
 
-def parse_kept_back(text: str) -> list[str]:
-    """Names listed under "The following packages have been kept back:"."""
+def _listed_after(text: str, header: str) -> list[str]:
+    """The words of the indented lines that follow each line starting with ``header``."""
     names: list[str] = []
     collecting = False
     for line in text.splitlines():
-        if line.startswith("The following packages have been kept back"):
+        if line.startswith(header):
             collecting = True
-            continue
-        if collecting:
-            if line.startswith(" "):
-                names.extend(line.split())
-            else:
-                collecting = False
-    return sorted(names)
+        elif collecting and line.startswith(" "):
+            names.extend(line.split())
+        else:
+            collecting = False
+    return names
+
+
+def parse_kept_back(text: str) -> list[str]:
+    """Names listed under "The following packages have been kept back:"."""
+    return sorted(_listed_after(text, "The following packages have been kept back"))
 
 
 def parse_dpkg_query(text: str) -> dict[str, str | None]:
@@ -162,18 +165,7 @@ def parse_reboot(text: str) -> tuple[bool, list[str]]:
 
 def failed_packages(output: str) -> list[str]:
     """Packages listed after dpkg's "Errors were encountered while processing:"."""
-    names: list[str] = []
-    collecting = False
-    for line in output.splitlines():
-        if line.startswith("Errors were encountered while processing"):
-            collecting = True
-            continue
-        if collecting:
-            if line.startswith(" "):
-                names.extend(line.split())
-            else:
-                collecting = False
-    return sorted(set(names))
+    return sorted(set(_listed_after(output, "Errors were encountered while processing")))
 
 
 def parse_audit(text: str) -> list[str]:

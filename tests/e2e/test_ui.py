@@ -187,14 +187,18 @@ def test_schedules_survive_worker_and_server_restarts(stack: dict) -> None:
     assert not paused and after >= 1
 
 
-def _start_holder(s: Stack, base: Path, name: str, seconds: float):
+def _start_holder(s: Stack, base: Path, name: str, seconds: float, release: Path | None = None):
     marker = base / f"{name}.held"
     marker.unlink(missing_ok=True)
     with _client(s), get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("hold-environment-lock/myproject-staging")
         run = client.create_flow_run_from_deployment(
             dep.id,
-            parameters={"seconds": seconds, "marker": str(marker)},
+            parameters={
+                "seconds": seconds,
+                "marker": str(marker),
+                "release": str(release or ""),
+            },
             tags=["started-by:api:e2e"],
         )
     deadline = time.monotonic() + 60
@@ -233,7 +237,9 @@ def test_lock_released_when_the_worker_dies_and_kept_across_a_server_restart(sta
     # 2. a Prefect server restart while a run holds the lock: the holder keeps it (no second
     #    holder), and it is free as soon as the holder finishes (nothing leaked)
     s.start_worker("w2")
-    run = _start_holder(s, base, "restart", seconds=30)
+    release = base / "restart.release"
+    release.unlink(missing_ok=True)
+    run = _start_holder(s, base, "restart", seconds=120, release=release)
     restart = time.monotonic()
     s.stop_server()
     s.start_server()
@@ -245,12 +251,14 @@ def test_lock_released_when_the_worker_dies_and_kept_across_a_server_restart(sta
         ):
             pass
     assert seen[0].flow_run_id == str(run.id)  # the same run still holds it
+    release.touch()  # the holder finishes now
     waiting = time.monotonic()
     with environment_lock("myproject/staging", config, timeout=120, poll=0.1):
         waited = time.monotonic() - waiting
     done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=60)
-    print(f"lock free {waited:.1f} s after the server restart (holder finished: {done.state.name})")
+    print(f"lock free {waited:.1f} s after the holder was told to finish ({done.state.name})")
     assert done.state.type.value == "COMPLETED"
+    assert waited < 30, "the lock outlived its holder"
 
 
 def test_approve_from_the_ui_resume_form(stack: dict) -> None:

@@ -4,7 +4,6 @@ the shared upgrade window with its 100 ms probe)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +12,13 @@ import pytest
 
 from config import load_config
 from fabflows.errors import BadInput
-from fabflows.testing import launch_template_fidelity, moto_fidelity
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
-from fabflows.testing.hosts_fixtures import TEST_SUBNET
+from fabflows.testing.power_lab import build_power_lab, celery_state, psql
 from flows.resize_environment import plan_resize_environment, resize_environment
 from sandbox.aws_seed import seed
-from sandbox.provision import provision_web
-from sandbox.testhosts import HostSpec, TestHost
+from sandbox.testhosts import TestHost
 from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.ec2 import Server
 from tasks.aws.ec2_writes import RESIZE_TAG, STOPPED_TAG, InstanceTypeInfo
@@ -129,16 +126,6 @@ def test_plan_refuses_a_recreated_cache_and_moving_servers() -> None:
 
 # --------------------------------------------------------------------------- the flow, for real
 
-ROLES = ("cache", "db-primary", "db-replica", "worker")
-HOME = "/home/deploy"
-WORKER_SUPERVISOR = """\
-[group:staging-celery]
-programs=staging-celery-main
-[program:staging-celery-main]
-command=/bin/sleep 100000
-autostart=false
-startsecs=0
-"""
 NEW_TYPES = {
     "cache": "t3.small",
     "db-primary": "m5.large",
@@ -146,64 +133,6 @@ NEW_TYPES = {
     "web": "m5.large",
     "worker": "m5.xlarge",
 }
-
-
-def _web(host: TestHost, role: str) -> None:
-    if role == "web":
-        host.wait_for_port(80)
-        provision_web(host, f"{HOME}/services/nginx/html", 8000)
-
-
-def _psql(host: TestHost, sql: str) -> str:
-    return host.exec(["runuser", "-u", "postgres", "--", "psql", "-Atc", sql]).stdout.strip()
-
-
-def _celery(host: TestHost) -> str:
-    out = host.exec(["supervisorctl", "status", "staging-celery:staging-celery-main"], check=False)
-    return out.stdout.split()[1]
-
-
-def _config(tmp_path: Path, aws, network, instance_types: dict[str, str]) -> Path:
-    section = moto_section(aws.endpoint, staging={})
-    section |= {
-        "ssh": {
-            "user": "deploy",
-            "identity_file": str(network.client_key),
-            "known_hosts_file": str(network.known_hosts),
-            "address_attribute": "private_ip_address",
-            "connect_timeout": 3,
-        },
-        "state_dir": str(tmp_path / "state"),
-        "stop_start": {
-            "poll_seconds": 0.2,
-            "reachable_wait_seconds": 60,
-            "site_wait_seconds": 60,
-            "instance_wait_seconds": 60,
-        },
-        "upgrade": {"check_timeout_seconds": 20},
-        "refresh": {"poll_seconds": 0.2, "drain_seconds": 0, "instance_timeout_seconds": 60},
-    }
-    return write_config(
-        tmp_path,
-        fabflows=section,
-        deploy_user="deploy",
-        home=HOME,
-        static_html={},
-        site_domains_map={"staging": []},
-        instance_types={"staging": instance_types},
-    )
-
-
-def supervisorctl(host, *args: str, timeout: float = 15.0) -> None:
-    """Run supervisorctl in a host, waiting for supervisord (PID 1) to open its socket first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done = host.exec(["supervisorctl", *args], check=False)
-        if done.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"supervisorctl {' '.join(args)}: {done.stdout}{done.stderr}")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -225,50 +154,19 @@ class Env:
 
 @pytest.fixture
 def environment(aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
-    moto_fidelity.apply()  # Standby leaves the load balancers, as on AWS (deploy-serial needs it)
-    launch_template_fidelity.apply()  # a version made from another inherits its data, as on AWS
-    specs = [
-        HostSpec(f"r6-{role}", f"{TEST_SUBNET}.{4 + n}", "db" if role.startswith("db") else "base")
-        for n, role in enumerate(ROLES)
-    ]
-    hosts = dict(zip(ROLES, make_hosts(specs), strict=True))
-    worker = hosts["worker"]
-    worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
-    supervisorctl(worker, "update")
-    supervisorctl(worker, "start", "staging-celery:*")
-    primary = hosts["db-primary"]
-    primary.wait_for_port(5432, timeout=30)
-    _psql(primary, "CREATE TABLE shop_order (id int PRIMARY KEY, note text)")
-    _psql(primary, "INSERT INTO shop_order SELECT g, md5(g::text) FROM generate_series(1, 500) g")
-    seed_types = {
-        "cache": "t1.micro",
-        "db-primary": "m1.small",
-        "db-replica": "m1.small",
-        "web": "m1.small",
-        "worker": "m3.large",
-    }
-    (tmp_path / "seed").mkdir()
-    seeded_cfg = load_config(_config(tmp_path / "seed", aws, test_network, seed_types))
-    seeded = seed(
-        aws.endpoint,
-        seeded_cfg,
-        ["staging"],
-        f"{TEST_SUBNET}.0/24",
-        iter(h.ip for h in hosts.values()),
-    ).environments[0]
-    ids = {role: seeded.instance_ids[role][0] for role in ROLES}
-    mirror = Ec2HostMirror(
-        test_network, aws.endpoint, TEST_SUBNET, on_new_host=_web, name_prefix="r6w"
+    lab = build_power_lab(
+        test_network,
+        aws,
+        tmp_path,
+        rows=500,
+        instance_types=NEW_TYPES,
+        name_prefix="r6",
+        start=make_hosts,
     )
-    for role, host in hosts.items():
-        mirror.adopt(ids[role], host)
-    mirror.attach(aws)
-    mirror.reconcile()
-    path = _config(tmp_path, aws, test_network, NEW_TYPES)
     try:
-        yield Env(str(path), hosts, ids, mirror, aws)
+        yield Env(str(lab.config), lab.hosts, lab.ids, lab.mirror, aws)
     finally:
-        mirror.destroy_created()
+        lab.mirror.destroy_created()
 
 
 @pytest.mark.flow
@@ -296,8 +194,8 @@ def test_resize_in_place_with_a_short_measured_window(prefect_server, environmen
         "worker": ("m5.xlarge", "running"),
     }
     assert all(h.running for h in env.hosts.values())
-    assert _celery(env.hosts["worker"]) == "RUNNING"
-    assert _psql(env.hosts["db-primary"], "SELECT count(*) FROM shop_order") == "500"
+    assert celery_state(env.hosts["worker"]) == "RUNNING"
+    assert psql(env.hosts["db-primary"], "SELECT count(*) FROM shop_order") == "500"
     # measured downtime: the window, seconds, not the database's size
     assert done.downtime is not None and 0 < done.downtime.total_downtime_s < 120
     assert done.window_seconds is not None
@@ -344,7 +242,7 @@ def test_a_start_refused_on_the_new_type_puts_the_old_one_back(
         "db-replica": ("m1.small", "running"),
         "worker": ("m3.large", "running"),
     }
-    assert _celery(env.hosts["worker"]) == "RUNNING"
+    assert celery_state(env.hosts["worker"]) == "RUNNING"
 
 
 @pytest.mark.flow

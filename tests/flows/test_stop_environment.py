@@ -8,7 +8,6 @@ that fails half-way brings the environment back up; production is refused withou
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,51 +22,15 @@ from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
 from fabflows.testing.hosts_fixtures import TEST_SUBNET
+from fabflows.testing.power_lab import SEED_TYPES, build_power_lab, celery_state, psql
 from flows.start_environment import start_environment
 from flows.stop_environment import stop_environment
 from sandbox.aws_seed import seed
-from sandbox.testhosts import HostSpec, TestHost
+from sandbox.testhosts import TestHost
 from tasks.aws.ec2_writes import STOPPED_TAG
 from tasks.aws.group_sizes import CACHE_TAG, SIZES_TAG
 
 GROUP = "myproject-staging-ag"
-ROLES = ("cache", "db-primary", "db-replica", "worker")  # the seed's order for non-web roles
-
-WORKER_SUPERVISOR = """\
-[group:staging-celery]
-programs=staging-celery-main
-[program:staging-celery-main]
-command=/bin/sleep 100000
-autostart=false
-startsecs=0
-"""
-
-
-def _psql(host: TestHost, sql: str) -> str:
-    return host.exec(["runuser", "-u", "postgres", "--", "psql", "-Atc", sql]).stdout.strip()
-
-
-def _celery(host: TestHost) -> str:
-    out = host.exec(["supervisorctl", "status", "staging-celery:staging-celery-main"], check=False)
-    return out.stdout.split()[1]
-
-
-def _provision(host: TestHost, role: str) -> None:
-    """What a web AMI's boot does here: the load balancer's health-check page."""
-    if role == "web":
-        host.exec(["sh", "-c", "echo OK > /var/www/html/healthcheck.html"])
-
-
-def supervisorctl(host, *args: str, timeout: float = 15.0) -> None:
-    """Run supervisorctl in a host, waiting for supervisord (PID 1) to open its socket first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done = host.exec(["supervisorctl", *args], check=False)
-        if done.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"supervisorctl {' '.join(args)}: {done.stdout}{done.stderr}")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -95,21 +58,6 @@ class Env:
 @pytest.fixture
 def environment(request, aws, make_hosts, test_network, tmp_path: Path) -> Iterator[Env]:
     strategy = getattr(request, "param", "stop")
-    # non-web servers at .4-.7: moto gives the group's instances the next free addresses
-    specs = [
-        HostSpec(f"s6-{role}", f"{TEST_SUBNET}.{4 + n}", "db" if role.startswith("db") else "base")
-        for n, role in enumerate(ROLES)
-    ]
-    hosts = dict(zip(ROLES, make_hosts(specs), strict=True))
-    worker = hosts["worker"]
-    worker.exec(["sh", "-c", "cat > /etc/supervisor/conf.d/app.conf"], input=WORKER_SUPERVISOR)
-    supervisorctl(worker, "update")
-    supervisorctl(worker, "start", "staging-celery:*")
-    primary = hosts["db-primary"]
-    primary.wait_for_port(5432, timeout=30)
-    _psql(primary, "CREATE TABLE shop_order (id int PRIMARY KEY, note text)")
-    _psql(primary, "INSERT INTO shop_order SELECT g, md5(g::text) FROM generate_series(1, 500) g")
-
     staging = {"cache_strategy": strategy}
     if strategy == "terminate-and-recreate":
         staging["cache_launch_template"] = "myproject-cache"
@@ -117,42 +65,20 @@ def environment(request, aws, make_hosts, test_network, tmp_path: Path) -> Itera
             LaunchTemplateName="myproject-cache",
             LaunchTemplateData={"ImageId": "ami-12345678", "InstanceType": "t1.micro"},
         )
-    section = moto_section(aws.endpoint, staging=staging)
-    section |= {
-        "ssh": {
-            "user": "deploy",
-            "identity_file": str(test_network.client_key),
-            "known_hosts_file": str(test_network.known_hosts),
-            "address_attribute": "private_ip_address",
-            "connect_timeout": 3,
-        },
-        "state_dir": str(tmp_path / "state"),
-        "stop_start": {
-            "poll_seconds": 0.2,
-            "reachable_wait_seconds": 60,
-            "site_wait_seconds": 60,
-            "instance_wait_seconds": 60,
-        },
-    }
-    path = write_config(
-        tmp_path, fabflows=section, deploy_user="deploy", site_domains_map={"staging": []}
+    lab = build_power_lab(
+        test_network,
+        aws,
+        tmp_path,
+        rows=500,
+        instance_types=SEED_TYPES,
+        name_prefix="s6",
+        staging=staging,
+        start=make_hosts,
     )
-    cfg = load_config(path)
-    seeded = seed(
-        aws.endpoint, cfg, ["staging"], f"{TEST_SUBNET}.0/24", iter(h.ip for h in hosts.values())
-    ).environments[0]
-    ids = {role: seeded.instance_ids[role][0] for role in ROLES}
-    mirror = Ec2HostMirror(
-        test_network, aws.endpoint, TEST_SUBNET, on_new_host=_provision, name_prefix="s6w"
-    )
-    for role, host in hosts.items():
-        mirror.adopt(ids[role], host)
-    mirror.attach(aws)
-    mirror.reconcile()  # hosts for the group's two web instances
     try:
-        yield Env(str(path), hosts, ids, mirror, aws)
+        yield Env(str(lab.config), lab.hosts, lab.ids, lab.mirror, aws)
     finally:
-        mirror.destroy_created()
+        lab.mirror.destroy_created()
 
 
 @pytest.mark.flow
@@ -199,9 +125,9 @@ def test_stop_stop_start_start_leaves_the_environment_as_it_was(
     assert SIZES_TAG not in tags
     assert set(env.states().values()) == {"running"}
     assert all(h.running for h in env.hosts.values())
-    assert _celery(env.hosts["worker"]) == "RUNNING"  # brought into service after boot
+    assert celery_state(env.hosts["worker"]) == "RUNNING"  # brought into service after boot
     assert len(up.site_checks) == 4 and all(c.ok for c in up.site_checks)  # 2 web x (/, health)
-    assert _psql(env.hosts["db-primary"], "SELECT count(*), max(id) FROM shop_order") == "500|500"
+    assert psql(env.hosts["db-primary"], "SELECT count(*), max(id) FROM shop_order") == "500|500"
     assert up.savings is not None and {r.role for r in up.savings.rows} == {
         "cache",
         "db-primary",
@@ -234,7 +160,7 @@ def test_a_stop_failing_half_way_brings_the_environment_back(
     assert len(g["Instances"]) == 2
     assert SIZES_TAG not in {t["Key"] for t in g["Tags"]}
     assert set(env.states().values()) == {"running"}
-    assert _celery(env.hosts["worker"]) == "RUNNING"  # quieted, then back in service
+    assert celery_state(env.hosts["worker"]) == "RUNNING"  # quieted, then back in service
 
 
 @pytest.mark.flow
