@@ -111,9 +111,10 @@ def _quiet_console(verbose: bool) -> None:
     """Run logs go to the Prefect API in full; the terminal shows warnings only unless --verbose."""
     import logging
 
-    from prefect.logging.configuration import setup_logging
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
 
-    setup_logging()
+    if not PROCESS_LOGGING_CONFIG:  # importing prefect sets it up (~0.1 s): not twice
+        setup_logging()
     if not verbose:
         for handler in logging.getLogger().handlers:
             if handler.name == "console":

@@ -79,16 +79,76 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 # ---------------------------------------------------------------------- server side
 
 
+LAZY_IMPORTS = (
+    # imported by Prefect or the CLI only when a run needs them (measured: ~0.2 s per child)
+    "fastapi.encoders",
+    "prefect.utilities.visualization",
+    "anyio._backends._asyncio",
+    "opentelemetry.metrics",
+    "opentelemetry._logs",
+    "pydantic.color",
+)
+AWS_SERVICES = ("ec2", "autoscaling", "elb", "elbv2", "s3", "sts")
+
+
+def _share_botocore_data() -> None:
+    """Every botocore session of the process shares one data loader, primed here.
+
+    A boto3 session parses the service models (ec2's is megabytes of JSON) the first time each of
+    its clients is made; each child would pay that again (~0.2 s for ec2). The loader only caches
+    botocore's own read-only data files, so sharing it changes nothing else.
+    """
+    import functools
+
+    import botocore.loaders
+    import botocore.session
+
+    botocore.session.create_loader = functools.lru_cache(maxsize=None)(
+        botocore.loaders.create_loader
+    )
+    session = botocore.session.get_session()
+    for service in AWS_SERVICES:
+        # the client class and its endpoint rules, built once: no request is made
+        session.create_client(
+            service,
+            region_name="us-east-1",
+            endpoint_url="http://127.0.0.1:9",
+            aws_access_key_id="warm",
+            aws_secret_access_key="warm",
+        )
+
+
 def _preload() -> None:
     """Import everything a run needs, without starting any thread or client."""
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
 
-    import fabflows.cli  # noqa: F401
+    import fabflows.cli
     from fabflows.registry import FLOWS
 
     for target in FLOWS.values():
         importlib.import_module(target.partition(":")[0])
+    fabflows.cli.build_parser()  # imports the subcommands' modules
+    for name in LAZY_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Prefect version: that run imports what it needs itself
+            pass
+    _share_botocore_data()
+
+
+def _prefect_env(env: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith("PREFECT_")}
+
+
+def _settings_may_differ(parent_env: dict[str, str], parent_cwd: str) -> bool:
+    """Whether the caller's Prefect settings can differ from ours (we are in its environment and
+    directory now): its PREFECT_* variables, or the settings files Prefect reads in a directory."""
+    if _prefect_env(os.environ) != parent_env:
+        return True
+    if os.getcwd() == parent_cwd:
+        return False
+    return any(os.path.exists(name) for name in (".env", "prefect.toml", "pyproject.toml"))
 
 
 def _child(conn: socket.socket, request: dict, fds: list[int], gate: int) -> None:
@@ -104,9 +164,18 @@ def _child(conn: socket.socket, request: dict, fds: list[int], gate: int) -> Non
     sys.stdin = open(0, closefd=False)  # noqa: SIM115
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    parent = (_prefect_env(os.environ), os.getcwd())
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
+    if _settings_may_differ(*parent):
+        # Prefect read its settings (and set up logging) from *our* environment at import:
+        # read them again from the caller's
+        import prefect.context
+        from prefect.logging.configuration import setup_logging
+
+        prefect.context.refresh_global_settings_context()
+        setup_logging()
     from fabflows.cli import main
 
     try:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+
+from config import load_config
+from fabflows.testing.configs import moto_section, write_config
+from sandbox.aws_seed import seed
 
 ROOT = Path(__file__).resolve().parents[2]
 FABFLOWS = str(Path(sys.executable).parent / "fabflows")
@@ -75,3 +83,69 @@ def test_calls_go_through_the_warm_process_and_keep_exit_codes(tmp_path: Path) -
         warm.terminate()
         warm.wait(10)
     assert not (tmp_path / "warm.sock").exists()
+
+
+@pytest.mark.flow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_warm_run_is_a_real_flow_run_with_the_callers_prefect_settings(
+    tmp_path: Path, aws
+) -> None:
+    """The forked child runs the flow against the caller's Prefect API and settings, not the ones
+    the warm process was started with (it imported Prefect under its own environment)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    config = write_config(
+        tmp_path,
+        fabflows=moto_section(aws.endpoint, staging={"target_groups": ["myproject-staging-web"]}),
+    )
+    seed(
+        aws.endpoint,
+        load_config(config),
+        ["staging"],
+        "10.250.0.0/24",
+        (f"10.250.0.{i}" for i in itertools.count(10)),
+    )
+    api = str(PREFECT_API_URL.value())
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    base |= {"FABFLOWS_STATE_DIR": str(tmp_path / "state")}
+    base.pop("FABFLOWS_NO_WARM", None)
+    log = open(tmp_path / "warm.log", "w")
+    # the warm process knows another (unreachable) API: the caller's must win
+    warm = subprocess.Popen(
+        [sys.executable, "-m", "fabflows.warm", "serve"],
+        env=base | {"PREFECT_API_URL": "http://127.0.0.1:9/api"},
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    run = [FABFLOWS, "run", "describe-environment", "-e", "staging", "-c", str(config), "--json"]
+    try:
+        _wait_for(tmp_path / "state" / "warm.sock")
+        outputs, logs = [], []
+        for extra in ({}, {"PREFECT_LOGGING_LEVEL": "WARNING"}):
+            done = subprocess.run(
+                [*run, "--verbose"],
+                env=base | {"PREFECT_API_URL": api} | extra,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            outputs.append(json.loads(done.stdout))
+            logs.append(done.stderr)
+    finally:
+        warm.terminate()
+        warm.wait(10)
+    assert (tmp_path / "warm.log").read_text().count("fabflows run describe-environment") == 2
+    for out in outputs:
+        assert len(out["servers"]) == 6
+    # --verbose shows the run's INFO logs, unless the caller's PREFECT_LOGGING_LEVEL says otherwise
+    assert "Finished in state Completed" in logs[0], logs[0]
+    assert "Finished in state Completed" not in logs[1], logs[1]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        ours = [r for r in runs if r.state and r.state.is_completed()]
+        assert len([r for r in ours if "staging" in str(r.parameters.get("environment"))]) >= 2
+        artifacts = client.read_artifacts()
+    assert any(a.key and "describe" in a.key for a in artifacts)
