@@ -545,6 +545,24 @@ def turn_on(
     )
 
 
+def check_web_up(ctx: RunContext, hosts: list[FleetHost] | None = None) -> list[HttpCheck]:
+    """Every web server (those running now, unless ``hosts``) and the site answer 200 for users
+    and the health check, waited for up to ``upgrade.check_timeout_seconds``.
+
+    Raises:
+        HttpCheckFailed: something did not answer 200 in time.
+    """
+    settings = ctx.config.fabflows.upgrade
+    if hosts is None:
+        hosts = _web_hosts(ctx, web_servers(ctx))
+    return check_site_up(
+        [server_url(settings, h) for h in hosts],
+        settings.healthcheck_path,
+        site_url=ctx.env.site_url,
+        timeout=settings.check_timeout_seconds,
+    )
+
+
 def turn_off(
     ctx: RunContext, pool: ConnectionPool, *, dry_run: bool, verify: bool = True
 ) -> UpgradeModeOff:
@@ -554,7 +572,6 @@ def turn_off(
     for a host or a check (the caller decides); AWS errors while resuming are reported as problems.
     """
     env = ctx.env
-    settings = ctx.config.fabflows.upgrade
     logger = _logger()
     problems: list[str] = []
     pages = None
@@ -582,12 +599,7 @@ def turn_off(
     if verify and not dry_run and hosts:
         ok = {r.address for r in pages.results if r.status != "failed"} if pages else set()
         try:
-            checks = check_site_up(
-                [server_url(settings, h) for h in hosts if h.address in ok],
-                settings.healthcheck_path,
-                site_url=env.site_url,
-                timeout=settings.check_timeout_seconds,
-            )
+            checks = check_web_up(ctx, [h for h in hosts if h.address in ok])
         except HttpCheckFailed as exc:
             checks = exc.checks
             problems.append(str(exc))

@@ -25,6 +25,7 @@ from fabflows.upgrade_mode import (
     UpgradePages,
     UpgradeStatus,
     UpgradeWindowReport,
+    check_web_up,
     current_run,
     gather_upgrade_status,
     holder_alive,
@@ -665,6 +666,9 @@ def apply_recovery(
         def _start() -> FleetResult:
             result = start_app(hosts, pool, _groups(ctx.env), ctx.env.home, dry_run=dry_run)
             result.raise_for_errors()
+            if not dry_run and not recovery.end_upgrade_mode:
+                # running is not serving: wait for the site (leaving upgrade mode checks it too)
+                check_web_up(ctx)
             return result
 
         attempt(f"started the app on {', '.join(recovery.start_app)}", _start)

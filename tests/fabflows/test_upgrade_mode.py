@@ -4,6 +4,7 @@ Prefect harness), including a failing body, a dead holder to recover and a live 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -156,6 +157,7 @@ def window_flow(config: str, fail: bool = False) -> dict:
             seen["inside"] = [
                 requests.get(f"http://{s}/", timeout=5).status_code for s in _web_ips(ctx)
             ]
+            time.sleep(0.4)  # a window of a few probe intervals: the probe surely sees the page
             if fail:
                 raise Boom("the maintenance failed")
     except Boom:
