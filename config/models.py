@@ -584,6 +584,16 @@ class UpgradeSettings(Strict):
         le=6 * 3600,
         description="Longest one apt-get install/upgrade may take on a host.",
     )
+    reboot_timeout_seconds: float = Field(
+        default=600,
+        gt=0,
+        le=3600,
+        description="upgrade-packages with reboot: longest a server may take to come back (SSH "
+        "answering in a new boot) before the run stops rebooting and fails.",
+    )
+    reboot_poll_seconds: float = Field(
+        default=2, gt=0, le=60, description="How often a rebooting server is tried over SSH."
+    )
 
     @field_validator("max_concurrency", "max_errors", mode="before")
     @classmethod

@@ -22,7 +22,7 @@ from fabflows.report import (
     publish_table,
     text_table,
 )
-from fabflows.runbook import load_context
+from fabflows.runbook import RunContext, load_context
 from fabflows.upgrade_mode import (
     UpgradeWindowReport,
     load_upgrade_pages,
@@ -30,6 +30,7 @@ from fabflows.upgrade_mode import (
     upgrade_window,
 )
 from tasks.aws.ec2 import Server, describe_servers
+from tasks.aws.ec2_writes import reboot_instance
 from tasks.ssh.apt import (
     AptFacts,
     AptOutcome,
@@ -39,6 +40,7 @@ from tasks.ssh.apt import (
     expected_reboots,
     gather_apt_facts,
 )
+from tasks.ssh.boot import read_boot, wait_for_reboot
 from tasks.ssh.connection import ConnectionPool
 from tasks.ssh.fleet import (
     FleetHost,
@@ -119,6 +121,10 @@ class UpgradePackagesPlan(BaseModel):
     hosts: list[HostPackagePlan]
     not_running: list[str] = Field(default_factory=list)
     image_note: str | None = None
+    reboot: bool = Field(
+        default=False,
+        description="Servers that need it are rebooted, one at a time, in the window.",
+    )
 
     @property
     def changing(self) -> list[HostPackagePlan]:
@@ -173,10 +179,14 @@ class UpgradePackagesPlan(BaseModel):
             out += ["", "## Packages", "", markdown_table(self.package_rows())]
         reboots = [h.host for h in self.hosts if h.reboot != "no"]
         if reboots:
-            out += [
-                "",
-                f"**Reboot will be required on:** {', '.join(reboots)} (not done by this run)",
-            ]
+            how = (
+                "rebooted by this run, one at a time, after the upgrades and inside the window"
+                if self.reboot
+                else "not done by this run: run it with `reboot` to do it"
+            )
+            out += ["", f"**Reboot will be required on:** {', '.join(reboots)} ({how})"]
+        elif self.reboot:
+            out += ["", "Reboot asked for: servers that need one after the upgrades are rebooted."]
         if self.not_running:
             out += ["", f"Not running, not upgraded: {', '.join(self.not_running)}"]
         if self.image_note:
@@ -199,6 +209,24 @@ class HostOutcome(BaseModel):
     reboot_packages: list[str] = Field(default_factory=list)
     still_pending: list[str] = Field(default_factory=list)
     duration_s: float = 0.0
+    reboot: str = Field(
+        default="",
+        description="What reboot did here: '' (none asked or needed), 'rebooted in N s', "
+        "'FAILED: ...' or 'not reached'.",
+    )
+
+
+class RebootOutcome(BaseModel):
+    """One server's reboot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str
+    address: str
+    ok: bool
+    seconds: float = 0.0
+    message: str = ""
+    still_required: bool = False
 
 
 class UpgradePackagesReport(BaseModel):
@@ -236,10 +264,15 @@ class UpgradePackagesReport(BaseModel):
                 if h.reboot_required
                 else "no",
                 "seconds": round(h.duration_s, 1),
+                "reboot": h.reboot,
                 "message": h.message,
             }
             for h in self.hosts
         ]
+
+    @property
+    def reboot_failed(self) -> list[str]:
+        return [h.host for h in self.hosts if h.reboot.startswith("FAILED")]
 
     def render_text(self) -> str:
         out = [self.outcome]
@@ -330,6 +363,8 @@ def plan_upgrade_packages(
     hosts: Sequence[FleetHost],
     gathered: FleetResult,
     rate: RateControl,
+    *,
+    reboot: bool = False,
 ) -> UpgradePackagesPlan:
     """Pure: per server, what would change, in the order it will be applied."""
     by_address = {r.address: r for r in gathered.results}
@@ -368,11 +403,13 @@ def plan_upgrade_packages(
         hosts=plans,
         not_running=not_running,
         image_note=image_note,
+        reboot=reboot,
     )
 
 
 def expected_downtime(plan: UpgradePackagesPlan, concurrency: int) -> timedelta:
-    """A rough estimate for the approval form: 20 s per host plus 3 s per package, per wave."""
+    """A rough estimate for the approval form: 20 s per host plus 3 s per package, per wave
+    (plus 90 s per server expected to need a reboot, when reboots are asked for)."""
     seconds = 0.0
     for role in plan.order:
         hosts = [h for h in plan.changing if h.role == role]
@@ -381,11 +418,48 @@ def expected_downtime(plan: UpgradePackagesPlan, concurrency: int) -> timedelta:
         per_host = max(20 + 3 * len(h.changes) for h in hosts)
         waves = -(-len(hosts) // max(1, concurrency))
         seconds += waves * per_host
+    if plan.reboot:  # one server at a time: about a minute and a half each on EC2
+        seconds += 90 * len([h for h in plan.hosts if h.reboot != "no"])
     return timedelta(seconds=seconds + 30)
 
 
-def outcomes(plan: UpgradePackagesPlan, results: Sequence[FleetResult]) -> list[HostOutcome]:
-    """Pure: per planned host, what the apply did (hosts never started are ``skipped``)."""
+def outcomes(
+    plan: UpgradePackagesPlan,
+    results: Sequence[FleetResult],
+    reboots: Sequence[RebootOutcome] | None = None,
+) -> list[HostOutcome]:
+    """Pure: per planned host, what the apply did (hosts never started are ``skipped``), and
+    what the reboots did (``reboots``: None when none were asked for)."""
+    out = _apply_outcomes(plan, results)
+    if reboots is None:
+        return out
+    done = {r.address: r for r in reboots}
+    wanted = {h.address for h in reboot_candidates(out)}
+    merged = []
+    for h in out:
+        r = done.get(h.address)
+        if r is not None and r.ok:
+            h = h.model_copy(
+                update={
+                    "reboot": f"rebooted in {r.seconds:.1f} s",
+                    "reboot_required": r.still_required,
+                    "reboot_packages": h.reboot_packages if r.still_required else [],
+                }
+            )
+        elif r is not None:
+            h = h.model_copy(update={"reboot": f"FAILED: {r.message}"})
+        elif h.address in wanted:
+            h = h.model_copy(update={"reboot": "not reached"})
+        merged.append(h)
+    return merged
+
+
+def reboot_candidates(hosts: Sequence[HostOutcome]) -> list[HostOutcome]:
+    """Pure: the servers a reboot is for (upgraded or up to date, and needing one), in order."""
+    return [h for h in hosts if h.reboot_required and h.result in ("upgraded", "up to date")]
+
+
+def _apply_outcomes(plan: UpgradePackagesPlan, results: Sequence[FleetResult]) -> list[HostOutcome]:
     by_address = {r.address: r for fr in results for r in fr.results}
     out = []
     for h in plan.hosts:
@@ -475,6 +549,7 @@ def upgrade_packages(
     max_errors: int | str | None = None,
     wait_for_approval: bool = False,
     window_override_reason: str | None = None,
+    reboot: bool = False,
 ) -> UpgradePackagesReport:
     """Upgrade the Debian/Ubuntu packages of every server, with a published plan and in upgrade mode.
 
@@ -501,7 +576,14 @@ def upgrade_packages(
     **Whatever happens** (failure, threshold, cancellation) the window is closed: pages off,
     exactly the recorded processes resumed, the site checked for 200. A run killed outright is
     undone by end-upgrade or by this flow's next run. The report says which servers were upgraded
-    and which were not, and where a reboot is now required. **Reboots are not done here.**
+    and which were not, and where a reboot is now required.
+
+    **Reboots** only with `reboot` (off by default): after the upgrades, still inside the window,
+    every server that needs one (`/var/run/reboot-required`) is rebooted through EC2
+    (RebootInstances), one at a time in role order, and waited for: SSH answering (host key
+    checked) in a new boot, the marker gone. A server not back within
+    `fabflows.upgrade.reboot_timeout_seconds` stops the reboots and fails the run (after the window
+    is closed and the site checked). A reboot cannot be rolled back.
 
     **Blast radius:** the site is down (503) during the apply; services restart as packages
     upgrade. Upgrades cannot be rolled back. Web servers launched later by the autoscaling group
@@ -522,6 +604,8 @@ def upgrade_packages(
             all hosts (default: fabflows.upgrade.max_errors, 0).
         wait_for_approval: Ask for approval even where it is not required.
         window_override_reason: Start outside the environment's maintenance window anyway; why.
+        reboot: Reboot the servers that need it after the upgrades, one at a time, inside the
+            window (default: no reboot; the report says where one is required).
     """
     logger = get_run_logger()
     ctx = load_context(environment, deployment, config)
@@ -547,7 +631,7 @@ def upgrade_packages(
             update_attempts=settings.apt_update_attempts,
         )
         # ---- plan (pure) and publish
-        plan = plan_upgrade_packages(env, settings, servers, hosts, gathered, rate)
+        plan = plan_upgrade_packages(env, settings, servers, hosts, gathered, rate, reboot=reboot)
         plan_md = plan.render_markdown()
         publish_markdown(key + "-plan", plan_md, f"upgrade-packages plan for {env.label}")
         publish_table(key + "-plan-packages", plan.package_rows() or plan.rows(), "Per package")
@@ -576,6 +660,12 @@ def upgrade_packages(
             raise UpgradePackagesFailed(outcome)
         if not plan.changing:
             outcome = f"nothing to upgrade on {len(plan.hosts)} server(s); upgrade mode not entered"
+            waiting = [h.host for h in plan.hosts if h.reboot_required_now]
+            if reboot and waiting:
+                outcome += (
+                    f"; not rebooted (reboots follow upgrades): {', '.join(waiting)} still "
+                    "require one"
+                )
             audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, starter=starter)
             if plan.blocked:
                 raise UpgradePackagesFailed(f"{outcome}; could not be planned: {blocked}")
@@ -605,6 +695,7 @@ def upgrade_packages(
 
         # ---- apply, inside the upgrade window (always closed again)
         results: list[FleetResult] = []
+        reboots: list[RebootOutcome] | None = [] if reboot else None
         seconds_upgrading = None
         window = None
         try:
@@ -613,13 +704,15 @@ def upgrade_packages(
                     started = time.monotonic()
                     results = _apply(plan, hosts, pool, rate, settings, key)
                     seconds_upgrading = round(time.monotonic() - started, 3)
+                    if reboots is not None:
+                        _reboot(ctx, plan, results, hosts, pool, settings, reboots)
         finally:
             report = UpgradePackagesReport(
                 environment=env.label,
                 dry_run=False,
                 outcome="",
                 plan=plan,
-                hosts=outcomes(plan, results),
+                hosts=outcomes(plan, results, reboots),
                 window=window.report if window else None,
                 seconds_upgrading=seconds_upgrading,
             )
@@ -642,9 +735,60 @@ def upgrade_packages(
                 },
             )
     logger.info("%s", report.outcome)
-    if report.not_upgraded:
+    if report.not_upgraded or report.reboot_failed:
         raise UpgradePackagesFailed(report.outcome + "\n" + text_table(report.rows()), report)
     return report
+
+
+def _reboot(
+    ctx: RunContext,
+    plan: UpgradePackagesPlan,
+    results: Sequence[FleetResult],
+    hosts: Sequence[FleetHost],
+    pool: ConnectionPool,
+    settings: UpgradeSettings,
+    done: list[RebootOutcome],
+) -> None:
+    """One server at a time, in plan order: note its boot, reboot it through EC2, wait for a new
+    boot. Appends to ``done`` as it goes; the first server not back stops the reboots."""
+    logger = get_run_logger()
+    by_address = {h.address: h for h in hosts}
+    opts = ssh_options(ctx)
+    for target in reboot_candidates(outcomes(plan, results)):
+        host = by_address[target.address]
+        started = time.monotonic()
+        try:
+            if not host.instance_id:
+                raise ValueError("no EC2 instance id known for it")
+            before = read_boot(host, opts)
+            reboot_instance(ctx.creds, host.instance_id, dry_run=False)
+            pool.discard(host.address)  # that connection dies with the old boot
+            after = wait_for_reboot(
+                host,
+                opts,
+                before.boot,
+                timeout=settings.reboot_timeout_seconds,
+                poll=settings.reboot_poll_seconds,
+            )
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            logger.error("%s: reboot failed, no further server is rebooted: %s", host.name, message)
+            done.append(
+                RebootOutcome(host=host.name, address=host.address, ok=False, message=message)
+            )
+            return
+        seconds = round(time.monotonic() - started, 1)
+        if after.reboot_required:
+            logger.warning("%s: rebooted, but still says a reboot is required", host.name)
+        done.append(
+            RebootOutcome(
+                host=host.name,
+                address=host.address,
+                ok=True,
+                seconds=seconds,
+                still_required=after.reboot_required,
+            )
+        )
 
 
 def _apply(
@@ -703,6 +847,14 @@ def _outcome_text(report: UpgradePackagesReport) -> str:
     failed = [h for h in report.hosts if h.result == "failed"]
     if failed:
         text += " (failed: " + "; ".join(f"{_label(h)}: {h.message}" for h in failed) + ")"
+    rebooted = [_label(h) for h in report.hosts if h.reboot.startswith("rebooted")]
+    if rebooted:
+        text += f"; rebooted {', '.join(rebooted)}"
+    failed_reboots = [
+        f"{_label(h)} ({h.reboot})" for h in report.hosts if h.reboot.startswith("FAILED")
+    ]
+    if failed_reboots:
+        text += f"; REBOOT FAILED on {', '.join(failed_reboots)}"
     reboots = [_label(h) for h in report.hosts if h.reboot_required]
     if reboots:
         text += f"; reboot required on {', '.join(reboots)}"

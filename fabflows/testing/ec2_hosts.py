@@ -7,7 +7,9 @@ instances need the same behaviour without a second process:
   image for database roles), and ``on_new_host(host, role)`` runs once on it (what an AMI's boot
   would do: e.g. a health-check page on a web server);
 - a stopped instance's host is stopped (its disk, the overlay's upper layer, is kept);
-- a started instance's host is started again with its disk; a terminated one is destroyed.
+- a started instance's host is started again with its disk; a terminated one is destroyed;
+- a rebooted instance's host (RebootInstances, seen by the gate below) is stopped and started
+  again with its disk: new PID 1, fresh /run, its services started by its supervisord.
 
 Hosts must be started from the main thread (they die with the thread that launched them), so
 :meth:`Ec2HostMirror.run` runs the code under test in a worker thread while the main thread
@@ -59,6 +61,7 @@ class Ec2HostMirror:
         self.created: list[str] = []
         self._stops: list[tuple[list[str], threading.Event]] = []
         self._stops_lock = threading.Lock()
+        self._reboots: list[str] = []
         self._running = False
         self._attached: Any = None
         self.events: list[tuple[float, str, str]] = []  # (time, instance id, what happened)
@@ -112,6 +115,12 @@ class Ec2HostMirror:
                 with mirror._stops_lock:
                     mirror._stops.append((ids, done))
                 done.wait(60)
+            if stopped and re.search(rb"(?:^|&)Action=RebootInstances(?:&|$)", body):
+                form = parse_qs(body.decode())
+                with mirror._stops_lock:  # EC2 answers at once and reboots afterwards
+                    mirror._reboots += [
+                        v[0] for k, v in form.items() if k.startswith("InstanceId.")
+                    ]
             return result
 
         injector.app = gate
@@ -136,8 +145,19 @@ class Ec2HostMirror:
             finally:
                 done.set()
 
+    def _serve_reboots(self) -> None:
+        with self._stops_lock:
+            reboots, self._reboots = self._reboots, []
+        for iid in reboots:
+            host = self.network.hosts.get(self.hosts.get(iid, ""))
+            if host is not None and host.running:
+                self.network.stop(host.name)
+                self.network.start_again(host.name)
+                self.events.append((time.monotonic(), iid, "rebooted"))
+
     def reconcile(self) -> None:
         self._serve_stops()
+        self._serve_reboots()
         new: list[tuple[HostSpec, str]] = []
         for inst in self._instances():
             iid, state = inst["InstanceId"], inst["State"]["Name"]

@@ -297,6 +297,30 @@ def terminate_instances(
     )
 
 
+@task(
+    name="reboot-instance",
+    task_run_name="reboot-{instance_id}",
+    retries=0,
+    tags=["non-idempotent"],
+)
+def reboot_instance(creds: AwsCredentials, instance_id: str, *, dry_run: bool) -> StepResult:
+    """Ask EC2 to reboot a running instance (RebootInstances: an orderly OS reboot).
+
+    Not idempotent (each call reboots) and never retried: the caller waits for the new boot
+    (:func:`tasks.ssh.boot.wait_for_reboot`). No compensation: a reboot cannot be undone; a server
+    that does not come back is reported.
+    """
+    (server,) = _describe_ids(creds, [instance_id])
+    if server.state != "running":
+        raise ValueError(f"{instance_id} is {server.state}, not running: not rebooted")
+    if dry_run:
+        return StepResult(changed=True, dry_run=True, summary=f"Would reboot {instance_id}")
+    aws_client(creds, "ec2").reboot_instances(InstanceIds=[instance_id])
+    summary = f"Rebooting {instance_id}"
+    get_run_logger().info("%s", summary)
+    return StepResult(changed=True, dry_run=False, summary=summary)
+
+
 class LaunchResult(StepResult):
     instance_id: str | None = Field(description="The new instance (None in a dry run).")
     private_ip_address: str | None = None

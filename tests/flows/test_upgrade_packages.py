@@ -29,9 +29,11 @@ from config.models import UpgradeSettings
 from fabflows.errors import BadInput
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import SAMPLE
+from fabflows.testing.ec2_hosts import Ec2HostMirror
 from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
 from flows.end_upgrade import end_upgrade
 from flows.upgrade_packages import (
+    RebootOutcome,
     UpgradePackagesFailed,
     _params,
     expected_downtime,
@@ -183,6 +185,17 @@ def test_outcomes_name_every_host_and_skipped_ones() -> None:
         "web1": ("skipped", False),
     }
     assert expected_downtime(plan, 1).total_seconds() == 3 * 23 + 30
+
+    # with reboot: the upgraded server's reboot merges into its outcome
+    back = RebootOutcome(host="db1", address="10.0.0.2", ok=True, seconds=41.5)
+    [db] = [o for o in outcomes(plan, [applied], [back]) if o.host == "db1"]
+    assert (db.reboot, db.reboot_required, db.reboot_packages) == ("rebooted in 41.5 s", False, [])
+    lost = RebootOutcome(host="db1", address="10.0.0.2", ok=False, message="RebootTimeout: gone")
+    [db] = [o for o in outcomes(plan, [applied], [lost]) if o.host == "db1"]
+    assert db.reboot == "FAILED: RebootTimeout: gone" and db.reboot_required
+    [db] = [o for o in outcomes(plan, [applied], []) if o.host == "db1"]
+    assert db.reboot == "not reached"  # asked for, but the reboots stopped before it
+    assert all(o.reboot == "" for o in outcomes(plan, [applied]))  # not asked for
 
 
 @pytest.mark.parametrize(
@@ -462,4 +475,57 @@ def test_sigkill_during_apply_is_recovered_by_end_upgrade(
     # ... and end-upgrade, run next, knows that run is dead and restores everything
     report = end_upgrade(environment="staging", config=cfg, dry_run=False)
     assert "is no longer running" in report.outcome
+    _assert_restored(lab, aws, before)
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_reboot_after_the_upgrades_one_server_at_a_time_inside_the_window(
+    prefect_server, aws, test_network, make_hosts, repo, tmp_path: Path
+) -> None:
+    """reboot=True: every server the upgrade left needing a reboot is rebooted through EC2
+    (RebootInstances: the test host really restarts, fresh /run and PID 1), in role order, and is
+    back in a new boot before the window closes; the site answers 200 afterwards."""
+    lab = make_lab(
+        tmp_path,
+        aws.endpoint,
+        test_network,
+        make_hosts,
+        repo,
+        web_count=1,
+        roles=("db-primary", "web"),
+        upgrade={"reboot_poll_seconds": 0.5, "reboot_timeout_seconds": 120},
+    )
+    cfg = str(lab.config_path)
+    before = _suspended(aws)
+    mirror = Ec2HostMirror(test_network, aws.endpoint, test_network.subnet, name_prefix="urb")
+    for iid, host in lab.hosts.items():
+        mirror.adopt(iid, host)
+    mirror.attach(aws)
+    try:
+        dry = upgrade_packages(environment="staging", config=cfg, reboot=True)
+        assert "rebooted by this run, one at a time" in dry.plan.render_markdown()
+        pid1 = {h.name: h.pid for h in lab.hosts.values()}
+
+        report = mirror.run(
+            upgrade_packages, environment="staging", config=cfg, dry_run=False, reboot=True
+        )
+    finally:
+        mirror.detach()
+    assert [(h.role, h.result) for h in report.hosts] == [
+        ("db-primary", "upgraded"),
+        ("web", "upgraded"),
+    ]
+    assert all(h.reboot.startswith("rebooted in") and not h.reboot_required for h in report.hosts)
+    assert "rebooted" in report.outcome and "reboot required" not in report.outcome
+    # EC2 rebooted them, the database server first, one after the other
+    by_id = {iid: s.role for iid, s in ((s.instance_id, s) for s in lab.servers)}
+    rebooted = [by_id[iid] for _, iid, what in mirror.events if what == "rebooted"]
+    assert rebooted == ["db-primary", "web"]
+    for host in lab.hosts.values():
+        assert host.pid != pid1[host.name]  # a new PID 1: it really restarted
+        assert host.exec(["test", "-e", "/var/run/reboot-required"], check=False).returncode == 1
+        assert _version(host, "fabflows-reboot") == "2.0"
+    # inside the window: the reboots ended before upgrade mode did, and everything is restored
+    assert report.window.seconds_in_upgrade_mode > report.seconds_upgrading
     _assert_restored(lab, aws, before)

@@ -25,6 +25,7 @@ from tasks.aws.ec2_writes import (
     describe_instances,
     describe_launch_template_type,
     modify_instance_type,
+    reboot_instance,
     run_instance_from_template,
     start_instances,
     stop_instances,
@@ -183,3 +184,23 @@ def test_launch_template_version_rhythm_and_way_back(env) -> None:
         # versions are immutable: the way back is one more version, equal to the old one
         back = create_launch_template_version.fn(creds, lt, new.previous_type, dry_run=False)
         assert back.version == 3 and describe_launch_template_type.fn(creds, lt) == "m1.small"
+
+
+def test_reboot_instance_dry_apply_and_refused_when_not_running(env, aws) -> None:
+    creds, seeded, _ = env
+    worker = seeded.instance_ids["worker"][0]
+
+    def reboots() -> int:  # what reached EC2's API
+        return aws.injector.requests.count(("ec2", "RebootInstances"))
+
+    with disable_run_logger():
+        dry = reboot_instance.fn(creds, worker, dry_run=True)
+        assert dry.changed and dry.dry_run and dry.summary == f"Would reboot {worker}"
+        assert reboots() == 0
+        done = reboot_instance.fn(creds, worker, dry_run=False)
+        assert done.summary == f"Rebooting {worker}" and not done.dry_run
+        assert reboots() == 1
+        stop_instances.fn(creds, [worker], RECORD, dry_run=False)
+        with pytest.raises(ValueError, match="stopped, not running: not rebooted"):
+            reboot_instance.fn(creds, worker, dry_run=False)
+        assert reboots() == 1
