@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -52,6 +52,13 @@ def flow_options(fl: Any) -> dict[str, inspect.Parameter]:
     """The flow's own parameters (beyond environment/deployment/config/dry_run)."""
     sig = inspect.signature(fl.fn)
     return {n: p for n, p in sig.parameters.items() if n not in COMMON}
+
+
+def _takes_list(hint: Any) -> bool:
+    """``list[...]`` or ``list[...] | None``: a comma-separated value is a list."""
+    if get_origin(hint) is list:
+        return True
+    return any(get_origin(arg) is list for arg in get_args(hint))
 
 
 def parse_flow_options(fl: Any, argv: list[str]) -> dict[str, Any]:
@@ -85,6 +92,8 @@ def parse_flow_options(fl: Any, argv: list[str]) -> dict[str, Any]:
             i += 2
         try:
             value: Any = json.loads(raw) if raw[:1] in "[{" else raw
+            if isinstance(value, str) and _takes_list(hint):  # --roles web,worker
+                value = [v.strip() for v in value.split(",") if v.strip()]
             out[name] = TypeAdapter(hint).validate_python(value, strict=False)
         except (ValidationError, json.JSONDecodeError):
             try:

@@ -34,6 +34,8 @@ def example(
         (["--users-dir", "d", "--no-remove"], {"users_dir": "d", "remove": False}),
         (["--users-dir", "d", "--max-errors", "3"], {"users_dir": "d", "max_errors": 3}),
         (["--users-dir", "d", "--hosts", '["a","b"]'], {"users_dir": "d", "hosts": ["a", "b"]}),
+        (["--users-dir", "d", "--hosts", "a, b"], {"users_dir": "d", "hosts": ["a", "b"]}),
+        (["--users-dir", "d", "--hosts=web"], {"users_dir": "d", "hosts": ["web"]}),
     ],
 )
 def test_flow_options_are_typed_by_signature(argv: list[str], expected: dict) -> None:
