@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from fabflows.testing.app_env import (  # noqa: E402
     build_app_env,
     run_in_thread,
 )
-from fabflows.testing.elb_proxy import ElbProxy  # noqa: E402
+from fabflows.testing.elb_proxy import CapacitySampler, ElbProxy  # noqa: E402
 from fabflows.testing.moto_server import MotoServer  # noqa: E402
 from sandbox.testhosts import TestNetwork  # noqa: E402
 
@@ -54,22 +53,19 @@ def _save(values: dict[str, str]) -> None:
     block.save(BLOCK, overwrite=True)
 
 
-class Capacity:
-    def __init__(self, proxy: ElbProxy):
-        self.proxy, self.seen, self._stop = proxy, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.seen.append(len(self.proxy.backends))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+def _rollout_row(flow: str, started: float, rollout) -> dict:  # noqa: ANN001 - RolloutReport
+    """One result row: the run's wall time, the rollout's, and what the 100 ms probe saw."""
+    probe = rollout.probe
+    return {
+        "flow": flow,
+        "web_servers": 2,
+        "run_s": round(time.monotonic() - started, 2),
+        "rollout_s": rollout.duration_s,
+        "window_s": rollout.window_seconds,
+        "downtime_s": probe.total_downtime_s,
+        "non_200": probe.non_200,
+        "polls": probe.samples,
+    }
 
 
 def stack(net: TestNetwork, web_count: int, rabbitmq: bool):
@@ -105,19 +101,7 @@ def bench_newrelic(net: TestNetwork, reps: int) -> list[dict]:
                 result = update_newrelic_keys(
                     environment="staging", config=str(env.config_path), dry_run=False, mode=mode
                 )
-                probe = result.rollout.probe
-                rows.append(
-                    {
-                        "flow": f"update-newrelic-keys {mode}",
-                        "web_servers": 2,
-                        "run_s": round(time.monotonic() - started, 2),
-                        "rollout_s": result.rollout.duration_s,
-                        "window_s": result.rollout.window_seconds,
-                        "downtime_s": probe.total_downtime_s,
-                        "non_200": probe.non_200,
-                        "polls": probe.samples,
-                    }
-                )
+                rows.append(_rollout_row(f"update-newrelic-keys {mode}", started, result.rollout))
                 print(rows[-1], flush=True)
     finally:
         proxy.stop()
@@ -143,18 +127,8 @@ def bench_rotation(net: TestNetwork, reps: int) -> list[dict]:
             result = push_server_secrets(
                 environment="staging", config=str(env.config_path), dry_run=False
             )
-            probe = result.rollout.probe
             rows.append(
-                {
-                    "flow": "push-server-secrets db+broker (window)",
-                    "web_servers": 2,
-                    "run_s": round(time.monotonic() - started, 2),
-                    "rollout_s": result.rollout.duration_s,
-                    "window_s": result.rollout.window_seconds,
-                    "downtime_s": probe.total_downtime_s,
-                    "non_200": probe.non_200,
-                    "polls": probe.samples,
-                }
+                _rollout_row("push-server-secrets db+broker (window)", started, result.rollout)
             )
             print(rows[-1], flush=True)
     finally:
@@ -172,7 +146,7 @@ def bench_refresh(net: TestNetwork, web_count: int, reps: int) -> list[dict]:
     try:
         for _ in range(reps):
             follower = InstanceFollower(env, prefix="bn")
-            with Capacity(proxy) as capacity:
+            with CapacitySampler(proxy) as capacity:
                 future = run_in_thread(
                     deploy_serial,
                     environment="staging",

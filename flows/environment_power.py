@@ -455,6 +455,19 @@ def plan_start_environment(
     )
 
 
+def servers_and_group(ctx: RunContext) -> tuple[list[Server], AutoScalingGroup | None]:
+    """Read tasks: the environment's servers (every state) and its web autoscaling group (None
+    when the config names none, or it does not exist)."""
+    env = ctx.env
+    servers = describe_servers(ctx.creds, env.deployment, env.environment)
+    group = (
+        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
+        if env.auto_scaling_group
+        else None
+    )
+    return servers, group
+
+
 def gather_start_plan(
     ctx: RunContext, settings: EnvironmentSettings
 ) -> tuple[AutoScalingGroup | None, PowerPlan]:
@@ -463,12 +476,7 @@ def gather_start_plan(
     start-environment plans with it, and a failed stop-environment plans its way back up with it.
     """
     env = ctx.env
-    servers = describe_servers(ctx.creds, env.deployment, env.environment)
-    group = (
-        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-        if env.auto_scaling_group
-        else None
-    )
+    servers, group = servers_and_group(ctx)
     plan = plan_start_environment(
         env.label,
         servers,

@@ -22,9 +22,9 @@ from fabflows.registry import FLOWS
 from fabflows.report import artifact_key, markdown_table, publish_markdown, text_table
 from fabflows.runbook import RunContext, load_context
 from fabflows.upgrade_mode import upgrade_window
-from flows.environment_power import run_id
+from flows.environment_power import run_id, servers_and_group
 from flows.start_environment import load_passphrase
-from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
+from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.ec2_writes import (
     RESIZE_TAG,
@@ -566,12 +566,7 @@ def resize_environment(
     if not env.instance_types:
         raise BadInput(f"instance_types has no entry for {env.environment}: nothing to resize to")
 
-    servers = describe_servers(ctx.creds, env.deployment, env.environment)
-    group = (
-        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-        if env.auto_scaling_group
-        else None
-    )
+    servers, group = servers_and_group(ctx)
     lt_type = None
     if group is not None and group.launch_template:
         lt_type = describe_launch_template_type(

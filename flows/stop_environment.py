@@ -23,9 +23,8 @@ from flows.environment_power import (
     power_up,
     render_plan,
     run_id,
+    servers_and_group,
 )
-from tasks.aws.autoscaling import describe_auto_scaling_group
-from tasks.aws.ec2 import describe_servers
 from tasks.aws.ec2_writes import RunRecord, describe_instance_subnet, describe_launch_template_type
 from tasks.aws.pricing import price_table
 from tasks.plan import StepResult
@@ -108,12 +107,7 @@ def stop_environment(
         raise BadInput(str(exc)) from None
     opts = SshOptions.from_settings(ctx.config.fabflows.ssh, env.deploy_user)
 
-    servers = describe_servers(ctx.creds, env.deployment, env.environment)
-    group = (
-        describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-        if env.auto_scaling_group
-        else None
-    )
+    servers, group = servers_and_group(ctx)
     queued = None
     cache_subnet = None
     caches = [s for s in servers if s.role == "cache"]

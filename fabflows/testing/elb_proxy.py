@@ -197,3 +197,26 @@ class ElbProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class CapacitySampler:
+    """Samples, every 50 ms while in its ``with`` block, how many web servers ``proxy`` really
+    forwards to (``seen``): serving capacity during a rolling refresh."""
+
+    def __init__(self, proxy: ElbProxy):
+        self.proxy = proxy
+        self.seen: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.seen.append(len(self.proxy.backends))
+
+    def __enter__(self) -> CapacitySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

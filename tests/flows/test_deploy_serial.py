@@ -4,7 +4,6 @@ really forwards and health-checks."""
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 
 import boto3
@@ -12,7 +11,7 @@ import pytest
 
 from fabflows.errors import BadInput, Refused
 from fabflows.testing.app_env import InstanceFollower, build_app_env, run_in_thread
-from fabflows.testing.elb_proxy import ElbProxy
+from fabflows.testing.elb_proxy import CapacitySampler, ElbProxy
 from fabflows.testing.moto_server import MotoServer
 from flows.deploy_serial import RefreshFailed, deploy_serial, plan_deploy_serial
 from tasks.aws.autoscaling import AutoScalingGroup
@@ -127,28 +126,6 @@ def stack(test_network, tmp_path_factory):
         moto.stop()
 
 
-class Capacity:
-    """Samples how many web servers the load balancer really forwards to."""
-
-    def __init__(self, proxy: ElbProxy):
-        self.proxy = proxy
-        self.seen: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.seen.append(len(self.proxy.backends))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def _clients(env):
     kw = dict(
         endpoint_url=env.endpoint,
@@ -181,7 +158,7 @@ def test_refresh_with_surge_serves_throughout_and_prunes(prefect_server, stack) 
     assert [i.image_id for i in dry.plan.prune_images] == [stale]
 
     follower = InstanceFollower(env, prefix="dn")
-    with Capacity(proxy) as capacity:
+    with CapacitySampler(proxy) as capacity:
         future = run_in_thread(
             deploy_serial,
             environment="staging",
@@ -230,7 +207,7 @@ def test_new_instance_that_never_serves_is_removed_and_nothing_else_changes(
     data["fabflows"]["refresh"]["instance_timeout_seconds"] = 8
     config = env.config_path.with_name("short.yaml")
     config.write_text(yaml.safe_dump(data))
-    with Capacity(proxy) as capacity:
+    with CapacitySampler(proxy) as capacity:
         future = run_in_thread(
             deploy_serial,
             environment="staging",
