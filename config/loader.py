@@ -73,6 +73,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def lookup_order() -> str:
+    """Where a config is looked for when none is named (for help texts and errors)."""
+    return f"${CONFIG_ENV_VAR}, else ./{', ./'.join(DEFAULT_PATHS)} (the first that exists)"
+
+
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The config path: the explicit one, $FABFLOWS_CONFIG, or a default name in the cwd."""
     if explicit:
@@ -87,7 +92,8 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
             ConfigProblem(
                 "(no file)",
                 "",
-                f"no config given: pass --config, set {CONFIG_ENV_VAR}, or create one of {', '.join(DEFAULT_PATHS)}",
+                f"no config given: pass --config, set ${CONFIG_ENV_VAR}, or create one of "
+                f"./{', ./'.join(DEFAULT_PATHS)} in this directory",
             )
         ]
     )

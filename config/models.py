@@ -1155,10 +1155,20 @@ class FabulawsConfig(Legacy):
         """Things in the file that are legal but probably not what the author meant."""
         out = []
         for key in self.unknown_keys():
-            out.append(f"{key}: unknown key, kept and ignored")
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+            hint = f": did you mean {close[0]}?" if close else ""
+            out.append(f"unknown key {key}{hint} (kept and ignored)")
+        for env in self.environments:
+            if not self.instance_types.get(env):
+                out.append(f"instance_types.{env}: missing (no instance type for any role)")
+            for dep in self.deployments:
+                if not (self.auto_scaling_groups.get(dep) or {}).get(env):
+                    out.append(f"auto_scaling_groups.{dep}.{env}: missing (no web group to manage)")
         if self.disable_known_hosts:
             out.append("disable_known_hosts: ignored; fabflows always checks SSH host keys")
         if "celery_application" in self.celery_workers:
+        import difflib
+
             out.append(
                 "celery_workers.celery_application: looks misindented (as in FabulAWS's sample); "
                 "it is read as a worker named 'celery_application'"

@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from config.loader import lookup_order
 from fabflows.errors import BadInput, Refused
 from fabflows.registry import FLOWS
 
@@ -44,8 +50,36 @@ def load_flow(name: str) -> Any:
 
 
 def flow_summary(fl: Any) -> str:
+    """The docstring's first sentence, whole (its first paragraph up to the first full stop)."""
     doc = inspect.getdoc(fl.fn) or ""
-    return doc.splitlines()[0] if doc else ""
+    paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+    sentence = re.match(r"(.+?(?<!e\.g)(?<!i\.e)[.!?])(?=\s|$)", paragraph)
+    return sentence.group(1) if sentence else paragraph
+
+
+def docstring_args(fl: Any) -> dict[str, str]:
+    """The docstring's Google-style ``Args:`` section: parameter name -> its text (one line)."""
+    lines = (inspect.getdoc(fl.fn) or "").splitlines()
+    try:
+        first = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
+    except StopIteration:
+        return {}
+    out: dict[str, str] = {}
+    base, current = None, None
+    for line in lines[first:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        base = indent if base is None else base
+        if indent < base:  # the next section ("Returns:")
+            break
+        item = re.match(r"(\w+)(?: \([^)]*\))?:\s*(.*)$", line.strip())
+        if indent == base and item:
+            current = item.group(1)
+            out[current] = item.group(2)
+        elif current:
+            out[current] += " " + line.strip()
+    return out
 
 
 def flow_options(fl: Any) -> dict[str, inspect.Parameter]:
@@ -141,6 +175,49 @@ def render_result(result: Any) -> str:
     return str(result)
 
 
+def sandbox_config() -> Path | None:
+    """The running sandbox's config (``sandbox/state/fabflows.yaml``), or None.
+
+    Read from the sandbox daemon's status file without importing the sandbox (it is not shipped
+    by ``pip install``, and its imports are heavy).
+    """
+    state = os.environ.get("FABFLOWS_SANDBOX_DIR")
+    if not state:
+        spec = importlib.util.find_spec("sandbox")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        state = str(Path(list(spec.submodule_search_locations)[0]) / "state")
+    try:
+        data = json.loads((Path(state) / "daemon.json").read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    config = Path(str(data.get("config", "")))
+    return config if data.get("status") == "ready" and config.is_file() else None
+
+
+CONFIG_HELP = f"config file (default: {lookup_order()}; else the running sandbox's config)"
+
+
+def config_path(explicit: str | None, quiet: bool = False) -> Path:
+    """The config to use: ``--config``, $FABFLOWS_CONFIG, a default file here, else the running
+    sandbox's (said in one stderr line). Raises ConfigError naming the same lookup."""
+    from config.loader import ConfigError, find_config
+
+    try:
+        return find_config(explicit)
+    except ConfigError as exc:
+        found = sandbox_config()
+        if found is None:
+            problem = exc.problems[0]
+            raise ConfigError(
+                [replace(problem, message=problem.message + "; or start the sandbox (make demo)")]
+            ) from None
+    if not quiet:
+        print(f"fabflows: no config given; using the sandbox's {found}", file=sys.stderr)
+    return found
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     from config import load_config, resolve_environment
 
@@ -148,11 +225,12 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     params = parse_flow_options(fl, extra)
     sig = inspect.signature(fl.fn).parameters
     # validate the config and the environment before anything starts
-    cfg = load_config(args.config)
+    path = config_path(args.config)
+    cfg = load_config(path)
     env = resolve_environment(cfg, args.environment, args.deployment)
     params |= {"environment": env.environment, "deployment": env.deployment}
-    if args.config:
-        params["config"] = os.path.abspath(args.config)
+    if "config" in sig:
+        params["config"] = os.path.abspath(path)
     if "dry_run" in sig:
         params["dry_run"] = not args.apply
     elif args.apply:
@@ -211,21 +289,28 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
+    import textwrap
+
     width = max(len(n) for n in FLOWS)
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns)
     for name in sorted(FLOWS):
         try:
             summary = flow_summary(load_flow(name))
         except Exception as exc:  # a broken module must not hide the others
             summary = f"(cannot import: {exc})"
-        print(f"{name.ljust(width)}  {summary}")
+        lines = textwrap.wrap(summary, columns - width - 2, break_on_hyphens=False) or [""]
+        print(f"{name.ljust(width)}  {lines[0]}")
+        for line in lines[1:]:
+            print(" " * (width + 2) + line)
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from config import load_config, resolve_environment
 
-    cfg = load_config(args.file)
-    print(f"{args.file}: OK")
+    path = config_path(args.file)
+    cfg = load_config(path)
+    print(f"{path}: OK")
     print(
         f"project: {cfg.project}; deployments: {', '.join(cfg.deployments)}; region: {cfg.region}"
     )
@@ -259,6 +344,55 @@ def _optional(module: str, attr: str) -> Callable[..., int] | None:
         return None
 
 
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The options every ``fabflows run`` takes, whatever the flow."""
+    run.add_argument("flow", help="the runbook (`fabflows flows` lists them)")
+    run.add_argument("--environment", "-e", required=True)
+    run.add_argument("--deployment", "-d", help="default: the config's default_deployment")
+    run.add_argument("--config", "-c", help=CONFIG_HELP)
+    run.add_argument("--apply", action="store_true", help="make the changes (default: dry run)")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--verbose", "-v", action="store_true", help="show the run's logs")
+
+
+def _type_name(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if get_origin(hint) is None else None
+    return text or str(hint).replace("typing.", "")
+
+
+def flow_help(name: str) -> str:
+    """``fabflows run FLOW --help``: the generic options, then the flow's own (type, default, the
+    docstring's Args text)."""
+    fl = load_flow(name)
+    parser = argparse.ArgumentParser(
+        prog=f"fabflows run {name}",
+        usage=f"fabflows run {name} --environment ENV [options] [{name} options]",
+        description=flow_summary(fl),
+        add_help=False,
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--help", "-h", action="help", help="show this help")
+    own = parser.add_argument_group(f"{name} options")
+    hints = get_type_hints(fl.fn)
+    texts = docstring_args(fl)
+    for option, param in flow_options(fl).items():
+        hint = hints.get(option, str)
+        flag = "--" + option.replace("_", "-")
+        parts = [texts.get(option, "").replace("%", "%%")]
+        if hint is bool:
+            flag = f"{flag}, --no-{option.replace('_', '-')}"
+            parts.append(f"(default: {'on' if param.default else 'off'})")
+            own.add_argument(flag, action="store_true", help=" ".join(p for p in parts if p))
+            continue
+        required = param.default is inspect.Parameter.empty
+        default = "required" if required else f"default: {param.default!r}"
+        parts.append(f"({_type_name(hint)}; {default})".replace("%", "%%"))
+        if _takes_list(hint):
+            parts.append("(comma-separated, or JSON)")
+        own.add_argument(flag, metavar="VALUE", help=" ".join(p for p in parts if p))
+    return parser.format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fabflows", description="FabulAWS maintenance runbooks as Prefect flows."
@@ -268,25 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run a runbook (dry unless --apply)",
-        description="Run a runbook in this process. Flow options follow as --name value.",
+        description="Run a runbook in this process. Flow options follow as --name value "
+        "(`fabflows run FLOW --help` lists them).",
     )
-    run.add_argument("flow")
-    run.add_argument("--environment", "-e", required=True)
-    run.add_argument("--deployment", "-d")
-    run.add_argument(
-        "--config", "-c", help="config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml)"
-    )
-    run.add_argument("--apply", action="store_true", help="make the changes (default: dry run)")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
-    run.add_argument("--verbose", "-v", action="store_true", help="show the run's logs")
+    add_run_arguments(run)
     cfg = sub.add_parser("config", help="config tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a config and print what was understood")
-    check.add_argument("file")
+    check.add_argument("file", nargs="?", help=CONFIG_HELP.replace("config file", "default"))
     sb = sub.add_parser("sandbox", help="the local sandbox (moto + isolated test hosts)")
     sb.add_argument("action", choices=["up", "down", "status"])
     sb.add_argument("--state-dir", default=None)
     sub.add_parser("demo", help="bring the sandbox up and describe myproject/staging")
+    warm = sub.add_parser(
+        "warm", help="the warm runner: `fabflows run` without Prefect's import time"
+    )
+    warm.add_argument("action", choices=["start", "stop", "status"], nargs="?", default="status")
     for module in (
         "fabflows.server",
         "deployments.cli",
@@ -302,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     from config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and {"-h", "--help"} & set(argv):
+        named = [a for a in argv[1:] if a in FLOWS]
+        if named:
+            print(flow_help(named[0]))
+            return EXIT_OK
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
@@ -317,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
             from sandbox import cli as sandbox_cli
 
             return sandbox_cli.main(args.action, args.state_dir)
+        if args.command == "warm":
+            from fabflows import warm
+
+            return warm.main([args.action])
         if args.command == "demo":
             from sandbox import cli as sandbox_cli
 

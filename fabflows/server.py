@@ -2,9 +2,10 @@
 
     fabflows server start [--port 4200] [--host 127.0.0.1] [--database-url postgresql+asyncpg://...]
     fabflows server status
-    fabflows server stop
+    fabflows server stop       (also stops the warm runners)
 
-State lives in ``~/.local/state/fabflows/server`` (``$FABFLOWS_SERVER_STATE`` overrides it):
+One server per user, shared by every checkout (each checkout gets its own warm runner:
+``fabflows.warm``). State lives in ``~/.local/state/fabflows/server`` (``$FABFLOWS_SERVER_STATE`` overrides it):
 ``server.json`` (pid, URL, database), ``server.log`` and, for SQLite, ``home/prefect.db``. The server
 runs in its own session, so it outlives the command that started it; ``stop`` ends exactly the
 process group it recorded.
@@ -237,8 +238,11 @@ def run(args: argparse.Namespace) -> int:
     if args.server_command == "stop":
         from fabflows import warm
 
-        warm.stop()
+        # the warm runners (every checkout's) go with the server: nothing fabflows started
+        # in the background is left running
+        runners = warm.stop_all()
         print("stopped" if stop(args.state_dir) else "not running")
+        print(f"warm runner: {'stopped' if runners else 'not running'}")
         return 0
     current = status(args.state_dir)
     print(current.text())

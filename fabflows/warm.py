@@ -9,11 +9,21 @@ Flows still run as ordinary Prefect flow runs against the Prefect server: this o
 imports per call. No threads run in the warm process (fork-safe); it exits by itself when any of the
 project's source files change, and the client then falls back to a cold run.
 
-Started by ``fabflows server start`` and ``fabflows demo``; ``fabflows warm start|stop|status``.
+Started by ``fabflows server start`` and ``fabflows demo``; ``fabflows warm start|stop|status``;
+``fabflows server stop`` stops it too.
+
+One warm runner per user *and installation*: its socket, pid and lock files are named after the
+path of the fabflows package it runs (``warm-<id>.sock`` in the per-user state directory), and it
+serves only callers of that same installation and version. A second checkout's ``fabflows run``
+therefore never runs the first checkout's code: it finds its own runner, or runs cold. A lock file
+held for the runner's whole life makes a second ``start`` (``fabflows demo`` and ``server start``
+racing) wait for the first instead of starting a twin that would take over its files.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib
 import json
 import os
@@ -24,9 +34,30 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+INSTALLATION = Path(__file__).resolve().parent
+"""The fabflows package this code is: the identity a caller must share to be served."""
+PROJECT = INSTALLATION.parent
 PACKAGES = ("fabflows", "flows", "tasks", "blocks", "config", "deployments", "sandbox")
 MAX_FDS = 3
+PROTOCOL = 2
+
+
+def installed_version() -> str:
+    """fabflows' version as installed for this interpreter (the first ``fabflows-*.dist-info`` on
+    sys.path, as importlib.metadata finds it, without its ~30 ms of imports)."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("fabflows-") and name.endswith((".dist-info", ".egg-info")):
+                return name.removeprefix("fabflows-").rsplit(".", 1)[0]
+    return "unknown"
+
+
+def installation_id() -> str:
+    return hashlib.sha256(str(INSTALLATION).encode()).hexdigest()[:12]
 
 
 def state_dir() -> Path:
@@ -35,11 +66,19 @@ def state_dir() -> Path:
 
 
 def socket_path() -> Path:
-    return state_dir() / "warm.sock"
+    return state_dir() / f"warm-{installation_id()}.sock"
 
 
 def pid_path() -> Path:
-    return state_dir() / "warm.pid"
+    return state_dir() / f"warm-{installation_id()}.pid"
+
+
+def lock_path() -> Path:
+    return state_dir() / f"warm-{installation_id()}.lock"
+
+
+def _identity() -> dict[str, str]:
+    return {"installation": str(INSTALLATION), "fabflows_version": installed_version()}
 
 
 def _source_mtimes() -> dict[str, float]:
@@ -153,6 +192,8 @@ def _settings_may_differ(parent_env: dict[str, str], parent_cwd: str) -> bool:
 
 def _child(conn: socket.socket, request: dict, fds: list[int], gate: int) -> None:
     """In the forked child: become the client's CLI call (once the parent has sent our pid)."""
+    if _LOCK_FD is not None:  # a long run must not keep the runner's lock after it is gone
+        os.close(_LOCK_FD)
     os.read(gate, 1)
     os.close(gate)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -200,19 +241,49 @@ def _child(conn: socket.socket, request: dict, fds: list[int], gate: int) -> Non
     os._exit(code)
 
 
+_LOCK_FD: int | None = None
+
+
+def _take_lock() -> int | None:
+    """The runner's lock (held until the process ends), or None if another runner holds it."""
+    lock_path().parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lock_held() -> bool:
+    """Is a runner of this installation running or starting?"""
+    fd = _take_lock()
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def serve(idle_timeout: float | None = None) -> int:
     """Run the warm process in the foreground (``fabflows warm start`` daemonizes it)."""
+    global _LOCK_FD
+    _LOCK_FD = _take_lock()
+    if _LOCK_FD is None:
+        print(f"another warm runner of {INSTALLATION} is running: not starting", flush=True)
+        return 0
+    pid_path().write_text(str(os.getpid()))  # from now on `stop` finds us, even while preloading
+    identity = _identity()
     _preload()
     sources = _source_mtimes()
     path = socket_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     os.chmod(path, 0o600)
+    ours = path.stat().st_ino
     srv.listen(16)
     srv.settimeout(1.0)
-    pid_path().write_text(str(os.getpid()))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -231,6 +302,12 @@ def serve(idle_timeout: float | None = None) -> int:
             except ChildProcessError:
                 pass
             if idle_timeout and time.monotonic() - last > idle_timeout:
+                break
+            try:
+                if path.stat().st_ino != ours:
+                    raise FileNotFoundError
+            except FileNotFoundError:  # our socket was removed: no caller can reach us any more
+                print("socket gone: exiting", flush=True)
                 break
             try:
                 conn, _ = srv.accept()
@@ -253,7 +330,15 @@ def serve(idle_timeout: float | None = None) -> int:
                     for fd in fds:
                         os.close(fd)
                     continue
-                if _source_mtimes() != sources or request.get("version") != 1:
+                caller = {k: request.get(k) for k in identity}
+                if request.get("version") != PROTOCOL or caller != identity:
+                    # another installation or version: never run our code for it
+                    _send_json(conn, {"mismatch": identity})
+                    for fd in fds:
+                        os.close(fd)
+                    print(f"refused a caller of {caller}: runs cold", flush=True)
+                    continue
+                if _source_mtimes() != sources:
                     # the code changed: this call runs cold, and we restart with the new code
                     _send_json(conn, {"stale": True})
                     for fd in fds:
@@ -279,9 +364,14 @@ def serve(idle_timeout: float | None = None) -> int:
                     os.close(gate_w)
     finally:
         srv.close()
-        path.unlink(missing_ok=True)
-        pid_path().unlink(missing_ok=True)
-    if restart:
+        try:
+            if path.stat().st_ino == ours:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        if _read_pid(pid_path()) == os.getpid():
+            pid_path().unlink(missing_ok=True)
+    if restart:  # the lock (close-on-exec) is taken again by the new image
         os.execv(sys.executable, [sys.executable, "-m", "fabflows.warm", "serve"])
     return 0
 
@@ -297,7 +387,13 @@ def try_run(argv: list[str]) -> int | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
-        request = {"version": 1, "argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
+        request = {
+            "version": PROTOCOL,
+            **_identity(),
+            "argv": argv,
+            "env": dict(os.environ),
+            "cwd": os.getcwd(),
+        }
         socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
         first = _recv_json(conn)
     except OSError:
@@ -326,32 +422,48 @@ def try_run(argv: list[str]) -> int | None:
     return int(done["exit"])
 
 
-def running_pid() -> int | None:
+def _read_pid(path: Path) -> int | None:
     try:
-        pid = int(pid_path().read_text())
-        os.kill(pid, 0)
-        return pid if socket_path().exists() else None
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return int(path.read_text())
+    except (OSError, ValueError):
         return None
 
 
-def start(wait: float = 30) -> int | None:
-    """Start the warm process in the background (no-op if running); its pid, or None."""
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def running_pid() -> int | None:
+    """The pid of this installation's runner if it is serving (socket up), else None."""
+    pid = _read_pid(pid_path())
+    return pid if pid and _alive(pid) and socket_path().exists() else None
+
+
+def start(wait: float = 120) -> int | None:
+    """Start the warm process in the background (no-op if running); its pid, or None.
+
+    A runner that is still starting (its lock held) is waited for, never started twice.
+    """
     import subprocess
 
     pid = running_pid()
     if pid:
         return pid
     state_dir().mkdir(parents=True, exist_ok=True)
-    log = open(state_dir() / "warm.log", "ab")  # noqa: SIM115
-    subprocess.Popen(
-        [sys.executable, "-m", "fabflows.warm", "serve"],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=PROJECT,
-    )
+    if not _lock_held():
+        log = open(state_dir() / f"warm-{installation_id()}.log", "ab")  # noqa: SIM115
+        subprocess.Popen(
+            [sys.executable, "-m", "fabflows.warm", "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=PROJECT,
+        )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         pid = running_pid()
@@ -361,15 +473,33 @@ def start(wait: float = 30) -> int | None:
     return None
 
 
-def stop() -> bool:
-    pid = running_pid()
-    if not pid:
+def _stop_pid(pid_file: Path, timeout: float = 10) -> bool:
+    """End the runner recorded in ``pid_file`` (SIGTERM, then SIGKILL); True if one was running."""
+    pid = _read_pid(pid_file)
+    if not pid or not _alive(pid):
+        pid_file.unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while running_pid() and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    pid_file.with_suffix(".sock").unlink(missing_ok=True)
     return True
+
+
+def stop() -> bool:
+    """Stop this installation's runner (waits until its process has ended)."""
+    return _stop_pid(pid_path())
+
+
+def stop_all() -> int:
+    """Stop every warm runner of this user (all installations): ``fabflows server stop``."""
+    return sum(_stop_pid(p) for p in sorted(state_dir().glob("warm*.pid")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,11 +514,16 @@ def main(argv: list[str] | None = None) -> int:
     if action == "stop":
         print("warm runner: stopped" if stop() else "warm runner: not running")
         return 0
+    if action != "status":
+        print("usage: fabflows warm [start|stop|status]", file=sys.stderr)
+        return 2
     pid = running_pid()
     if pid:
-        print(f"warm runner: running (pid {pid}), socket {socket_path()}")
+        print(f"warm runner: running (pid {pid}) for {INSTALLATION}, socket {socket_path()}")
+    elif _lock_held():
+        print(f"warm runner: starting (pid {_read_pid(pid_path())}) for {INSTALLATION}")
     else:
-        print("warm runner: not running")
+        print(f"warm runner: not running for {INSTALLATION}")
     return 0 if pid else 1
 
 

@@ -89,3 +89,98 @@ def test_config_check_names_the_bad_key(capsys, tmp_path: Path) -> None:
     path = write_config(tmp_path, instance_types={"qa": {"web": "t3.small"}})
     assert main(["config", "check", str(path)]) == EXIT_BAD_INPUT
     assert "instance_types.qa: 'qa' is not in environments" in capsys.readouterr().err
+
+
+def test_run_help_lists_the_flows_own_options_after_the_generic_ones(capsys) -> None:
+    assert main(["run", "update-sysadmin-users", "--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    generic, _, own = out.partition("update-sysadmin-users options:")
+    assert "--environment" in generic and "--apply" in generic
+    # type, default and the docstring's Args text
+    assert "--users-dir VALUE" in own and "public-key file per user" in own
+    assert "--max-concurrency VALUE" in own and "(str; default: '25%')" in own
+    assert "--remove-unlisted, --no-remove-unlisted" in own and "(default: off)" in own
+    assert "--environment" not in own and "--dry-run" not in own
+
+
+def test_run_help_names_the_default_files_the_error_names(capsys, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FABFLOWS_CONFIG", raising=False)
+    monkeypatch.setenv("FABFLOWS_SANDBOX_DIR", str(tmp_path / "no-sandbox"))
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert main(["run", "describe-environment", "-e", "staging"]) == EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert "no config given" in error
+    for name in ("$FABFLOWS_CONFIG", "./fabflows.yaml", "./fabulaws-config.yml"):
+        assert name in error
+        assert name in help_text.replace("fabulaws- config", "fabulaws-config")
+
+
+def test_without_a_config_the_running_sandboxs_is_used_and_said(capsys, tmp_path, monkeypatch):
+    """`make demo` leaves the sandbox up: the README's commands then work from the checkout."""
+    import json
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FABFLOWS_CONFIG", raising=False)
+    sandbox = tmp_path / "sandbox-state"
+    sandbox.mkdir()
+    config = write_config(sandbox)
+    status = {"pid": os.getpid(), "status": "ready", "config": str(config)}
+    (sandbox / "daemon.json").write_text(json.dumps(status))
+    monkeypatch.setenv("FABFLOWS_SANDBOX_DIR", str(sandbox))
+    assert main(["config", "check"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert f"{config}: OK" in captured.out
+    assert captured.err.count("\n") == 1 and f"using the sandbox's {config}" in captured.err
+    # a sandbox that is still starting (or gone) is not used
+    (sandbox / "daemon.json").write_text(json.dumps(status | {"status": "starting"}))
+    assert main(["config", "check"]) == EXIT_BAD_INPUT
+    assert "no config given" in capsys.readouterr().err
+
+
+def test_flows_shows_whole_first_sentences(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert main(["flows"]) == EXIT_OK
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "start-environment Start an environment stopped by stop-environment (or by hand), role by "
+        "role, and restore the web group's recorded sizes; then check that every web server and "
+        "the site answer 200. " in out
+    )
+    assert (
+        "primary, cache, with the group's sizes recorded so start-environment restores them "
+        "exactly. " in out
+    )
+
+
+def test_config_check_suggests_the_key_a_typo_resembles(capsys, tmp_path: Path) -> None:
+    path = write_config(tmp_path, instance_typs={"staging": {"web": "t3.small"}})
+    assert main(["config", "check", str(path)]) == EXIT_OK
+    assert "unknown key instance_typs: did you mean instance_types?" in capsys.readouterr().out
+
+
+def test_config_check_warns_of_environments_without_types_or_group(capsys, tmp_path) -> None:
+    import yaml
+
+    data = yaml.safe_load(SAMPLE.read_text())
+    del data["instance_types"]["testing"]
+    del data["auto_scaling_groups"]["myproject"]["staging"]
+    path = tmp_path / "fabulaws-config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["config", "check", str(path)]) == EXIT_OK
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert "warning: instance_types.testing: missing (no instance type for any role)" in warnings
+    assert (
+        "warning: auto_scaling_groups.myproject.staging: missing (no web group to manage)"
+        in warnings
+    )
+    assert not any("production" in w for w in warnings)
+
+
+def test_warm_is_in_the_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "warm" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from config import load_config
+from fabflows import server, warm
 from fabflows.testing.configs import moto_section, write_config
 from sandbox.aws_seed import seed
 
 ROOT = Path(__file__).resolve().parents[2]
 FABFLOWS = str(Path(sys.executable).parent / "fabflows")
+SOCKET = f"warm-{warm.installation_id()}.sock"
 
 
 def _wait_for(path: Path, timeout: float = 60) -> None:
@@ -39,7 +42,7 @@ def test_calls_go_through_the_warm_process_and_keep_exit_codes(tmp_path: Path) -
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(tmp_path / "warm.sock")
+        _wait_for(tmp_path / SOCKET)
         listing = subprocess.run(
             [FABFLOWS, "flows"], env=env, capture_output=True, text=True, timeout=60
         )
@@ -77,12 +80,12 @@ def test_calls_go_through_the_warm_process_and_keep_exit_codes(tmp_path: Path) -
             os.utime(source, (stat.st_atime, stat.st_mtime))
         assert again.returncode == 0 and "describe-environment" in again.stdout
         assert "source changed" in (tmp_path / "warm.log").read_text()
-        _wait_for(tmp_path / "warm.sock")
+        _wait_for(tmp_path / SOCKET)
         assert warm.poll() is None  # re-exec'd in place, same pid
     finally:
         warm.terminate()
         warm.wait(10)
-    assert not (tmp_path / "warm.sock").exists()
+    assert not (tmp_path / SOCKET).exists()
 
 
 @pytest.mark.flow
@@ -121,7 +124,7 @@ def test_a_warm_run_is_a_real_flow_run_with_the_callers_prefect_settings(
     )
     run = [FABFLOWS, "run", "describe-environment", "-e", "staging", "-c", str(config), "--json"]
     try:
-        _wait_for(tmp_path / "state" / "warm.sock")
+        _wait_for(tmp_path / "state" / SOCKET)
         outputs, logs = [], []
         for extra in ({}, {"PREFECT_LOGGING_LEVEL": "WARNING"}):
             done = subprocess.run(
@@ -149,3 +152,96 @@ def test_a_warm_run_is_a_real_flow_run_with_the_callers_prefect_settings(
         assert len([r for r in ours if "staging" in str(r.parameters.get("environment"))]) >= 2
         artifacts = client.read_artifacts()
     assert any(a.key and "describe" in a.key for a in artifacts)
+
+
+def _serve(state: Path, log: Path, **env: str) -> subprocess.Popen:
+    environ = os.environ | {"FABFLOWS_STATE_DIR": str(state)} | env
+    environ.pop("FABFLOWS_NO_WARM", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fabflows.warm", "serve"],
+        env=environ,
+        cwd=ROOT,
+        stdout=open(log, "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_second_runner_does_not_start_and_server_stop_ends_the_runner(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Two starts racing (demo + server start) leave one runner; `server stop` ends it for real
+    (the process, not only its files), so `warm status` never says "not running" about a live one."""
+    monkeypatch.setenv("FABFLOWS_STATE_DIR", str(tmp_path))
+    first = _serve(tmp_path, tmp_path / "first.log")
+    second = _serve(tmp_path, tmp_path / "second.log")
+    try:
+        assert second.wait(60) == 0  # the lock is taken before the imports: it gives up at once
+        assert "another warm runner" in (tmp_path / "second.log").read_text()
+        _wait_for(tmp_path / SOCKET)
+        assert warm.running_pid() == first.pid
+        assert warm.start() == first.pid  # running: not started twice
+        assert server.main_server(["stop", "--state-dir", str(tmp_path / "server")]) == 0
+        assert "warm runner: stopped" in capsys.readouterr().out
+        assert first.wait(5) == 0
+        assert warm.main(["status"]) == 1
+        assert "not running" in capsys.readouterr().out
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_only_callers_of_the_same_installation_and_version_are_served(tmp_path: Path) -> None:
+    """A second checkout runs its own code, never the first's; another version runs cold."""
+    state = tmp_path / "state"
+    runner = _serve(state, tmp_path / "warm.log")
+    env = os.environ | {"FABFLOWS_STATE_DIR": str(state)}
+    env.pop("FABFLOWS_NO_WARM", None)
+    try:
+        _wait_for(state / SOCKET)
+        # another version of the same installation (its dist-info first on sys.path)
+        other = tmp_path / "other-version"
+        (other / "fabflows-9.9.0.dist-info").mkdir(parents=True)
+        call = subprocess.run(
+            [FABFLOWS, "flows"],
+            env=env | {"PYTHONPATH": str(other)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert call.returncode == 0, call.stderr
+        assert "describe-environment" in call.stdout
+        log = (tmp_path / "warm.log").read_text()
+        assert "refused a caller" in log and "9.9.0" in log
+        assert "fabflows flows" not in log  # not forked: it ran cold
+
+        # a second checkout of the project, whose `flows` listing says so
+        checkout = tmp_path / "checkout"
+        for package in warm.PACKAGES:
+            shutil.copytree(
+                ROOT / package, checkout / package, ignore=shutil.ignore_patterns("state")
+            )
+        cli = checkout / "fabflows" / "cli.py"
+        cli.write_text(
+            cli.read_text().replace(
+                "def cmd_flows(args: argparse.Namespace) -> int:\n",
+                "def cmd_flows(args: argparse.Namespace) -> int:\n    print('second checkout')\n",
+            )
+        )
+        call = subprocess.run(
+            [sys.executable, "-c", "import sys; from fabflows.entry import main; sys.exit(main())"]
+            + ["flows"],
+            env=env,
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert call.returncode == 0, call.stderr
+        assert "second checkout" in call.stdout
+        assert "fabflows flows" not in (tmp_path / "warm.log").read_text()
+        assert runner.poll() is None  # the first checkout's runner is untouched
+    finally:
+        runner.terminate()
+        runner.wait(10)
