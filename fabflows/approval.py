@@ -29,8 +29,9 @@ tagged on the run (``approved-by:<who>`` / ``rejected-by:<who>``) and published 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,8 @@ from config import EnvironmentConfig, FabulawsConfig
 from config.models import ApprovalSettings
 
 TIMEOUT_APPROVER = "timeout"
+AWAITING_TAG = "awaiting-approval"
+"""On a run while it waits for a decision (removed however the wait ends)."""
 APPROVAL_REQUIRED_TAG = "approval:required"
 """Put on a run by its creator (chatops does, for protected environments): any apply needs approval."""
 
@@ -183,7 +186,7 @@ def request_approval(
     )
     key = artifact_key("approval", name, env.deployment, env.environment)
     publish_markdown(key + "-request", description, f"Approval requested for {env.label}")
-    audit.add_run_tags(["awaiting-approval"])
+    audit.add_run_tags([AWAITING_TAG])
     if config is not None and config.fabflows.chatops.webhook_block:
         from fabflows.chatops import notify
 
@@ -191,12 +194,8 @@ def request_approval(
             notify.post_approval_request(config, env, run, name, description)
         except Exception:  # noqa: BLE001 - Slack being down must not block UI/API approval
             logger.warning("could not post the approval request to Slack", exc_info=True)
-    logger.warning(
-        "waiting for approval of %s on %s (timeout %s): resume this run from the UI, the API or Slack",
-        name,
-        env.label,
-        timeout,
-    )
+    # a warning: shown in the terminal without --verbose, and in the run's logs in the UI
+    logger.warning("%s", where_to_approve(run, name, env, timeout))
     started = datetime.now(UTC)
     try:
         answer = pause_flow_run(
@@ -220,10 +219,47 @@ def request_approval(
             decided_at=datetime.now(UTC),
             waited_seconds=(datetime.now(UTC) - started).total_seconds(),
         )
+    finally:
+        # decided, timed out, Ctrl-C, cancelled or crashed: nobody is asked any more
+        _remove_run_tag(run.id, AWAITING_TAG)
     _record(env, name, key, decision)
     if not decision.approved:
         raise ApprovalRejected(decision, env.label)
     return decision
+
+
+def where_to_approve(run: Any, flow_name: str, env: EnvironmentConfig, timeout: timedelta) -> str:
+    """What the terminal shows during the wait: the run, its UI page and the API call."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, PREFECT_UI_URL
+
+    from fabflows.logfilter import redact
+
+    api = redact(str(PREFECT_API_URL.value() or "")).rstrip("/")
+    ui = redact(str(PREFECT_UI_URL.value() or "")).rstrip("/")
+    body = {"run_input": {"approve": True, "approver": "<your name>", "reason": "<why>"}}
+    auth = ' -u "$PREFECT_API_AUTH_STRING"' if PREFECT_API_AUTH_STRING.value() else ""
+    lines = [
+        f"waiting for approval of {flow_name} on {env.label} (timeout {timeout}): "
+        f"resume run {run.name} ({run.id}) from the UI, the API or Slack",
+    ]
+    if ui:
+        lines.append(f"  UI:  {ui}/runs/flow-run/{run.id}  (Resume)")
+    if api:
+        lines.append(
+            f"  API: curl -X POST{auth} {api}/flow_runs/{run.id}/resume "
+            f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+            "  (approve: false rejects)"
+        )
+    return "\n".join(lines)
+
+
+def _remove_run_tag(flow_run_id: Any, tag: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        tags = list(client.read_flow_run(flow_run_id).tags or [])
+        if tag in tags:
+            client.update_flow_run(flow_run_id, tags=[t for t in tags if t != tag])
 
 
 def _unpause(flow_run_id: object) -> None:

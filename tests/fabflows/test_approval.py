@@ -157,3 +157,71 @@ def test_started_by_tags_refuse_nonsense() -> None:
         audit.started_by_tags("nobody", "x")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         audit.started_by_tags("api", " ")
+
+
+WAITING_SCRIPT = """
+import sys
+from datetime import timedelta
+
+from prefect import flow
+
+from config import load_config, resolve_environment
+from fabflows import approval
+from fabflows.cli import _quiet_console
+from fabflows.testing.configs import SAMPLE
+
+
+@flow(name="approval-terminal-probe")
+def probe():
+    env = resolve_environment(load_config(SAMPLE), "production")
+    approval.request_approval(
+        env, plan_markdown="drop database", expected_downtime=None,
+        timeout=timedelta(seconds=120), poll=timedelta(seconds=1),
+    )
+
+
+_quiet_console(verbose=False)  # what `fabflows run` does without --verbose
+probe.with_options(flow_run_name=sys.argv[1])()
+"""
+
+
+def test_terminal_wait_names_the_run_and_ctrl_c_removes_the_waiting_tag(tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "probe.py"
+    script.write_text(WAITING_SCRIPT)
+    stderr = tmp_path / "stderr"
+    env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "ctrl-c-case"],
+            cwd=Path(__file__).resolve().parents[2],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        run = _paused_run("ctrl-c-case", timeout=90)
+        with get_client(sync_client=True) as client:
+            assert approval.AWAITING_TAG in client.read_flow_run(run.id).tags
+        deadline = time.monotonic() + 30
+        while str(run.id) not in stderr.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shown = stderr.read_text()
+        assert f"resume run ctrl-c-case ({run.id})" in shown, shown
+        assert f"/runs/flow-run/{run.id}" in shown  # the UI link
+        assert f"curl -X POST {PREFECT_API_URL.value()}/flow_runs/{run.id}/resume" in shown
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with get_client(sync_client=True) as client:
+        after = client.read_flow_run(run.id)
+    assert after.state.is_crashed(), after.state
+    assert approval.AWAITING_TAG not in after.tags, after.tags
