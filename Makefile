@@ -4,16 +4,21 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# Exact versions of everything installed (`make lock` regenerates it from pyproject's ranges).
+LOCK := requirements.lock
 
-.PHONY: demo test system venv lint bench sandbox-down clean
+.PHONY: demo test system venv lock lint bench sandbox-down clean
 
 system:
 	bash .ci/install-system
 
-$(STAMP): pyproject.toml
+# pip and setuptools first (the venv's own pip is older), then the project with every
+# dependency pinned by the lock, and the build backend too: no resolution, no backtracking.
+$(STAMP): pyproject.toml setup.py $(LOCK)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -c $(LOCK) pip setuptools
+	$(VENV)/bin/pip install -q -c $(LOCK) --build-constraint $(LOCK) -e '.[test]'
+	$(VENV)/bin/pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +30,9 @@ test: system venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest
+
+lock:
+	bash .ci/lock
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
