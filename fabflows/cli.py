@@ -419,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     warm.add_argument("action", choices=["start", "stop", "status"], nargs="?", default="status")
     for module in (
+        "fabflows.history",
         "fabflows.server",
         "deployments.cli",
         "fabflows.chatops.cli",
