@@ -116,8 +116,8 @@ def test_lab_commands_from_a_wheel_say_they_run_from_a_checkout(
 def test_the_checkout_keeps_the_lab(tmp_path: Path) -> None:
     # Away from the checkout's directory: only the editable install can make these importable.
     script = (
-        "import fabflows.testing, sandbox.cli; from fabflows.entry import lab_missing; "
-        "print(sandbox.cli.__file__); assert not lab_missing()"
+        "import importlib.util, fabflows.testing, sandbox; from fabflows.entry import lab_missing; "
+        "print(importlib.util.find_spec('sandbox.cli').origin); assert not lab_missing()"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
