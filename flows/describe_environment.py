@@ -22,6 +22,9 @@ from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.elb import TargetHealth, describe_instance_health, describe_target_health
 from tasks.aws.session import CALLS, calls_since
+from tasks.postgres.replication import describe_primary_replication, describe_replica_replication
+from tasks.postgres.server import DbServer
+from tasks.ssh.connection import ConnectionPool, SshOptions
 
 SERVER_COLUMNS = (
     "role",
@@ -34,8 +37,43 @@ SERVER_COLUMNS = (
     "availability_zone",
     "launch_time",
     "load_balancer_health",
+    "replication",
     "notes",
 )
+DB_ROLES = ("db-primary", "db-replica")
+
+
+class DbReplication(BaseModel):
+    """Replication as one running database server reports it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance_id: str
+    role: str
+    state: str = Field(
+        description="db-replica: streaming / not streaming / not a replica / unknown; "
+        "db-primary: primary / in recovery / unknown."
+    )
+    lag_bytes: int | None = Field(
+        default=None, description="WAL the replica has not replayed, behind the primary's LSN."
+    )
+    lag_seconds: float | None = Field(
+        default=None, description="Age of its last replayed transaction; 0 when caught up."
+    )
+    detail: str = ""
+
+    def text(self) -> str:
+        """What the table's replication column shows."""
+        if self.role == "db-replica" and self.state in ("streaming", "not streaming"):
+            lag = _lag_text(self.lag_bytes, self.lag_seconds)
+            return f"{self.state}, {lag}" + (f" ({self.detail})" if self.detail else "")
+        return self.state + (f": {self.detail}" if self.detail else "")
+
+
+def _lag_text(lag_bytes: int | None, lag_seconds: float | None) -> str:
+    b = "? B" if lag_bytes is None else f"{lag_bytes} B"
+    sec = "? s" if lag_seconds is None else f"{lag_seconds:g} s"
+    return f"lag {b} / {sec}"
 
 
 class ServerRow(BaseModel):
@@ -53,6 +91,10 @@ class ServerRow(BaseModel):
     availability_zone: str | None
     launch_time: str | None
     load_balancer_health: str = Field(description="name: state per load balancer / target group")
+    replication: str = Field(default="", description="Database servers: replication and lag.")
+    replication_state: str | None = None
+    replication_lag_bytes: int | None = None
+    replication_lag_seconds: float | None = None
     notes: str = ""
 
 
@@ -67,6 +109,9 @@ class EnvironmentDescription(BaseModel):
     auto_scaling_group: AutoScalingGroup | None
     problems: list[str] = Field(description="Things an operator should look at.")
     aws_calls: int = Field(description="AWS API calls this description needed.")
+    replication: list[DbReplication] = Field(
+        default_factory=list, description="Each running database server's replication."
+    )
 
     def counts_by_role(self) -> dict[str, int]:
         return dict(Counter(s.role for s in self.servers))
@@ -94,8 +139,11 @@ def build_description(
     health: list[TargetHealth],
     group: AutoScalingGroup | None,
     aws_calls: int,
+    replication: list[DbReplication] | None = None,
 ) -> EnvironmentDescription:
-    """Pure: join servers with load-balancer health and compare with config."""
+    """Pure: join servers with load-balancer health (and replication) and compare with config."""
+    replication = replication or []
+    by_db = {r.instance_id: r for r in replication}
     by_instance: dict[str, list[TargetHealth]] = {}
     for h in health:
         by_instance.setdefault(h.instance_id, []).append(h)
@@ -107,6 +155,7 @@ def build_description(
             notes.append(f"config wants {wanted}")
         if s.role == "web" and group and s.instance_id not in group.instance_ids:
             notes.append("not in the autoscaling group")
+        db = by_db.get(s.instance_id)
         rows.append(
             ServerRow(
                 role=s.role,
@@ -121,6 +170,10 @@ def build_description(
                 load_balancer_health=", ".join(
                     f"{h.load_balancer}: {h.state}" for h in by_instance.get(s.instance_id, [])
                 ),
+                replication=db.text() if db else "",
+                replication_state=db.state if db else None,
+                replication_lag_bytes=db.lag_bytes if db else None,
+                replication_lag_seconds=db.lag_seconds if db else None,
                 notes="; ".join(notes),
             )
         )
@@ -139,6 +192,7 @@ def build_description(
     for h in health:
         if h.state not in ("InService", "healthy"):
             problems.append(f"{h.instance_id} is {h.state} in {h.load_balancer}")
+    problems += replication_problems(replication)
     return EnvironmentDescription(
         deployment=env.deployment,
         environment=env.environment,
@@ -146,7 +200,105 @@ def build_description(
         auto_scaling_group=group,
         problems=problems,
         aws_calls=aws_calls,
+        replication=replication,
     )
+
+
+def replication_problems(replication: list[DbReplication]) -> list[str]:
+    """Pure: replicas that do not stream, servers whose replication could not be read."""
+    out = []
+    for r in replication:
+        if r.state == "unknown":
+            out.append(f"{r.instance_id} ({r.role}): replication unknown: {r.detail}")
+        elif r.role == "db-replica" and r.state == "not a replica":
+            out.append(f"{r.instance_id} (db-replica) is not a replica: it is not in recovery")
+        elif r.role == "db-replica" and r.state != "streaming":
+            out.append(
+                f"{r.instance_id} (db-replica) is {r.state}: {r.detail or 'no WAL receiver'}"
+            )
+        elif r.role == "db-primary" and r.state != "primary":
+            out.append(f"{r.instance_id} (db-primary) is {r.state}")
+    return out
+
+
+def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
+    address = s.address(env.address_attribute)
+    return DbServer(
+        name=s.name or s.instance_id,
+        address=address,
+        db_address=s.private_ip_address or address,
+        instance_id=s.instance_id,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def gather_replication(
+    opts: SshOptions, env: EnvironmentConfig, servers: list[Server]
+) -> list[DbReplication]:
+    """Each running database server's replication, over SSH (one psql each): the primary first,
+    then the replicas in parallel with the lag measured against the primary's current LSN. A server
+    that cannot be read is ``unknown`` with the reason (a problem in the description)."""
+    running = [s for s in servers if s.role in DB_ROLES and s.state == "running"]
+    primaries = [s for s in running if s.role == "db-primary"]
+    replicas = [s for s in running if s.role == "db-replica"]
+    out: list[DbReplication] = []
+    primary_lsn: str | None = None
+    with ConnectionPool(opts) as pool:
+        read_primary = describe_primary_replication.with_options(retries=0)
+        futures = [(s, read_primary.submit(pool, _db_server(s, env))) for s in primaries]
+        for s, future in futures:
+            try:
+                p = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported as a problem of the description
+                out.append(
+                    DbReplication(
+                        instance_id=s.instance_id, role=s.role, state="unknown", detail=_reason(exc)
+                    )
+                )
+                continue
+            primary_lsn = primary_lsn or p.current_lsn
+            active = sum(1 for slot in p.slots if slot.active)
+            detail = f"{len(p.streaming)} streaming, slots {active}/{len(p.slots)} active"
+            state = "in recovery" if p.in_recovery else "primary"
+            out.append(
+                DbReplication(instance_id=s.instance_id, role=s.role, state=state, detail=detail)
+            )
+        read_replica = describe_replica_replication.with_options(retries=0)
+        futures = [
+            (s, read_replica.submit(pool, _db_server(s, env), primary_lsn)) for s in replicas
+        ]
+        for s, future in futures:
+            try:
+                r = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported as a problem of the description
+                out.append(
+                    DbReplication(
+                        instance_id=s.instance_id, role=s.role, state="unknown", detail=_reason(exc)
+                    )
+                )
+                continue
+            detail = ""
+            if r.state == "not streaming":
+                detail = f"WAL receiver {r.receiver.status}" if r.receiver else "no WAL receiver"
+            elif r.state == "streaming" and r.replay_paused:
+                detail = "replay paused"
+            if r.state != "not a replica" and primary_lsn is None:
+                detail = ", ".join(x for x in (detail, "primary's LSN unknown") if x)
+            out.append(
+                DbReplication(
+                    instance_id=s.instance_id,
+                    role=s.role,
+                    state=r.state,
+                    lag_bytes=r.lag_bytes,
+                    lag_seconds=r.lag_seconds,
+                    detail=detail,
+                )
+            )
+    return out
 
 
 def render_markdown(d: EnvironmentDescription) -> str:
@@ -173,26 +325,33 @@ def describe_environment(
     environment: str,
     deployment: str | None = None,
     config: str | None = None,
+    replication: bool = True,
 ) -> EnvironmentDescription:
-    """Describe an environment: every server by role, load-balancer health, the autoscaling group.
+    """Describe an environment: every server by role, load-balancer health, the autoscaling group,
+    and each database server's replication.
 
     **When to run:** before and after any maintenance, or whenever you need to know what is running
     (the original's `fab describe:<deployment>,<environment>`).
 
     **Blast radius:** none. Read-only: EC2 DescribeInstances (one paginated, filtered query),
     ELB DescribeInstanceHealth / ELBv2 DescribeTargetHealth per load balancer, Auto Scaling
-    DescribeAutoScalingGroups.
+    DescribeAutoScalingGroups. With `replication` (the default), one read-only `psql` over SSH on
+    each running database server, as the postgres OS user (no password involved, no AWS call).
 
     **Shows:** per server the role, instance id, Name tag, type (and whether config wants another),
-    state, private and public IP, AZ, launch time and load-balancer health; the group's
+    state, private and public IP, AZ, launch time and load-balancer health; for database servers
+    their replication: each db-replica streaming / not streaming / not a replica, with its lag in
+    bytes (WAL not replayed, behind the primary's current LSN) and seconds (age of the last replayed
+    transaction, 0 when caught up), the primary's streaming replicas and slots; the group's
     min/desired/max and suspended processes; problems worth a look (suspended processes left behind,
-    unhealthy instances, missing roles). Published as the `describe-<deployment>-<environment>` table
-    artifact and a markdown summary.
+    unhealthy instances, missing roles, replicas not streaming). Published as the
+    `describe-<deployment>-<environment>` table artifact and a markdown summary.
 
     Args:
         environment: Environment to describe (e.g. staging).
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
+        replication: Read each running database server's replication state and lag over SSH.
     """
     logger = get_run_logger()
     ctx = load_context(environment, deployment, config)
@@ -209,10 +368,19 @@ def describe_environment(
     health_fs = [describe_instance_health.submit(ctx.creds, lb) for lb in env.load_balancers]
     health_fs += [describe_target_health.submit(ctx.creds, tg) for tg in env.target_groups]
     servers = servers_f.result()
+    repl = (
+        gather_replication(
+            SshOptions.from_settings(ctx.config.fabflows.ssh, env.deploy_user), env, servers
+        )
+        if replication
+        else []
+    )
     group = group_f.result() if group_f else None
     health = [h for f in health_fs for h in f.result()]
 
-    description = build_description(env, servers, health, group, sum(calls_since(before).values()))
+    description = build_description(
+        env, servers, health, group, sum(calls_since(before).values()), replication=repl
+    )
     rows = [r.model_dump() for r in description.servers]
     key = artifact_key("describe", env.deployment, env.environment)
     publish_table(key, rows, f"Servers of {env.label}")

@@ -135,6 +135,8 @@ class Sandbox:
         self.reconcile()
         self._status("seeding databases")
         self._seed_databases(cfg)
+        self._status("building db-replicas from their db-primary (streaming replication)")
+        self._replicate_databases()
         self._status("provisioning the app on web and worker servers")
         self._provision_apps(cfg)
         self._status("ready")
@@ -218,14 +220,22 @@ class Sandbox:
                     env, role = self.host_roles.get(spec.name, ("", ""))
                     if role in APP_ROLES:
                         self._provision_app(self.net.hosts[spec.name], env, role)
+                    elif role == "db-replica":
+                        self._provision_replica(self.net.hosts[spec.name], env)
         self._save_map()
 
     def _seed_databases(self, cfg: Any) -> None:
         secrets_file = self.state_dir / "secrets.json"
-        if secrets_file.exists():
-            stored = json.loads(secrets_file.read_text())
-        else:
-            stored = {env: {"database_password": secrets.token_urlsafe(18)} for env in ENVIRONMENTS}
+        stored = json.loads(secrets_file.read_text()) if secrets_file.exists() else {}
+        missing = [
+            (env, name)
+            for env in ENVIRONMENTS
+            for name in ("database_password", "replication_password")
+            if name not in stored.get(env, {})
+        ]
+        for env, name in missing:  # a secrets file from before replication gains its password
+            stored.setdefault(env, {})[name] = secrets.token_urlsafe(18)
+        if missing:
             secrets_file.write_text(json.dumps(stored))
             secrets_file.chmod(0o600)
         for env in self.result.environments:
@@ -238,6 +248,44 @@ class Sandbox:
                     password=stored[env.environment]["database_password"],
                     scale=sandbox_db_scale(),
                 )
+
+    def _env_hosts(self, environment: str, role: str) -> list[Any]:
+        """The running hosts of ``role`` in ``environment`` (seeded or launched since)."""
+        return [
+            self.net.hosts[n]
+            for n, (e, r) in sorted(self.host_roles.items())
+            if e == environment and r == role and n in self.net.hosts
+        ]
+
+    def _replicate_databases(self) -> None:
+        """Every db-replica streams from its environment's db-primary (sandbox/replication.py);
+        the replication password comes from secrets.json, as the database password does."""
+        from sandbox.replication import provision_replication
+
+        stored = json.loads((self.state_dir / "secrets.json").read_text())
+        for env in self.result.environments:
+            primaries = self._env_hosts(env.environment, "db-primary")
+            replicas = self._env_hosts(env.environment, "db-replica")
+            if primaries and replicas:
+                provision_replication(
+                    primaries[0],
+                    replicas,
+                    stored[env.environment]["replication_password"],
+                    home="/home/deploy",
+                )
+
+    def _provision_replica(self, host: Any, environment: str) -> None:
+        """A db-replica launched after seeding: built from its environment's db-primary."""
+        from sandbox.replication import provision_replication
+
+        try:
+            primaries = self._env_hosts(environment, "db-primary")
+            if not primaries:
+                return
+            stored = json.loads((self.state_dir / "secrets.json").read_text())
+            provision_replication(primaries[0], [host], stored[environment]["replication_password"])
+        except Exception:  # the host still runs; the log says why it does not replicate
+            log.exception("could not build %s as a replica", host.name)
 
     def _provision_apps(self, cfg: Any) -> None:
         """The Django app on every web and worker host (reload-production-db's stack): password

@@ -78,6 +78,9 @@ class AppEnv:
     load_balancer: str = ""
     auto_scaling_group: str = ""
     db_host: TestHost | None = None
+    replication_password: str = ""
+    """The replication role's password (secret file ``<home>/replication_password`` on the db
+    servers, the replicas' ``.pgpass``); set when the replicas stream (``replicas=True``)."""
 
     def by_role(self, role: str) -> list[TestHost]:
         return [h for iid, h in self.hosts.items() if self.roles.get(iid) == role]
@@ -166,11 +169,13 @@ def build_app_env(
     fabflows_extra: dict[str, Any] | None = None,
     prefix: str = "ae",
     app: bool = True,
+    replicas: bool = True,
 ) -> AppEnv:
     """Seed moto with staging and give every instance its provisioned test host (main thread).
 
     ``app=False``: every host on the base image with only the secret files (no database, no app):
-    enough for flows that read or write files.
+    enough for flows that read or write files. ``replicas`` (with ``app``): every db-replica
+    streams from the db-primary (``sandbox.replication``).
     """
     import requests
 
@@ -227,7 +232,9 @@ def build_app_env(
     for role, ids in seeded.instance_ids.items():
         for iid in ids:
             inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
-            image = {"db-primary": "db", "web": "app", "worker": "app"}.get(role, "base")
+            image = {"db-primary": "db", "db-replica": "db", "web": "app", "worker": "app"}.get(
+                role, "base"
+            )
             image = image if app else "base"
             specs.append(HostSpec(f"{prefix}{role[:3]}{iid[-5:]}", inst["PrivateIpAddress"], image))
             env.roles[iid] = role
@@ -251,6 +258,19 @@ def build_app_env(
         for iid, host in env.hosts.items():
             if env.roles[iid] not in ("worker",):
                 provision_server(env, host, env.roles[iid])
+        if replicas and env.by_role("db-replica"):
+            import secrets as pysecrets
+
+            from sandbox.replication import provision_replication
+
+            env.replication_password = pysecrets.token_urlsafe(18)
+            provision_replication(
+                env.db_host,
+                env.by_role("db-replica"),
+                env.replication_password,
+                home=HOME,
+                owner=DEPLOY_USER,
+            )
         if rabbitmq:
             from fabflows.testing.rabbitmq import install_rabbitmq
 

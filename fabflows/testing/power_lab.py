@@ -1,11 +1,13 @@
 """An environment for the stop/start/resize tests and benchmarks: moto inventory, one isolated
 test host per instance following EC2 states (:class:`~fabflows.testing.ec2_hosts.Ec2HostMirror`),
-PostgreSQL with a table of ``rows`` rows on the primary, a worker with a celery stand-in under
-supervisor, web servers with FabulAWS's nginx logic, and a config pointing at all of it.
+PostgreSQL with a table of ``rows`` rows on the primary and a replica streaming from it, a worker
+with a celery stand-in under supervisor, web servers with FabulAWS's nginx logic, and a config
+pointing at all of it.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
 from sandbox.aws_seed import seed
 from sandbox.provision import provision_web
+from sandbox.replication import basebackup_timeout, provision_replication
 from sandbox.testhosts import HostSpec, TestHost, TestNetwork
 
 ROLES = ("cache", "db-primary", "db-replica", "worker")
@@ -116,6 +119,8 @@ class PowerLab:
     ids: dict[str, str]
     mirror: Ec2HostMirror
     database_bytes: int
+    replication_password: str = ""
+    """The replication role's password (only in the db servers' secret files and .pgpass)."""
 
     def destroy(self) -> None:
         self.mirror.destroy_created()
@@ -188,6 +193,15 @@ def build_power_lab(
         timeout=900,
     )
     size = int(psql(primary, "SELECT pg_database_size('postgres')"))
+    # the db-replica streams from the primary (role, pg_hba, pg_basebackup -R with a slot)
+    replication_password = secrets.token_urlsafe(18)
+    provision_replication(
+        primary,
+        [hosts["db-replica"]],
+        replication_password,
+        home=HOME,
+        timeout=basebackup_timeout(size),
+    )
     seeded_cfg = load_config(
         write_lab_config(directory / "seed", moto.endpoint, network, SEED_TYPES, staging)
     )
@@ -207,4 +221,11 @@ def build_power_lab(
     mirror.attach(moto)
     mirror.reconcile()
     config = write_lab_config(directory, moto.endpoint, network, instance_types, staging)
-    return PowerLab(config=config, hosts=hosts, ids=ids, mirror=mirror, database_bytes=size)
+    return PowerLab(
+        config=config,
+        hosts=hosts,
+        ids=ids,
+        mirror=mirror,
+        database_bytes=size,
+        replication_password=replication_password,
+    )

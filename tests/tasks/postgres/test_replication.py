@@ -10,7 +10,8 @@ import pytest
 from psycopg import sql
 
 from fabflows.testing.pgreplica import DATABASE, ReplicatedPair, start_replicated_pair
-from sandbox.replication import _psql, start_wal_receiver, stop_wal_receiver
+from sandbox.replication import start_wal_receiver, stop_wal_receiver
+from sandbox.seed_db import psql
 from sandbox.testhosts import TestNetwork
 from tasks.postgres.replication import (
     ReplicaReplication,
@@ -73,7 +74,7 @@ def pool(test_network: TestNetwork) -> Iterator[ConnectionPool]:
 
 
 def _write(pair: ReplicatedPair, value: int) -> None:
-    _psql(
+    psql(
         pair.primary,
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS repl_probe (id int PRIMARY KEY);\n"
@@ -86,14 +87,14 @@ def _write(pair: ReplicatedPair, value: int) -> None:
 
 
 def _on_replica(pair: ReplicatedPair, value: int) -> bool:
-    out = _psql(
+    out = psql(
         pair.replica,
         "SELECT count(*) FROM pg_class WHERE relname = 'repl_probe';",
         database=DATABASE,
     ).strip()
     if out != "1":
         return False
-    found = _psql(
+    found = psql(
         pair.replica,
         sql.SQL("SELECT count(*) FROM repl_probe WHERE id = {};").format(value).as_string(None),
         database=DATABASE,
@@ -131,7 +132,7 @@ def test_primary_sees_its_replica_streaming_through_its_slot(pool, pair) -> None
 
 def test_write_on_primary_is_seen_on_replica_and_lag_goes_to_zero(pool, pair) -> None:
     # replay paused: the write is received but not applied, and the lag shows it
-    _psql(pair.replica, "SELECT pg_wal_replay_pause();")
+    psql(pair.replica, "SELECT pg_wal_replay_pause();")
     try:
         _write(pair, 1)
         behind = _until(lambda: (r := _replica(pool, pair)).lag_bytes and r, what="a lag in bytes")
@@ -139,7 +140,7 @@ def test_write_on_primary_is_seen_on_replica_and_lag_goes_to_zero(pool, pair) ->
         assert behind.lag_bytes > 0
         assert not _on_replica(pair, 1)
     finally:
-        _psql(pair.replica, "SELECT pg_wal_replay_resume();")
+        psql(pair.replica, "SELECT pg_wal_replay_resume();")
     _until(lambda: _on_replica(pair, 1), what="the row on the replica")
     caught_up = _until(
         lambda: (r := _replica(pool, pair)).lag_bytes == 0 and r, what="lag to reach 0"
