@@ -75,7 +75,9 @@ def main() -> None:
         )
         try:
             deadline = time.monotonic() + 30
-            while not (work / "state" / "warm.sock").exists():
+            from fabflows.warm import installation_id
+
+            while not (work / "state" / f"warm-{installation_id()}.sock").exists():
                 if time.monotonic() > deadline:
                     raise RuntimeError("warm runner did not start")
                 time.sleep(0.1)

@@ -30,7 +30,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from config.loader import lookup_order
+from config.loader import CONFIG_ENV_VAR, lookup_order
 from fabflows.errors import BadInput, Refused
 from fabflows.registry import FLOWS
 
@@ -189,7 +189,8 @@ def sandbox_config() -> Path | None:
         state = str(Path(list(spec.submodule_search_locations)[0]) / "state")
     try:
         data = json.loads((Path(state) / "daemon.json").read_text())
-        os.kill(int(data["pid"]), 0)
+        if not Path(f"/proc/{int(data['pid'])}").exists():  # the daemon (root's) is gone
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     config = Path(str(data.get("config", "")))
@@ -199,7 +200,7 @@ def sandbox_config() -> Path | None:
 CONFIG_HELP = f"config file (default: {lookup_order()}; else the running sandbox's config)"
 
 
-def config_path(explicit: str | None, quiet: bool = False) -> Path:
+def config_path(explicit: str | None) -> Path:
     """The config to use: ``--config``, $FABFLOWS_CONFIG, a default file here, else the running
     sandbox's (said in one stderr line). Raises ConfigError naming the same lookup."""
     from config.loader import ConfigError, find_config
@@ -213,9 +214,37 @@ def config_path(explicit: str | None, quiet: bool = False) -> Path:
             raise ConfigError(
                 [replace(problem, message=problem.message + "; or start the sandbox (make demo)")]
             ) from None
-    if not quiet:
-        print(f"fabflows: no config given; using the sandbox's {found}", file=sys.stderr)
+    print(f"fabflows: no config given; using the sandbox's {found}", file=sys.stderr)
     return found
+
+
+DEMO_COMMANDS = (
+    "fabflows config check",
+    "fabflows run describe-environment --environment staging",
+    "fabflows run update-sysadmin-users -e staging --users-dir deployment/users",
+    "fabflows runs",
+)
+"""What ``fabflows demo`` tells a new user to try next: the README's "Using it" commands."""
+
+
+def next_commands(config: Path) -> str:
+    """``fabflows demo``'s last words: the exact commands to type next, from this checkout."""
+    lines = ["", "Next, from this checkout:", ""]
+    if sys.prefix != sys.base_prefix:  # a venv (make demo's .venv): put `fabflows` on PATH
+        activate = Path(sys.prefix) / "bin" / "activate"
+        try:
+            activate = activate.relative_to(Path.cwd())
+        except ValueError:
+            pass
+        lines.append(f"    . {activate}")
+    lines += [f"    {command}" for command in DEMO_COMMANDS]
+    lines += [
+        "",
+        f"With no --config, no ${CONFIG_ENV_VAR} and no config file here, fabflows uses the "
+        f"sandbox's\nconfig while the sandbox is up ({config}).",
+        "`fabflows flows` lists every runbook; `fabflows sandbox down` removes the sandbox.",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -168,7 +168,7 @@ def demo() -> int:
         print(
             "\n(The run used a temporary Prefect server; `fabflows server start` keeps one with a UI.)"
         )
-    print(
-        "Next: `fabflows flows` lists every runbook; `fabflows sandbox down` removes the sandbox."
-    )
+    from fabflows.cli import next_commands
+
+    print(next_commands(Path(config)))
     return code
