@@ -271,6 +271,12 @@ class EnvironmentSettings(Strict):
         pattern=r"^[A-Za-z0-9().\-/_]{3,128}$",
         description="Launch template that builds a cache server (terminate-and-recreate only).",
     )
+    undo_on_failure: bool = Field(
+        default=True,
+        description="When a run fails after applying steps, undo at once the steps that hold "
+        "maintenance state (upgrade page, suspended processes, stopped programs). Data-changing "
+        "steps are always left for `fabflows recover` / `fabflows resume`.",
+    )
     luks_passphrase_block: str | None = Field(
         default=None,
         pattern=_NAME,
@@ -1153,7 +1159,10 @@ class FabulawsConfig(Legacy):
 
     def warnings(self) -> list[str]:
         """Things in the file that are legal but probably not what the author meant."""
+        import difflib
+
         out = []
+        known = [*type(self).model_fields, *LEGACY_UNUSED_KEYS]
         for key in self.unknown_keys():
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
             hint = f": did you mean {close[0]}?" if close else ""
@@ -1167,8 +1176,6 @@ class FabulawsConfig(Legacy):
         if self.disable_known_hosts:
             out.append("disable_known_hosts: ignored; fabflows always checks SSH host keys")
         if "celery_application" in self.celery_workers:
-        import difflib
-
             out.append(
                 "celery_workers.celery_application: looks misindented (as in FabulAWS's sample); "
                 "it is read as a worker named 'celery_application'"
