@@ -103,6 +103,24 @@ def test_sandbox_follows_ec2_and_leaves_nothing_behind(tmp_path: Path) -> None:
         conn.close()
         assert int(out) == 2000
 
+        # the db-replica streams from the db-primary and holds the same data
+        replica = next(s for s in servers if s.role == "db-replica")
+        conn = connect(replica.address(ctx.env.address_attribute), opts)
+        status = conn.sudo(
+            "psql -Atc 'select status, sender_host from pg_stat_wal_receiver'", user="postgres"
+        ).stdout.strip()
+        rows = conn.sudo(
+            "psql -Atc 'select count(*) from auth_user' myproject_staging", user="postgres"
+        ).stdout.strip()
+        conn.close()
+        assert status == f"streaming|{primary.private_ip_address}"
+        assert int(rows) == 2000
+        # its password lives in the sandbox's secrets only, never in the log
+        stored = json.loads((state / "secrets.json").read_text())
+        assert (
+            stored["staging"]["replication_password"] not in (tmp_path / "daemon.log").read_text()
+        )
+
         # stopping the instance stops its host; starting it brings it back with its disk
         worker = next(s for s in servers if s.role == "worker")
         ec2 = ctx.creds.get_client("ec2")
