@@ -218,6 +218,9 @@ def replication_problems(replication: list[DbReplication]) -> list[str]:
             )
         elif r.role == "db-primary" and r.state != "primary":
             out.append(f"{r.instance_id} (db-primary) is {r.state}")
+    writable = [r.instance_id for r in replication if r.state == "primary"]
+    if len(writable) > 1:
+        out.append(f"more than one db-primary takes writes: {', '.join(writable)}")
     return out
 
 

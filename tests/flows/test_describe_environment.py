@@ -205,6 +205,15 @@ REPLICATION_CASES = [
         {"i-r": "not a replica"},
     ),
     (
+        "two primaries",
+        [
+            DbReplication(instance_id="i-p", role="db-primary", state="primary"),
+            DbReplication(instance_id="i-r", role="db-primary", state="primary"),
+        ],
+        [],
+        {"i-p": "primary"},
+    ),
+    (
         "primary in recovery",
         [DbReplication(instance_id="i-p", role="db-primary", state="in recovery")],
         ["i-p (db-primary) is in recovery"],
@@ -225,6 +234,9 @@ def test_build_description_replication(what, replication, problems, shown) -> No
     for iid, text in shown.items():
         assert rows[iid].replication == text
     assert [p for p in d.problems if "(db-" in p] == problems
+    assert ("more than one db-primary takes writes: i-p, i-r" in d.problems) == (
+        what == "two primaries"
+    )
     assert "replication" in d.render_text().splitlines()[2]
 
 
