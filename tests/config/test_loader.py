@@ -213,3 +213,39 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_environment_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="unknown environment 'prod'; known: staging, production"):
         resolve_environment(load_config(FIXTURE), "prod")
+
+
+@pytest.mark.parametrize(
+    ("key", "warning"),
+    [
+        ("instance_typs", "unknown key instance_typs: did you mean instance_types? (kept"),
+        ("autoscaling_groups", "did you mean auto_scaling_groups?"),
+        ("shiny_new_option", "unknown key shiny_new_option (kept and ignored)"),
+    ],
+)
+def test_a_misspelt_key_gets_the_known_key_it_resembles(tmp_path: Path, key, warning) -> None:
+    cfg = load_config(write_config(tmp_path, **{key: {}}))
+    assert any(warning in w for w in cfg.warnings()), cfg.warnings()
+
+
+def test_environments_without_instance_types_or_group_are_warned_about(tmp_path: Path) -> None:
+    data = yaml.safe_load(SAMPLE.read_text())
+    data["instance_types"].pop("testing")
+    data["auto_scaling_groups"]["myproject"].pop("production")
+    path = tmp_path / "fabulaws-config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    warnings = [w for w in load_config(path).warnings() if "missing" in w]
+    assert warnings == [
+        "auto_scaling_groups.myproject.production: missing (no web group to manage)",
+        "instance_types.testing: missing (no instance type for any role)",
+    ]
+    assert not [w for w in load_config(SAMPLE).warnings() if "missing" in w]
+
+
+def test_no_config_names_the_lookup(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FABFLOWS_CONFIG", raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_config()
+    assert "$FABFLOWS_CONFIG" in str(err.value)
+    assert "./fabflows.yaml, ./fabulaws-config.yml, ./fabulaws-config.yaml" in str(err.value)
