@@ -254,12 +254,17 @@ def where_to_approve(run: Any, flow_name: str, env: EnvironmentConfig, timeout: 
 
 
 def _remove_run_tag(flow_run_id: Any, tag: str) -> None:
+    """Best effort: an unreachable API must not replace the exception that ended the wait."""
     from prefect.client.orchestration import get_client
+    from prefect.logging import get_run_logger
 
-    with get_client(sync_client=True) as client:
-        tags = list(client.read_flow_run(flow_run_id).tags or [])
-        if tag in tags:
-            client.update_flow_run(flow_run_id, tags=[t for t in tags if t != tag])
+    try:
+        with get_client(sync_client=True) as client:
+            tags = list(client.read_flow_run(flow_run_id).tags or [])
+            if tag in tags:
+                client.update_flow_run(flow_run_id, tags=[t for t in tags if t != tag])
+    except Exception as exc:  # noqa: BLE001 - reported; the run's own outcome matters more
+        get_run_logger().warning("could not remove the %s tag: %s", tag, exc)
 
 
 def _unpause(flow_run_id: object) -> None:
