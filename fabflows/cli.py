@@ -2,10 +2,14 @@
 
     fabflows flows
     fabflows run describe-environment --environment staging
+    fabflows run update-sysadmin-users --help        # the flow's own options
     fabflows run update-sysadmin-users --environment staging --users-dir deployment/users --apply
     fabflows config check fabulaws-config.yaml
+    fabflows runs --environment staging              # recent runs; `fabflows show RUN` shows one
     fabflows sandbox up | down | status
     fabflows demo
+    fabflows server start | stop | status            # a per-user Prefect server (+ warm runner)
+    fabflows warm start | stop | status
 
 Runs are dry unless ``--apply``. Exit status: 0 done, 1 the flow failed, 2 bad input (nothing was
 started), 3 the flow refused (outside its window, approval rejected, another run holds the lock).
