@@ -1,53 +1,184 @@
-"""recover-environment: repair what a killed reload-production-db left behind."""
+"""recover-environment: undo or finish what dead runs left behind, from their journals."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from config import ConfigError
-from fabflows import audit
+from config import EnvironmentConfig
 from fabflows.errors import BadInput
-from fabflows.lock import environment_lock
-from fabflows.report import artifact_key, publish_markdown
-from fabflows.runbook import load_context
-from fabflows.upgrade_mode import current_run, ssh_options
-from flows.reload_production_db import (
-    RecoveryPlan,
-    apply_recovery,
-    gather_target_state,
-    recovery_for,
-)
-from tasks.ssh.connection import ConnectionPool
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute, rebuild
+from fabflows.runtime.plan import Change, RunbookPlan
+from fabflows.runtime.recovery import DeadRun, StepToUndo, dead_runs
+from fabflows.upgrade_mode import current_run
 
 FLOW_NAME = "recover-environment"
 
 
-class RecoverReport(BaseModel):
-    """What recover-environment found and repaired."""
+class RecoverParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    environment: str
-    dry_run: bool
-    found: RecoveryPlan
-    repaired: list[str] = Field(default_factory=list)
-    left: RecoveryPlan | None = Field(default=None, description="What a second look still finds.")
+class RecoverFacts(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    def render_text(self) -> str:
-        if not self.found.needed:
-            return f"{self.environment}: nothing left behind by a dead reload"
-        lines = [f"{self.environment}: a dead reload left:"] + [
-            f"  - {x}" for x in self.found.lines()
-        ]
-        if self.dry_run:
-            lines.append("dry run: nothing repaired (run with --apply)")
-        else:
-            lines.append("repaired: " + ("; ".join(self.repaired) or "nothing"))
-            if self.left is not None and self.left.needed:
-                lines.append("STILL LEFT: " + "; ".join(self.left.lines()))
-        return "\n".join(lines)
+    dead: list[DeadRun] = Field(default_factory=list)
+    dead_recovers: list[str] = Field(default_factory=list)
+    alive: list[str] = Field(default_factory=list)
+    reload: Any = None
+    reload_note: str | None = None
+
+
+class RecoverPlan(RunbookPlan):
+    """What recover-environment will undo, finish or leave."""
+
+    dead: list[DeadRun] = Field(default_factory=list)
+    dead_recovers: list[str] = Field(default_factory=list)
+    reload_repairs: list[str] = Field(default_factory=list)
+
+
+def plan_recover_environment(facts: RecoverFacts, env: EnvironmentConfig) -> RecoverPlan:
+    """Pure: one change per step to undo (newest first, run by run), and the reload repairs."""
+    changes: list[Change] = []
+    notes = list(facts.alive)
+    for run in facts.dead:
+        for s in run.undo:
+            changes.append(
+                Change(
+                    target=f"{run.flow} run {run.run_id[:8]}",
+                    action=f"undo {s.step}",
+                    detail=f"journal: {s.state}",
+                    step=s.key,
+                )
+            )
+        notes += [f"{run.flow} run {run.run_id}: left {x}" for x in run.left]
+    repairs = list(facts.reload.lines()) if facts.reload is not None and facts.reload.needed else []
+    if repairs:
+        changes.append(
+            Change(
+                target=f"{env.label} database and app",
+                action="repair a dead reload-production-db",
+                detail="; ".join(repairs),
+                step="repair-reload",
+            )
+        )
+    if facts.reload_note:
+        notes.append(facts.reload_note)
+    if facts.dead_recovers and changes:
+        notes.append(f"closes the journals of {len(facts.dead_recovers)} dead recover run(s)")
+    return RecoverPlan(
+        title=f"recover-environment on {env.label}",
+        environment=env.label,
+        changes=changes,
+        noops=[] if changes else ["no dead run left anything to undo"],
+        notes=notes,
+        dead=facts.dead,
+        dead_recovers=facts.dead_recovers,
+        reload_repairs=repairs,
+    )
+
+
+def _undo_step(item: StepToUndo) -> Step:
+    def apply(scope: Scope) -> dict[str, str]:
+        assert scope.journal is not None
+        entry = scope.journal.entry(item.run_id)
+        if entry is None:
+            raise RuntimeError(f"the journal of run {item.run_id} is gone")
+        rec = entry.step(item.step)
+        if rec is None or not rec.applied:
+            return {"summary": f"{item.step} of {item.run_id[:8]} already undone"}
+        js = rebuild(entry)
+        step = js.steps[item.step]
+        assert step.undo is not None
+        child = Scope(
+            scope.rc, runbook=item.flow, run_id=item.run_id, journal=scope.journal, params=js.params
+        )
+        child._pool = scope._pool
+        try:
+            step.undo(child, rec.data)
+        finally:
+            scope._pool = child._pool  # opened by the undo: closed with this run
+        scope.journal.step(item.run_id, item.step, "undone")
+        after = scope.journal.entry(item.run_id)
+        if after is not None and not after.applied:
+            scope.journal.close(item.run_id, "recovered", f"recovered by {scope.run_id}")
+        return {"summary": f"undid {item.step} of {item.flow} run {item.run_id[:8]}"}
+
+    return Step(item.key, apply, no_undo="recovery: it puts things back itself", summary="")
+
+
+class RecoverEnvironment(Runbook[RecoverParams, RecoverFacts, RecoverPlan]):
+    name = FLOW_NAME
+    Params = RecoverParams
+    plan_type = RecoverPlan
+
+    def gather(self, scope: Scope, params: RecoverParams) -> RecoverFacts:
+        assert scope.journal is not None
+        dead, recovers, alive = dead_runs(scope.journal, scope.rc.config, exclude=scope.run_id)
+        facts = RecoverFacts(dead=dead, dead_recovers=[e.run_id for e in recovers], alive=alive)
+        facts.reload, facts.reload_note = _reload_leftovers(scope)
+        return facts
+
+    def plan(
+        self, facts: RecoverFacts, params: RecoverParams, env: EnvironmentConfig
+    ) -> RecoverPlan:
+        return plan_recover_environment(facts, env)
+
+    def steps(self, plan: RecoverPlan, params: RecoverParams) -> list[Step]:
+        out = [_undo_step(s) for run in plan.dead for s in run.undo]
+        if plan.reload_repairs:
+            out.append(
+                Step("repair-reload", _apply_reload_repairs, no_undo="a repair puts things back")
+            )
+        if plan.dead_recovers and out:
+            ids = list(plan.dead_recovers)
+
+            def close(scope: Scope) -> dict[str, str]:
+                assert scope.journal is not None
+                for run_id in ids:
+                    scope.journal.close(run_id, "recovered", f"superseded by {scope.run_id}")
+                return {"summary": f"closed {len(ids)} dead recover journal(s)"}
+
+            out.append(Step("close-dead-recover-journals", close, no_undo="bookkeeping"))
+        return out
+
+    def verify(self, scope: Scope, plan: RecoverPlan, params: RecoverParams) -> list[str]:
+        facts = self.gather(scope, params)
+        again = plan_recover_environment(facts, scope.env)
+        return [f"still left: {c.target}: {c.action}" for c in again.changes]
+
+
+def _reload_leftovers(scope: Scope) -> tuple[Any, str | None]:
+    """A dead reload-production-db's leftovers, found on the systems (None when there is no
+    running database server to look at: nothing of a reload can be left there)."""
+    from fabflows.procedures import reload_recovery
+
+    try:
+        state = reload_recovery.gather_target_state(scope.rc, scope.pool)
+    except BadInput as exc:
+        return None, f"reload leftovers not checked: {exc}"
+    run, _ = current_run()
+    _, target_db, _, _, app, upgrade = state
+    return reload_recovery.recovery_for(scope.rc, target_db, app, upgrade, run), None
+
+
+def _apply_reload_repairs(scope: Scope) -> dict[str, Any]:
+    from fabflows.procedures import reload_recovery
+
+    target, target_db, web, workers, app, upgrade = reload_recovery.gather_target_state(
+        scope.rc, scope.pool
+    )
+    run, _ = current_run()
+    found = reload_recovery.recovery_for(scope.rc, target_db, app, upgrade, run)
+    repaired = reload_recovery.apply_recovery(
+        scope.rc, scope.pool, target, scope.env.database_name, found, web + workers, dry_run=False
+    )
+    return {"summary": "; ".join(repaired) or "nothing left to repair"}
+
+
+RUNBOOK = RecoverEnvironment()
 
 
 @flow(name=FLOW_NAME, log_prints=False)
@@ -56,58 +187,34 @@ def recover_environment(
     deployment: str | None = None,
     config: str | None = None,
     dry_run: bool = True,
-) -> RecoverReport:
-    """Repair the leftovers of a reload-production-db run that died (SIGKILL, lost worker, crash).
+) -> RunbookReport:
+    """Undo or finish what dead runs left behind (SIGKILL, lost worker, crashed server).
 
-    **When to run:** after a reload run was killed and before using the environment; the next
-    reload-production-db run does the same repairs first on its own.
+    **When to run:** when a run died (the watchdog or `upgrade-status` says so), before using the
+    environment again; `fabflows recover -e ENV` is the same from a terminal. Safe at any time and
+    safe to kill and run again: what is already put back is skipped.
 
-    **What it repairs** (found on the systems themselves, not in the dead process's memory):
-    a copy still running on the target database server (killed) and its side database (dropped);
-    a live database swapped in whose migrations never finished (the previous one put back); one
-    whose migrations finished (kept, marker cleared); a live database refusing connections
-    (allowed again); app servers whose app a reload stopped (started again); upgrade mode left on
-    by a reload run (ended: pages off, exactly the recorded autoscaling processes resumed).
-    Upgrade mode held by begin-upgrade or another flow is left alone (see end-upgrade).
+    **What it finds:** every run whose journal (kept beside the environment's lock, outside the
+    worker) says it applied steps and never finished or undid them, and whose run no longer holds
+    the lock. A run still holding it is left alone. Also what a dead reload-production-db left on
+    the systems themselves (a copy still running, side databases, a half-done swap, a stopped app).
 
-    **Blast radius:** the environment's database server, web and worker servers and web
-    autoscaling group; only what a dead reload left is touched.
+    **What it does,** newest step first, run by run: each applied step that has an undo is undone
+    from the data the run journaled before changing anything (the autoscaling processes exactly as
+    they were, the upgrade page off, programs started again, staged files removed). A step that
+    has no undo (upgrading packages, a data copy) is left and named, with the `fabflows resume
+    RUN_ID` that finishes it.
 
-    **Dry run** (the default) shows what would be repaired.
+    **Blast radius:** only what the dead runs changed.
+
+    **Dry run** (default): the plan, run by run, step by step.
+
+    **Rolls back:** it is itself journaled; killed half-way, the next recover run goes on.
 
     Args:
-        environment: The environment a reload was running on (e.g. staging).
+        environment: Environment to recover (e.g. staging).
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
-        dry_run: Only show what would be repaired (default). Set false (CLI --apply) to repair.
+        dry_run: Only show what would be undone (default). Set false (CLI --apply) to recover.
     """
-    logger = get_run_logger()
-    try:
-        ctx = load_context(environment, deployment, config)
-    except ConfigError as exc:
-        raise BadInput(str(exc)) from None
-    env = ctx.env
-    audit.record_start(env)
-    run, _ = current_run()
-    with environment_lock(env, ctx.config), ConnectionPool(ssh_options(ctx)) as pool:
-        target, target_db, web, workers, app, upgrade = gather_target_state(ctx, pool)
-        found = recovery_for(ctx, target_db, app, upgrade, run)
-        report = RecoverReport(environment=env.label, dry_run=dry_run, found=found)
-        if found.needed and not dry_run:
-            repaired = apply_recovery(
-                ctx, pool, target, env.database_name, found, web + workers, dry_run=False
-            )
-            _, target_db, _, _, app, upgrade = gather_target_state(ctx, pool)
-            left = recovery_for(ctx, target_db, app, upgrade, run)
-            report = report.model_copy(update={"repaired": repaired, "left": left})
-        publish_markdown(
-            artifact_key("recover-environment", env.deployment, env.environment),
-            "```\n" + report.render_text() + "\n```",
-            f"Recovery of {env.label}",
-        )
-        logger.info("%s", report.render_text())
-        if report.left is not None and report.left.needed:
-            raise RuntimeError(
-                f"{env.label}: still left after recovery: {'; '.join(report.left.lines())}"
-            )
-        return report
+    return execute(RUNBOOK, locals())

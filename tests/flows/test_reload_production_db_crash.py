@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
+from fabflows.testing import faults
 from flows.recover_environment import recover_environment
 from tests.flows.reload_stack import Stack, build_stack, destroy_stack
 from tests.flows.test_reload_production_db import _generation, _invariants, _live_is
@@ -59,8 +60,7 @@ def _run_until(stack: Stack, step: str, marker: Path) -> subprocess.Popen:
         FABFLOWS_TEST_PAUSE_MARKER=str(marker),
         FABFLOWS_PROGRESS_BAR="0",
     )
-    code = "import sys; from fabflows.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, "run", "reload-production-db", "-e", "staging"]
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "reload-production-db", "-e", "staging"]
     argv += ["-c", str(stack.config), "--apply"]
     return subprocess.Popen(
         argv,
@@ -93,7 +93,7 @@ def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
         running = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
         assert running.strip(), "the copy had already ended: this case did not kill mid-copy"
     report = recover_environment(environment="staging", config=str(stack.config), dry_run=False)
-    assert report.left is None or not report.left.needed
+    assert not report.left and not report.problems, report.render_text()
     # no copy left running on the target database server
     copies = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
     assert copies.strip() == ""

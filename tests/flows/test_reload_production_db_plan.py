@@ -9,12 +9,11 @@ from config.models import ReloadProductionDbSettings
 from fabflows.errors import BadInput, Refused
 from fabflows.testing.configs import write_config
 from fabflows.upgrade_mode import UpgradeStatus
+from fabflows.procedures.reload_recovery import RecoveryPlan, plan_recovery
 from flows.reload_production_db import (
-    RecoveryPlan,
     ReloadFacts,
     ReloadProductionDbParams,
     check_request,
-    plan_recovery,
     plan_reload_production_db,
     previous_to_drop,
 )
