@@ -189,7 +189,7 @@ class Rollout:
         self.probe_url = probe_url if probe_url is not None else ctx.env.site_url
         self.outcomes: dict[str, HostOutcome] = {
             c.host.address: HostOutcome(
-                host=c.host.name,
+                host=c.host.label,
                 address=c.host.address,
                 role=c.host.role,
                 status="not started",
@@ -346,7 +346,7 @@ class Rollout:
             self.logger.info(
                 "%s %s (%s)",
                 "restoring" if undo else "rolling",
-                change.host.name,
+                change.host.label,
                 change.host.address,
             )
             self._one_web(change, targets, group, members, undo)
@@ -440,7 +440,7 @@ class Rollout:
         self.logger.warning(
             "rolling back %d server(s): %s",
             len(touched),
-            ", ".join(c.host.name for c in touched) or "none",
+            ", ".join(c.host.label for c in touched) or "none",
         )
         web = [c for c in touched if c.is_web]
         others = [c for c in touched if not c.is_web]

@@ -31,12 +31,21 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
         create_markdown_artifact(key=key, markdown=markdown, description=description)
 
 
+def cell(value: Any) -> str:
+    """A table cell as people read it: yes/no for booleans (not Python's True/False), '' for None."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     """Fixed-width text table for terminals and logs."""
     if not rows:
         return "(none)"
     cols = list(columns or rows[0].keys())
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
@@ -50,5 +59,5 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     cols = list(columns or rows[0].keys())
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |")
+        out.append("| " + " | ".join(cell(r.get(c)).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(out)

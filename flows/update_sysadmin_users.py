@@ -13,7 +13,13 @@ from config import EnvironmentConfig, FabulawsConfig
 from fabflows import approval, audit
 from fabflows.errors import BadInput
 from fabflows.lock import environment_lock
-from fabflows.report import artifact_key, markdown_table, publish_markdown, publish_table
+from fabflows.report import (
+    artifact_key,
+    markdown_table,
+    publish_markdown,
+    publish_table,
+    text_table,
+)
 from fabflows.runbook import RunContext, load_context
 from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.ec2 import Server, describe_servers
@@ -24,6 +30,7 @@ from tasks.ssh.fleet import (
     RateControl,
     hosts_from_servers,
     publish_fleet_result,
+    server_label,
 )
 from tasks.ssh.remote import display
 from tasks.ssh.users import (
@@ -75,6 +82,10 @@ class UpdateSysadminUsersPlan(BaseModel):
 
     environment: str
     users: list[str]
+    user_keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per listed user, each key as type, size and SHA256 digest (never the key).",
+    )
     deploy_user: str
     connect_user: str
     remove_unlisted: bool
@@ -128,6 +139,16 @@ class UpdateSysadminUsersReport(BaseModel):
     verified: bool | None = Field(default=None, description="A re-read found nothing left to do.")
     image_note: str | None = None
 
+    def render_text(self) -> str:
+        """The terminal's view: the outcome, then the plan as the UI artifact shows it."""
+        out = [self.outcome]
+        if self.verified is not None:
+            out.append(f"verified: {'yes' if self.verified else 'no'}")
+        out += ["", render_plan(self.plan, markdown=False)]
+        if self.applied is not None:
+            out += ["", self.applied.summary(), self.applied.text_report()]
+        return "\n".join(out)
+
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -150,7 +171,7 @@ def image_note(
     return (
         f"Web servers launched later by autoscaling group {env.auto_scaling_group} start from "
         f"{template}, image {', '.join(images) or 'unknown'}, which still has the old sysadmin "
-        "users: the image is STALE and needs a refresh (rolling image refresh: a later runbook). "
+        "users: the image is STALE and needs a refresh (run deploy-serial). "
         "Until then, run this flow again after every scale-out."
     )
 
@@ -168,7 +189,7 @@ def plan_update_sysadmin_users(
     rows: list[HostPlan] = []
     for host in hosts:
         read = by_address.get(host.address)
-        base = {"host": host.name, "address": host.address, "role": host.role}
+        base = {"host": host.label, "address": host.address, "role": host.role}
         if read is None or not isinstance(read.output, HostFacts):
             why = read.message if read is not None else "not read"
             status = "unreachable" if read is None or read.status != "skipped" else "not read"
@@ -190,12 +211,15 @@ def plan_update_sysadmin_users(
             )
         )
     not_reached = [
-        f"{s.name or s.instance_id} ({s.state})" for s in servers if s.state != "running"
+        f"{server_label(s.name, s.instance_id)} ({s.state})"
+        for s in servers
+        if s.state != "running"
     ]
     changing = any(r.changes for r in rows)
     return UpdateSysadminUsersPlan(
         environment=env.label,
         users=[u.name for u in spec.users],
+        user_keys={u.name: [k.describe() for k in u.public_keys] for u in spec.users},
         deploy_user=spec.deploy_user,
         connect_user=spec.connect_user,
         remove_unlisted=spec.remove_unlisted,
@@ -205,18 +229,40 @@ def plan_update_sysadmin_users(
     )
 
 
-def render_plan(plan: UpdateSysadminUsersPlan) -> str:
-    """Markdown: the users, then the changes grouped by hosts that need the same ones, with commands."""
+def render_plan(plan: UpdateSysadminUsersPlan, *, markdown: bool = True) -> str:
+    """The users and their keys (type, size, digest), then the changes grouped by hosts that need
+    the same ones, with commands. Markdown for the UI artifact, plain text for the terminal."""
+
+    def heading(text: str, level: int) -> list[str]:
+        if markdown:
+            return ["#" * level + " " + text]
+        return [text, ("=" if level == 1 else "-") * min(len(text), 80)]
+
+    def bold(text: str) -> str:
+        return f"**{text}**" if markdown else text
+
+    def code(text: str) -> str:
+        return f"`{text}`" if markdown else text
+
     out = [
-        f"# update-sysadmin-users on {plan.environment}",
+        *heading(f"update-sysadmin-users on {plan.environment}", 1),
         "",
-        f"**Listed users ({len(plan.users)}):** {', '.join(plan.users)}",
-        f"**Deploy user** `{plan.deploy_user}`: authorized_keys rebuilt from the listed keys"
-        + (" plus fabflows' own key" if plan.connect_user == plan.deploy_user else ""),
-        f"**Accounts no longer listed:** {'REMOVED' if plan.remove_unlisted else 'locked'} "
+        f"{bold(f'Listed users ({len(plan.users)}):')} {', '.join(plan.users)}",
+    ]
+    for user in plan.users:
+        for key in plan.user_keys.get(user, []):
+            out.append(f"- {user}: {code(key)}")
+    out += [
+        f"{bold('Deploy user')} {code(plan.deploy_user)}: authorized_keys rebuilt from the listed "
+        "keys" + (" plus fabflows' own key" if plan.connect_user == plan.deploy_user else ""),
+        f"{bold('Accounts no longer listed:')} {'REMOVED' if plan.remove_unlisted else 'locked'} "
         "(only accounts fabflows manages)",
         "",
-        markdown_table(plan.rows()),
+        markdown_table(plan.rows())
+        if markdown
+        else text_table(  # a terminal line per server: its changes are listed below
+            [r | {"what": "listed below"} if r["changes"] else r for r in plan.rows()]
+        ),
     ]
     groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
     for h in plan.changing:
@@ -231,24 +277,22 @@ def render_plan(plan: UpdateSysadminUsersPlan) -> str:
         )
         groups.setdefault(key, []).append(h.host)
     for (summaries, commands), names in groups.items():
-        out += ["", f"## {', '.join(names)} ({len(names)} host(s))", ""]
+        out += ["", *heading(f"{', '.join(names)} ({len(names)} host(s))", 2), ""]
         out += [f"- {s}" for s in summaries]
         out += [
             "",
-            "Exact commands, run in this order as one `sudo -n -- sh -c` batch per server that "
-            "stops at the first failure (keys travel on stdin):",
+            f"Exact commands, run in this order as one {code('sudo -n -- sh -c')} batch per server "
+            "that stops at the first failure (keys travel on stdin, shown by size and digest):",
             "",
-            "```sh",
-            *commands,
-            "```",
         ]
+        out += ["```sh", *commands, "```"] if markdown else [f"  {c}" for c in commands]
     notes = sorted({n for h in plan.hosts for n in h.notes})
     if notes or plan.not_reached or plan.image_note:
-        out += ["", "## Notes", ""]
+        out += ["", *heading("Notes", 2), ""]
         out += [f"- {n}" for n in notes]
         out += [f"- not updated (not running): {s}" for s in plan.not_reached]
         if plan.image_note:
-            out.append(f"- **{plan.image_note}**")
+            out.append(f"- {bold(plan.image_note)}")
     return "\n".join(out)
 
 

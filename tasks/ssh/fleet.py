@@ -147,6 +147,19 @@ class FleetHost(BaseModel):
     role: str = Field(default="", description="Server role, if known.")
     instance_id: str | None = Field(default=None, description="EC2 instance id, if known.")
 
+    @property
+    def label(self) -> str:
+        """How plans and reports name this host: the name, with the instance id when known (two
+        servers may share a Name tag)."""
+        return server_label(self.name, self.instance_id)
+
+
+def server_label(name: str | None, instance_id: str | None) -> str:
+    """``web-1 (i-0abc…)``: a server's name with its instance id, or whichever of them is known."""
+    if not instance_id or name == instance_id:
+        return name or instance_id or ""
+    return f"{name} ({instance_id})" if name else instance_id
+
 
 class HostResult(BaseModel):
     """What a step did (or would do) on one host."""
@@ -320,7 +333,7 @@ def _run_host(
             result = HostResult(status="failed", message=f"{type(exc).__name__}: {exc}")
     result = result.model_copy(
         update={
-            "host": host.name,
+            "host": host.label,
             "address": host.address,
             "role": host.role,
             "duration_s": time.monotonic() - started,
@@ -332,7 +345,7 @@ def _run_host(
     logger.log(
         level,
         "%s (%s): %s in %.2f s%s",
-        host.name,
+        host.label,
         host.address,
         result.label,
         result.duration_s,
@@ -422,7 +435,7 @@ def run_fleet(
         results[index] = HostResult(
             status="skipped",
             message=f"not started: {errors} error(s) crossed the threshold of {budget}",
-            host=host.name,
+            host=host.label,
             address=host.address,
             role=host.role,
             dry_run=dry_run,

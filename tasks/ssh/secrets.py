@@ -639,7 +639,7 @@ def describe_secret_files(
             message=f"{len(facts)} files read"
             + (f", {len(leftovers)} leftovers" if leftovers else ""),
             output=HostFiles(
-                host=host.name,
+                host=host.label,
                 address=host.address,
                 role=host.role,
                 files=facts,

@@ -123,7 +123,7 @@ def parse_state(host: str, address: str, text: str) -> HostUpgradeMode:
 
 def _read_state(remote: Remote, host: FleetHost, nginx_root: str) -> HostUpgradeMode:
     result = remote.read(sh_argv(_STATE_SCRIPT, nginx_root, marker_path(nginx_root)), sudo=True)
-    return parse_state(host.name, host.address, result.stdout)
+    return parse_state(host.label, host.address, result.stdout)
 
 
 def _sha(data: bytes) -> str:

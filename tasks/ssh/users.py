@@ -111,6 +111,12 @@ class PublicKey(BaseModel):
     def line(self) -> str:
         return " ".join(p for p in (self.type, self.blob, self.comment) if p)
 
+    def describe(self) -> str:
+        """As plans show a key: type, size and SHA256 digest, never the key itself."""
+        return f"{self.type} {self.bits} {self.fingerprint}" + (
+            f" ({self.comment})" if self.comment else ""
+        )
+
 
 class SysadminUser(BaseModel):
     """A sysadmin from the users directory."""

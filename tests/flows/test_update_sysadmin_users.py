@@ -11,10 +11,13 @@ from prefect.client.orchestration import get_client
 from prefect.logging import disable_run_logger
 
 from config import load_config, resolve_environment
+from fabflows.cli import render_result
 from fabflows.runbook import load_context
 from fabflows.testing.configs import SAMPLE, moto_section, write_config
 from fabflows.testing.sshkeys import ed25519_pair, write_users_dir
 from flows.update_sysadmin_users import (
+    UpdateSysadminUsersReport,
+    image_note,
     plan_update_sysadmin_users,
     render_plan,
     update_sysadmin_users,
@@ -23,7 +26,7 @@ from sandbox.aws_seed import seed
 from sandbox.testhosts import HostSpec
 from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.ec2 import Server, describe_servers
-from tasks.ssh.fleet import FleetHost, FleetResult, HostResult
+from tasks.ssh.fleet import FleetHost, FleetResult, HostResult, hosts_from_servers
 from tasks.ssh.users import MARKER_PATH, HostFacts, SysadminUser, build_spec, parse_public_key
 
 ENV = resolve_environment(load_config(SAMPLE), "staging")
@@ -101,7 +104,7 @@ def test_plan_over_servers_is_pure() -> None:
     )  # fmt: skip
     plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, group)
     assert [h.status for h in plan.hosts] == ["would change", "would change", "unreachable"]
-    assert plan.not_reached == ["db-primary-4 (stopped)"]
+    assert plan.not_reached == ["db-primary-4 (i-4) (stopped)"]
     assert plan.destructive  # bob is managed on worker-2 and no longer listed: locked
     assert [h.host for h in plan.blocked] == ["cache-3"]
     assert "ami-old" in plan.image_note and "lt-web (version 3)" in plan.image_note
@@ -124,6 +127,41 @@ def test_no_image_note_without_changes() -> None:
     plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, None)
     assert plan.hosts[0].status == "unchanged" and plan.image_note is None
     assert not plan.destructive
+
+
+def test_report_text_is_the_compact_plan_and_tells_same_named_servers_apart() -> None:
+    """Two web servers share a Name tag: plan, table and text name each with its instance id; the
+    terminal text lists keys by type, size and digest, never the key, and names deploy-serial."""
+    servers = [
+        _server(1, "web", asg="myproject-staging-ag").model_copy(update={"name": "web"}),
+        _server(2, "web", asg="myproject-staging-ag").model_copy(update={"name": "web"}),
+    ]
+    hosts = hosts_from_servers(servers, "private_ip_address")
+    gathered = FleetResult(
+        name="list", dry_run=True, max_concurrency=2, error_budget=0, stopped=False,
+        duration_s=0.1,
+        results=[
+            HostResult(status="unchanged", host=h.label, address=h.address,
+                       output=_facts([], False))
+            for h in hosts
+        ],
+    )  # fmt: skip
+    plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, None)
+    assert [h.host for h in plan.hosts] == ["web (i-1)", "web (i-2)"]
+    report = UpdateSysadminUsersReport(
+        environment=ENV.label, dry_run=True, outcome="dry run: 2 of 2 server(s) would change",
+        plan=plan, image_note=image_note(ENV, servers, None, True),
+    )  # fmt: skip
+    text = render_result(report)  # exactly what `fabflows run` prints
+    key = parse_public_key(ALICE.public)
+    assert f"- alice: ssh-ed25519 256 {key.fingerprint}" in text
+    assert key.blob not in text and "argv:" not in text and "stdin:" not in text
+    assert "## " not in text and "```" not in text and "**" not in text  # plain text, not markdown
+    assert "web (i-1), web (i-2) (2 host(s))" in text
+    assert "web (i-1)" in render_plan(plan) and "web (i-2)" in render_plan(plan)
+    assert "< stdin(" in text  # keys travel on stdin: shown by size and digest
+    assert "run deploy-serial" in report.image_note and "later runbook" not in report.image_note
+    assert len(text.splitlines()) < 40, text
 
 
 @pytest.fixture
@@ -178,6 +216,11 @@ def test_dry_run_apply_and_again(prefect_server, staging, tmp_path: Path) -> Non
     report = state.result()
     assert report.dry_run and len(report.plan.changing) == 5
     assert "STALE" in report.image_note and "myproject-staging-ag" in report.image_note
+    text = report.render_text()  # what `fabflows run` prints: the compact plan, no key material
+    assert alice.public.split()[1] not in text and "stdin:" not in text
+    assert f"alice: ssh-ed25519 256 {report.plan.user_keys['alice'][0].split()[2]}" in text
+    assert all(f"{s.name} ({s.instance_id})" in text for s in servers)
+    assert len(text.splitlines()) < 80, text
     assert all(h.exec(["getent", "passwd", "alice"], check=False).returncode == 2 for h in hosts)
 
     state = _run(path, users, dry_run=False, max_concurrency="100%")
@@ -213,6 +256,7 @@ def test_unreachable_server_stops_before_any_change(
     state = _run(path, users, dry_run=False)
     assert state.is_failed()
     assert "stopped before any change" in state.message
-    assert f"{servers[0].name} ({hosts[0].ip}): unreachable: connection refused" in state.message
+    label = f"{servers[0].name} ({servers[0].instance_id})"
+    assert f"{label} ({hosts[0].ip}): unreachable: connection refused" in state.message
     assert all(h.exec(["test", "-e", MARKER_PATH], check=False).returncode == 1 for h in hosts)
     assert "update-sysadmin-users-myproject-staging-plan" in _artifact_keys()

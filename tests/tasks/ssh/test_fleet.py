@@ -12,7 +12,14 @@ import pytest
 from prefect.logging import disable_run_logger
 
 from tasks.ssh.connection import ConnectionPool, SshOptions
-from tasks.ssh.fleet import FleetError, FleetHost, HostResult, RateControl, run_fleet
+from tasks.ssh.fleet import (
+    FleetError,
+    FleetHost,
+    HostResult,
+    RateControl,
+    run_fleet,
+    server_label,
+)
 from tasks.ssh.remote import Remote
 
 pytestmark = pytest.mark.hosts
@@ -170,3 +177,36 @@ def test_step_error_fails_that_host_only(make_hosts, test_network, tmp_path: Pat
     assert [r.status for r in result.results] == ["failed", "changed"]
     assert "`sh -c 'exit 3'` exited 3" in result.results[0].message
     assert result.results[0].commands == ["sh -c 'exit 3'"]
+
+
+def test_same_named_servers_are_told_apart_by_instance_id(make_hosts, test_network) -> None:
+    """Two servers with one Name tag: every result and report line carries the instance id."""
+    hosts = make_hosts(["fl9", "fl10"])
+    fleet = [
+        FleetHost(name="web", address=h.ip, role="web", instance_id=f"i-{n}")
+        for n, h in enumerate(hosts)
+    ]
+    with disable_run_logger(), ConnectionPool(_opts(test_network)) as pool:
+        result = run_fleet(
+            fleet, touch_step, pool=pool, rate=RateControl(), dry_run=True, name="touch"
+        )
+    assert [r.host for r in result.results] == ["web (i-0)", "web (i-1)"]
+    report = result.text_report()
+    assert "web (i-0) (" in report and "web (i-1) (" in report
+    assert [row["host"] for row in result.rows()] == ["web (i-0)", "web (i-1)"]
+
+
+@pytest.mark.parametrize(
+    ("name", "instance_id", "label"),
+    [
+        ("web", "i-1", "web (i-1)"),
+        ("", "i-1", "i-1"),
+        ("i-1", "i-1", "i-1"),
+        ("10.0.0.5", None, "10.0.0.5"),
+    ],
+)
+def test_server_label(name: str, instance_id: str | None, label: str) -> None:
+    assert server_label(name, instance_id) == label
+    assert FleetHost(name=name or "x", address="a", instance_id=instance_id).label == (
+        label if name else server_label("x", instance_id)
+    )
