@@ -77,6 +77,16 @@ class DeploySerialPlan(BaseModel):
     keep: int
 
     def render_markdown(self) -> str:
+        return self._render(markdown=True)
+
+    def render_text(self) -> str:
+        """The same plan for the terminal: plain text and a fixed-width table."""
+        return self._render(markdown=False)
+
+    def _render(self, *, markdown: bool) -> str:
+        def code(text: str) -> str:
+            return f"`{text}`" if markdown else text
+
         rows = [
             {
                 "step": i + 1,
@@ -85,12 +95,15 @@ class DeploySerialPlan(BaseModel):
             }
             for i, r in enumerate(self.replacements)
         ]
+        title = (
+            f"{self.environment}: refresh {len(self.replacements)} web server(s) of "
+            f"{code(self.auto_scaling_group)} onto a new image, one at a time with surge"
+        )
         out = [
-            f"**{self.environment}: refresh {len(self.replacements)} web server(s) of "
-            f"`{self.auto_scaling_group}` onto a new image, one at a time with surge**",
+            f"**{title}**" if markdown else title,
             "",
-            f"- image `{self.image_name}` from {self.source_instance} ({self.source_address})",
-            f"- launch template `{self.template}`: new version from v{self.current_version} "
+            f"- image {code(self.image_name)} from {self.source_instance} ({self.source_address})",
+            f"- launch template {code(self.template)}: new version from v{self.current_version} "
             "(the group and the template's default point at it)",
             f"- capacity: desired {self.desired}, up to {self.desired + 1} during each step "
             f"(max {self.max_size}); never below {self.desired} serving",
@@ -98,7 +111,7 @@ class DeploySerialPlan(BaseModel):
             f"{', '.join(i.name for i in self.prune_images) or 'none'}, versions "
             f"{', '.join(f'v{v}' for v in self.prune_versions) or 'none'}",
             "",
-            markdown_table(rows),
+            markdown_table(rows) if markdown else text_table(rows),
         ]
         return "\n".join(out)
 
@@ -130,6 +143,24 @@ class DeploySerialResult(BaseModel):
     probe: ProbeSummary | None = None
     pruned: list[str] = Field(default_factory=list)
     outcome: str = ""
+
+    def render_text(self) -> str:
+        """What the terminal prints: the outcome, what runs where, then the plan."""
+        out = [f"deploy-serial {self.plan.environment}: {self.outcome or 'done'}"]
+        if not self.dry_run:
+            out.append(
+                f"image {self.image_id}, launch template version v{self.template_version}; "
+                f"{len(self.replaced)} instance(s) replaced"
+                + (f" in {self.duration_s:.0f} s" if self.duration_s is not None else "")
+            )
+            out += [f"  {old} -> {new}" for old, new in self.replaced.items()]
+            if self.probe:
+                out.append(f"site probe: {self.probe.describe()}")
+            out.append(f"pruned: {', '.join(self.pruned) or 'none'}")
+            if self.instances:
+                out += ["", text_table([i.model_dump() for i in self.instances])]
+        out += ["", self.plan.render_text()]
+        return "\n".join(out)
 
 
 class RefreshFailed(RuntimeError):

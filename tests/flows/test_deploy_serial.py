@@ -9,11 +9,18 @@ from datetime import UTC, datetime
 import boto3
 import pytest
 
+from fabflows.cli import render_result
 from fabflows.errors import BadInput, Refused
 from fabflows.testing.app_env import InstanceFollower, build_app_env, run_in_thread
 from fabflows.testing.elb_proxy import CapacitySampler, ElbProxy
 from fabflows.testing.moto_server import MotoServer
-from flows.deploy_serial import RefreshFailed, deploy_serial, plan_deploy_serial
+from flows.deploy_serial import (
+    DeploySerialResult,
+    InstanceImage,
+    RefreshFailed,
+    deploy_serial,
+    plan_deploy_serial,
+)
 from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.images import Image
 from tasks.aws.instance_refresh import GroupInstance
@@ -81,6 +88,33 @@ def test_plan_picks_newest_source_and_prunes_beyond_keep() -> None:
         _staging(), _group(), [_inst("i-a"), _inst("i-b")], VERSIONS, IMAGES, 3, "i-a", NOW
     )
     assert keep3.prune_versions == [1] and [i.name for i in keep3.prune_images] == ["img1"]
+
+
+def test_terminal_prints_the_plan_and_what_runs_where() -> None:
+    """`fabflows run deploy-serial` prints the plan as the UI shows it (not a YAML dump); after a
+    refresh, which instance replaced which and the image each runs."""
+    plan = plan_deploy_serial(
+        _staging(), _group(), [_inst("i-a"), _inst("i-b", hour=5)], VERSIONS, IMAGES, 2, None, NOW
+    )
+    dry = render_result(DeploySerialResult(plan=plan, dry_run=True, outcome="dry run"))
+    assert dry.splitlines()[0] == "deploy-serial myproject/staging: dry run"
+    assert "refresh 2 web server(s) of ag onto a new image" in dry
+    assert "i-a (10.0.0.1, ami-old)" in dry and "prune images img1" in dry
+    assert "**" not in dry and "|" not in dry and "replacements:" not in dry  # text, not YAML
+    assert plan.render_markdown().startswith("**myproject/staging: refresh 2 web server(s) of `ag`")
+    done = DeploySerialResult(
+        plan=plan, dry_run=False, image_id="ami-new", template_version=4,
+        replaced={"i-a": "i-c", "i-b": "i-d"}, duration_s=95.2, outcome="completed",
+        instances=[
+            InstanceImage(instance_id=i, lifecycle_state="InService", image_id="ami-new",
+                          address="10.0.0.9", new=True)
+            for i in ("i-c", "i-d")
+        ],
+    )  # fmt: skip
+    text = render_result(done)
+    assert "image ami-new, launch template version v4; 2 instance(s) replaced in 95 s" in text
+    assert "  i-a -> i-c" in text and "  i-b -> i-d" in text
+    assert "True" not in text and "yes" in text  # the instances table's `new` column
 
 
 @pytest.mark.parametrize(
