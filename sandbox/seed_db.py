@@ -90,8 +90,8 @@ def wait_for_postgres(host: TestHost, timeout: float = 60) -> None:
 
 def seed_timeout(scale: int) -> float:
     """Seconds the seeding ``psql`` may take for ``scale`` users: 2 minutes plus 1 s per thousand
-    users. Measured: 90,000 users (115 MB) in 18 s, about 5,000 users a second, so 1 GB (900k
-    users) takes about 3 minutes and may take 17; the margin is for a loaded machine. A fixed 60 s
+    users. Measured on the 2-core test machine: 90,000 users (115 MB) in 18 s, 900,000 users
+    (1,085 MB) in about 95 s; 1 GB may take 17 minutes, a margin for a loaded machine. A fixed 60 s
     killed the 1 GB seed of the reload benchmark."""
     return 120.0 + max(0, scale) / 1000
 
