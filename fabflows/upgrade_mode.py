@@ -78,7 +78,7 @@ from tasks.http.probe import (
     check_upgrade_mode,
 )
 from tasks.ssh.connection import ConnectionPool, SshOptions
-from tasks.ssh.fleet import FleetHost, FleetResult, hosts_from_servers
+from tasks.ssh.fleet import FleetHost, FleetResult, hosts_from_servers, server_label
 from tasks.ssh.upgrade_mode import (
     HostUpgradeMode,
     UpgradePages,
@@ -203,6 +203,32 @@ def holder_alive(record: UpgradeModeRecord) -> bool | None:
     return not over
 
 
+def judge_holder(holder: UpgradeModeRecord, alive: bool | None) -> tuple[bool, str]:
+    """Pure: (worth a warning, what to say) about the run that holds upgrade mode.
+
+    begin-upgrade holds upgrade mode on purpose after its run has ended, until end-upgrade: that is
+    the expected state, not a warning. Any other holder (a window inside a flow) should have turned
+    upgrade mode off when it ended: if it is no longer running, it left upgrade mode behind.
+    """
+    since = f"{holder.since:%Y-%m-%d %H:%M:%S}Z"
+    if holder.flow == BEGIN_UPGRADE:
+        return False, (
+            f"held by {BEGIN_UPGRADE} run {holder.run} since {since} until end-upgrade"
+            + (" (its run is still going)" if alive else "")
+        )
+    if alive:
+        return False, f"held by {holder.flow} run {holder.run}, which is running"
+    if alive is None:
+        return True, (
+            f"held by {holder.flow} run {holder.run} since {since}; cannot tell whether that run "
+            "is still going (end-upgrade refuses while it is, unless forced)"
+        )
+    return True, (
+        f"{holder.flow} run {holder.run} is NOT running but left upgrade mode on (since {since}): "
+        "run end-upgrade"
+    )
+
+
 @dataclass(frozen=True)
 class WindowDecision:
     """How a window (or begin-upgrade) enters upgrade mode."""
@@ -324,6 +350,9 @@ class UpgradeStatus(BaseModel):
         default_factory=list, description="Web servers not running (pending, stopping...)."
     )
     notes: list[str] = Field(default_factory=list, description="What could not be read.")
+    holder_state: str | None = Field(
+        default=None, description="Whether the run holding upgrade mode is expected to hold it."
+    )
 
     @property
     def holder(self) -> UpgradeModeRecord | None:
@@ -371,6 +400,8 @@ class UpgradeStatus(BaseModel):
             text += f"; unreachable: {', '.join(h.host for h in self.unreachable)}"
         for note in self.notes:
             text += f"; {note}"
+        if self.holder_state:
+            text += f"; {self.holder_state}"
         return text
 
     def rows(self) -> list[dict[str, object]]:
@@ -441,7 +472,7 @@ def gather_upgrade_status(
         recorded=recorded,
         hosts=states,
         not_running=[
-            f"{s.name or s.instance_id} ({s.state})"
+            f"{server_label(s.name, s.instance_id)} ({s.state})"
             for s in servers
             if s.role == "web" and s.state not in ("running", "stopped", "terminated")
         ],
@@ -509,7 +540,9 @@ def turn_on(
         )
     servers = web_servers(ctx)
     launching = [
-        f"{s.name or s.instance_id} ({s.state})" for s in servers if s.state in ("pending",)
+        f"{server_label(s.name, s.instance_id)} ({s.state})"
+        for s in servers
+        if s.state in ("pending",)
     ]
     hosts = _web_hosts(ctx, servers)
     result = enable_upgrade_pages(hosts, pool, env.nginx_root, pages, record, dry_run=dry_run)

@@ -24,6 +24,7 @@ from fabflows.upgrade_mode import (
     DEFAULT_PAGE,
     UpgradeModeBusy,
     decide_window,
+    judge_holder,
     load_upgrade_pages,
     process_tag,
     upgrade_window,
@@ -272,3 +273,23 @@ def test_window_refuses_a_live_holder_and_joins_begin_upgrade(prefect_server, la
     # still in upgrade mode for end-upgrade to end: pages up, processes suspended, record kept
     assert all(requests.get(f"http://{h.ip}/", timeout=5).status_code == 503 for h in lab.web)
     assert "Launch" in _suspended(aws) and _tags(aws)[UPGRADE_MODE_TAG] == begun.to_json()
+
+
+@pytest.mark.parametrize(
+    ("flow_name", "alive", "warn", "says"),
+    [
+        (BEGIN_UPGRADE, False, False, "held by begin-upgrade run r1 since 2026-11-26 21:00:00Z until end-upgrade"),
+        (BEGIN_UPGRADE, None, False, "until end-upgrade"),
+        (BEGIN_UPGRADE, True, False, "(its run is still going)"),
+        ("upgrade-packages", True, False, "which is running"),
+        ("upgrade-packages", False, True, "upgrade-packages run r1 is NOT running but left upgrade mode on"),
+        ("reload-production-db", None, True, "cannot tell whether that run is still going"),
+    ],
+)  # fmt: skip
+def test_judge_holder_warns_only_about_holders_that_should_have_ended_it(
+    flow_name: str, alive: bool | None, warn: bool, says: str
+) -> None:
+    """begin-upgrade holds upgrade mode on purpose after its run ends; other holders do not."""
+    record = UpgradeModeRecord(run="r1", flow=flow_name, since=EARLIER, by="ops:1:1")
+    warned, text = judge_holder(record, alive)
+    assert warned is warn and says in text

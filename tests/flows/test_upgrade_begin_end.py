@@ -69,8 +69,15 @@ def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
     assert "Launch" in _suspended(aws) and "AddToLoadBalancer" in _suspended(aws)
     assert [c.status for c in on.on.checks] == [503, 200, 503, 200, 503, 200]  # + the site URL
 
-    status = upgrade_status(environment="staging", config=cfg)
+    state = upgrade_status(environment="staging", config=cfg, return_state=True)
+    status = state.result()
     assert status.in_upgrade_mode and status.holder.flow == "begin-upgrade"
+    # begin-upgrade's run has ended and holds upgrade mode on purpose: said, not warned about
+    assert "until end-upgrade" in status.holder_state and "NOT running" not in status.describe()
+    run, warnings = _run_tags_and_warnings(state.state_details.flow_run_id)
+    assert warnings == [], warnings
+    assert "env:myproject/staging" in run.tags
+    assert any(t.startswith("started-by:") for t in run.tags), run.tags
     assert "AddToLoadBalancer" not in status.recorded.suspended  # not ours
     assert "IN UPGRADE MODE on 2 of 2 web server(s)" in status.describe()
     assert "suspended by others: AddToLoadBalancer" in status.describe()
@@ -118,6 +125,29 @@ def test_begin_upgrade_undoes_itself_when_a_web_server_cannot_be_switched(
     assert _suspended(aws) == before
     assert UPGRADE_MODE_TAG not in {t["Key"] for t in _asg(aws)["Tags"]}
     assert _status(fine.ip) == 200
+
+
+def _run_tags_and_warnings(run_id) -> tuple:
+    """The flow run as Prefect stored it, and its WARNING-or-worse log lines."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+    from prefect.logging.handlers import APILogHandler
+
+    async def read() -> tuple:
+        await APILogHandler.aflush()
+        async with get_client() as client:
+            run = await client.read_flow_run(run_id)
+            logs = await client.read_logs(
+                log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[run_id]),
+                    level=LogFilterLevel(ge_=30),
+                )
+            )
+            return run, [log.message for log in logs]
+
+    return asyncio.run(read())
 
 
 def _status_with(holder):
