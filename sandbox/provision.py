@@ -103,12 +103,40 @@ def provision_web(
             "-c",
             "set -e; rm -f /etc/nginx/sites-enabled/default; "
             "ln -sf /etc/nginx/sites-available/fabflows /etc/nginx/sites-enabled/fabflows; "
-            f"mkdir -p {root}; chown {shlex.quote(owner)}: {root}; "
-            "nginx -t -q; nginx -s reload; "
-            "supervisorctl reread >/dev/null; supervisorctl update >/dev/null",
+            f"mkdir -p {root}; chown {shlex.quote(owner)}: {root}; nginx -t -q",
         ]
     )
+    reload_nginx(host, timeout=max(wait, 15.0))
+    host.exec(["sh", "-c", "supervisorctl reread >/dev/null; supervisorctl update >/dev/null"])
     wait_for_http(host.ip, 200, timeout=wait)
+
+
+# nginx's master is running and has written its pid file (it sets up its signal handlers first)
+_NGINX_UP = 'p=$(cat /run/nginx.pid 2>/dev/null || true); [ -n "$p" ] && kill -0 "$p" 2>/dev/null'
+
+
+def reload_nginx(host: Host, timeout: float = 15.0) -> None:
+    """``nginx -s reload`` once nginx is up, retried until ``timeout``.
+
+    A host that has just started (a new instance, or a stopped one started again) runs nginx about
+    a second after boot, under supervisord: a reload before nginx has written its pid file fails
+    (``invalid PID number "" in "/run/nginx.pid"``) and would leave the host serving the old
+    config. If nginx is still not up at the end, supervisord restarts it (it reads the new config).
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        done = host.exec(["sh", "-c", f"{_NGINX_UP} && nginx -s reload"], check=False)
+        if done.returncode == 0:
+            return
+        last = (done.stderr or done.stdout).strip() or "nginx not running yet"
+        time.sleep(0.2)
+    restarted = host.exec(["supervisorctl", "restart", "nginx"], check=False)
+    if restarted.returncode != 0 or "ERROR" in restarted.stdout:
+        raise RuntimeError(
+            f"{host.name}: nginx did not reload within {timeout:.0f} s ({last}) and supervisord "
+            f"could not restart it: {(restarted.stdout + restarted.stderr).strip()}"
+        )
 
 
 def wait_for_http(ip: str, status: int, path: str = "/", timeout: float = 15.0) -> None:

@@ -301,6 +301,8 @@ def clone_image(source: TestHost, target: TestHost, secret_names: list[str]) -> 
     """
     import subprocess
 
+    from sandbox.provision import reload_nginx
+
     src, dst = source.root(), target.root()
     paths = list(IMAGE_PATHS) + [f"{HOME}/{n}" for n in secret_names]
     for path in paths:
@@ -316,11 +318,11 @@ def clone_image(source: TestHost, target: TestHost, secret_names: list[str]) -> 
             "-c",
             "for i in $(seq 100); do supervisorctl update >/dev/null 2>&1 && break; sleep 0.1; done; "
             "for i in $(seq 300); do "
-            "curl -fs -o /dev/null http://127.0.0.1:8000/healthcheck.html && break; sleep 0.1; done; "
-            "nginx -s reload",
+            "curl -fs -o /dev/null http://127.0.0.1:8000/healthcheck.html && break; sleep 0.1; done",
         ],
         timeout=60,
     )
+    reload_nginx(target)  # once nginx has written its pid file (a fresh host starts it late)
 
 
 class InstanceFollower:
