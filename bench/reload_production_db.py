@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sandbox.seed_db import psql, scale_for_megabytes, seed_database  # noqa: E402
+from sandbox.seed_db import psql, scale_for_megabytes, seed_database, seed_timeout  # noqa: E402
 from sandbox.testhosts import TestNetwork  # noqa: E402
 from tasks.http.probe import HttpProbe  # noqa: E402
 from tests.flows.reload_stack import PROD_PASSWORD, Stack, build_stack, destroy_stack  # noqa: E402
@@ -72,10 +72,17 @@ def reseed_production(stack: Stack, megabytes: float) -> float:
     """Replace production's database with one of about ``megabytes``; return its size in MB."""
     host = stack.hosts["proddb"]
     psql(host, "DROP DATABASE IF EXISTS myproject_production WITH (FORCE);")
-    seed_database(
-        host, "myproject_production", "dbuser", PROD_PASSWORD, scale=scale_for_megabytes(megabytes)
+    scale = scale_for_megabytes(megabytes)
+    # the seeding psql's timeout grows with the size (a fixed 60 s killed the 1 GB seed)
+    print(
+        f"seeding production: about {megabytes:g} MB ({scale} users, "
+        f"timeout {seed_timeout(scale):.0f} s)",
+        flush=True,
     )
+    started = time.monotonic()
+    seed_database(host, "myproject_production", "dbuser", PROD_PASSWORD, scale=scale)
     size = psql(host, "SELECT pg_database_size('myproject_production');").strip()
+    print(f"seeded {int(size) / 1e6:.1f} MB in {time.monotonic() - started:.1f} s", flush=True)
     return int(size) / 1e6
 
 
