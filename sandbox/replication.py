@@ -29,7 +29,7 @@ import hmac
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from psycopg import sql
 
@@ -60,7 +60,9 @@ class ReplicationSetupError(RuntimeError):
     """A replica could not be built or did not start streaming (never shows a password)."""
 
 
-def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS):
+def scram_verifier(
+    password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS
+) -> str:
     """PostgreSQL's SCRAM-SHA-256 verifier of ``password`` (what ``pg_authid`` stores; pure)."""
     salt = os.urandom(16) if salt is None else salt
     salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
@@ -110,7 +112,9 @@ def _psql(host: Host, script: str, database: str = "postgres", timeout: float = 
     ).stdout
 
 
-def _write(host: Host, path: str, content: str, owner: str = "postgres", mode: str = "0644"):
+def _write(
+    host: Host, path: str, content: str, owner: str = "postgres", mode: str = "0644"
+) -> None:
     host.exec(
         [
             "sh",
@@ -125,7 +129,7 @@ def _write(host: Host, path: str, content: str, owner: str = "postgres", mode: s
     )
 
 
-def _wait(what: str, check, timeout: float, interval: float = 0.2) -> None:  # noqa: ANN001
+def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -142,7 +146,9 @@ def wait_for_postgres(host: Host, timeout: float = 60) -> None:
 
 
 def configure_server(host: Host) -> None:
-    """The replication settings on a db host (primary or replica); reloaded if running."""
+    """The replication settings on a db host (primary or replica), read at its next reload or
+    start (PostgreSQL 15's defaults already allow replication; this pins them and adds feedback and
+    the slot's WAL bound)."""
     _write(host, f"{CONF_DIR}/conf.d/91-replication.conf", REPLICATION_CONF)
 
 
