@@ -268,6 +268,17 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         params["dry_run"] = not args.apply
     elif args.apply:
         print(f"fabflows: {args.flow} changes nothing; --apply ignored", file=sys.stderr)
+    # the runbook's own checks (parameters, files, refusals) before a Prefect run exists
+    from fabflows.runtime.engine import prevalidate
+
+    try:
+        prevalidate(fl, params)
+    except BadInput as exc:
+        print(f"{args.flow}: bad input: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Refused as exc:
+        print(f"{args.flow}: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     os.environ.setdefault("FABFLOWS_PROGRESS_BAR", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from here
     os.environ.setdefault("FABFLOWS_STARTED_BY", f"cli:{os.environ.get('USER', 'unknown')}")
@@ -291,6 +302,9 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     with temporary_settings(updates=updates):
         state = fl(**params, return_state=True)
     elapsed = time.monotonic() - started
+    if state.is_cancelled():  # the engine's refusals: window, approval, lock, changed plan
+        print(f"{args.flow}: refused: {state.message}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         result = state.result(raise_on_failure=True)
     except Exception as exc:  # the flow's own failure, reported by the engine
@@ -426,6 +440,47 @@ def flow_help(name: str) -> str:
     return parser.format_help()
 
 
+def shortcuts(argv: list[str]) -> list[str]:
+    """``recover ...`` is ``run recover-environment ...``; ``resume RUN_ID ...`` is
+    ``run resume-run --run-id RUN_ID ...`` (the environment found from the run's journal when no
+    ``-e`` is given)."""
+    if argv[:1] == ["recover"]:
+        return ["run", "recover-environment", *argv[1:]]
+    if argv[:1] == ["resume"] and len(argv) > 1 and not argv[1].startswith("-"):
+        run_id, rest = argv[1], argv[2:]
+        if not {"-e", "--environment"} & set(rest) and not any(
+            a.startswith("--environment=") for a in rest
+        ):
+            env = environment_of_run(run_id, rest)
+            if env is not None:
+                rest = ["-e", env, *rest]
+        return ["run", "resume-run", "--run-id", run_id, *rest]
+    return argv
+
+
+def environment_of_run(run_id: str, rest: list[str]) -> str | None:
+    """The environment whose journal has ``run_id`` (None: not found; the run then asks for -e)."""
+    from config import ConfigError, load_config, resolve_environment
+    from fabflows.runtime.journal import Journal
+
+    explicit = None
+    for i, a in enumerate(rest):
+        if a in ("-c", "--config") and i + 1 < len(rest):
+            explicit = rest[i + 1]
+        elif a.startswith("--config="):
+            explicit = a.partition("=")[2]
+    try:
+        cfg = load_config(config_path(explicit))
+    except (ConfigError, UsageError):
+        return None
+    for deployment in cfg.deployments:
+        for name in cfg.environments:
+            env = resolve_environment(cfg, name, deployment)
+            if Journal.for_environment(env.label, cfg).entry(run_id) is not None:
+                return name
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fabflows", description="FabulAWS maintenance runbooks as Prefect flows."
@@ -447,6 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("action", choices=["up", "down", "status"])
     sb.add_argument("--state-dir", default=None)
     sub.add_parser("demo", help="bring the sandbox up and describe myproject/staging")
+    sub.add_parser(
+        "recover",
+        help="undo what dead runs left (= run recover-environment -e ENV [--apply])",
+        add_help=False,
+    )
+    sub.add_parser(
+        "resume",
+        help="go on with a failed run from its failed step (resume RUN_ID [--apply])",
+        add_help=False,
+    )
     warm = sub.add_parser(
         "warm", help="the warm runner: `fabflows run` without Prefect's import time"
     )
@@ -467,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     from config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = shortcuts(argv)
     if argv[:1] == ["run"] and {"-h", "--help"} & set(argv):
         named = [a for a in argv[1:] if a in FLOWS]
         if named:

@@ -15,6 +15,7 @@ FLOWS: dict[str, str] = {
     "reload-production-db": "flows.reload_production_db:reload_production_db",
     "recover-environment": "flows.recover_environment:recover_environment",
     "resume-run": "flows.resume_run:resume_run",
+    "restart-app": "flows.restart_app:restart_app",
     "resize-environment": "flows.resize_environment:resize_environment",
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
     "deploy-serial": "flows.deploy_serial:deploy_serial",

@@ -159,6 +159,8 @@ def _reload_leftovers(scope: Scope) -> tuple[Any, str | None]:
         state = reload_recovery.gather_target_state(scope.rc, scope.pool)
     except BadInput as exc:
         return None, f"reload leftovers not checked: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the journaled undo must not wait on the database
+        return None, f"reload leftovers could not be checked ({type(exc).__name__}: {exc})"
     run, _ = current_run()
     _, target_db, _, _, app, upgrade = state
     return reload_recovery.recovery_for(scope.rc, target_db, app, upgrade, run), None

@@ -634,7 +634,11 @@ def _apply(
             applied.append(step)
             current = None
             step_guard.history.record(step.name, elapsed())
-            summary = getattr(value, "summary", "") if value is not None else ""
+            summary = (
+                value.get("summary", "")
+                if isinstance(value, dict)
+                else getattr(value, "summary", "")
+            )
             run.outcomes.append(
                 StepOutcome(
                     name=step.name,

@@ -63,7 +63,12 @@ class RunbookPlan(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"target": c.target, "action": c.action, "detail": c.detail} for c in self.changes]
+        with_step = any(c.step for c in self.changes)
+        return [
+            ({"step": c.step} if with_step else {})
+            | {"target": c.target, "action": c.action, "detail": c.detail}
+            for c in self.changes
+        ]
 
     def _downtime_text(self) -> str:
         if self.downtime_seconds is None:

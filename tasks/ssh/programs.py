@@ -117,6 +117,94 @@ def restart_programs(remote: Remote, names: Sequence[str], timeout: float = 120)
     return HostResult(status="changed", message=f"restarted {', '.join(targets)}{note}")
 
 
+def program_pids(remote: Remote, targets: Sequence[str]) -> list[int]:
+    """The process ids supervisor has for ``targets`` (0 and non-numbers: not running)."""
+    pids = []
+    for program in covered(read_programs(remote), targets):  # `pid` takes one program a call
+        out = remote.read(["supervisorctl", "pid", program.name], sudo=True, ok_codes=(0, 1, 2, 3))
+        pids += [int(x) for x in out.stdout.split() if x.isdigit() and int(x) > 0]
+    return pids
+
+
+def kill_stuck(remote: Remote, targets: Sequence[str], wait: float = 30) -> list[int]:
+    """SIGKILL the processes (and their children) of ``targets`` whose stop is stuck, then start
+    them again: what FabulAWS's troubleshooting guide does by hand for a celery that will not stop.
+
+    Returns the killed process ids. Raises CommandError if they are not RUNNING within ``wait``.
+    """
+    import time
+
+    pids = program_pids(remote, targets)
+    for pid in pids:
+        # children first (celery's pool), then the main process; gone already is fine
+        remote.write(
+            ["sh", "-c", 'pkill -KILL -P "$1"; kill -KILL "$1" 2>/dev/null; true', "sh", str(pid)],
+            sudo=True,
+        )
+    if remote.dry_run:
+        return pids
+    deadline = time.monotonic() + wait
+    while True:
+        states = covered(read_programs(remote), targets)
+        if not any(p.state == "STOPPING" for p in states):
+            break
+        if time.monotonic() > deadline:
+            raise CommandError(remote.host, "supervisorctl status", 3, "still STOPPING after kill")
+        time.sleep(0.2)
+    stopped = [p.name for p in states if p.state != "RUNNING"]
+    if stopped:
+        # a concurrent start of the interrupted restart may win the race: "already started" is fine
+        remote.read(["supervisorctl", "start", *stopped], sudo=True, ok_codes=(0, 1, 7))
+    while True:
+        states = covered(read_programs(remote), targets)
+        down = [p for p in states if p.state != "RUNNING"]
+        if not down:
+            return pids
+        if time.monotonic() > deadline:
+            raise CommandError(
+                remote.host,
+                "supervisorctl start",
+                3,
+                "not RUNNING after kill and start: "
+                + ", ".join(f"{p.name} {p.state}" for p in down),
+            )
+        time.sleep(0.2)
+
+
+def restart_or_kill(
+    remote: Remote, names: Sequence[str], stop_timeout: float, timeout: float = 120
+) -> HostResult:
+    """Restart ``names``; a restart still waiting for a program to stop after ``stop_timeout``
+    seconds is a stuck program: it is killed and started again (``kill_stuck``)."""
+    programs = read_programs(remote)
+    targets, missing = resolve_targets(programs, names)
+    note = f" (not on this server: {', '.join(missing)})" if missing else ""
+    if not targets:
+        return HostResult(status="unchanged", message=f"nothing to restart{note}")
+    try:
+        remote.write(["supervisorctl", "restart", *targets], sudo=True, timeout=stop_timeout)
+    except CommandError as exc:
+        if not exc.timed_out:
+            raise
+        killed = kill_stuck(remote, targets, wait=timeout)
+        return HostResult(
+            status="changed",
+            message=f"restarted {', '.join(targets)}: stuck stopping after {stop_timeout:.0f} s, "
+            f"killed pid {', '.join(map(str, killed))} and started again{note}",
+        )
+    if remote.dry_run:
+        return HostResult(status="changed", message=f"would restart {', '.join(targets)}{note}")
+    down = [p for p in covered(read_programs(remote), targets) if p.state != "RUNNING"]
+    if down:
+        raise CommandError(
+            remote.host,
+            "supervisorctl status",
+            3,
+            "not RUNNING after the restart: " + ", ".join(f"{p.name} {p.state}" for p in down),
+        )
+    return HostResult(status="changed", message=f"restarted {', '.join(targets)}{note}")
+
+
 def restart_step(names_by_address: dict[str, list[str]], timeout: float = 120):  # noqa: ANN201
     """A fleet step restarting, on each host, the names listed for its address."""
 
