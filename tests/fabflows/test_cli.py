@@ -184,3 +184,83 @@ def test_warm_is_in_the_help(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "warm" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- engine runbooks
+
+
+@pytest.fixture
+def toy_lab(tmp_path: Path, monkeypatch, aws) -> dict:  # noqa: ANN001
+    from fabflows.testing.configs import moto_section
+
+    monkeypatch.setitem(FLOWS, "toy-switch", "tests.fabflows.runtime.toy:toy_switch")
+    system = tmp_path / "system"
+    system.mkdir()
+    cfg = write_config(
+        tmp_path, {**moto_section(aws.endpoint, staging={}), "state_dir": str(tmp_path / "s")}
+    )
+    return {"dir": str(system), "config": str(cfg)}
+
+
+def test_runbook_bad_input_is_one_line_before_any_run(capsys, toy_lab: dict) -> None:  # noqa: ANN001
+    argv = ["run", "toy-switch", "-e", "staging", "-c", toy_lab["config"]]
+    code = main([*argv, "--directory", "/no/such/dir", "--apply"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT
+    assert err.strip() == "toy-switch: bad input: --directory /no/such/dir: no such directory"
+    assert "Traceback" not in err and "Flow run" not in err  # no Prefect run was created
+
+
+@pytest.mark.flow
+def test_refused_runs_exit_3_and_recover_resume_shortcuts(
+    capsys, toy_lab: dict, prefect_server, tmp_path: Path
+) -> None:  # noqa: ANN001
+    from datetime import UTC, datetime
+
+    import yaml
+
+    from fabflows.cli import EXIT_REFUSED, shortcuts
+
+    section = yaml.safe_load(Path(toy_lab["config"]).read_text())["fabflows"]
+    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(datetime.now(UTC).weekday() + 3) % 7]
+    section["environments"] = {
+        "staging": {"windows": [{"days": [day], "start": "02:00", "end": "03:00"}]}
+    }
+    (tmp_path / "w").mkdir()
+    windowed = write_config(tmp_path / "w", section)
+    argv = ["run", "toy-switch", "-e", "staging", "-c", str(windowed), "--directory"]
+    code = main([*argv, toy_lab["dir"], "--lines", "a", "--take-site-down", "--apply"])
+    assert code == EXIT_REFUSED
+    assert "refused:" in capsys.readouterr().err
+    # the shortcuts, and resume finding the environment from the run's journal
+    assert shortcuts(["recover", "-e", "staging", "--apply"]) == [
+        "run",
+        "recover-environment",
+        "-e",
+        "staging",
+        "--apply",
+    ]
+    broken = Path(toy_lab["dir"]) / "broken-write-data"
+    broken.write_text("")
+    argv = ["run", "toy-switch", "-e", "staging", "-c", toy_lab["config"], "--directory"]
+    assert main([*argv, toy_lab["dir"], "--lines", "a", "--apply"]) == 1
+    from config import load_config
+    from fabflows.runtime.journal import Journal
+
+    journal = Journal.for_environment("myproject/staging", load_config(toy_lab["config"]))
+    (entry,) = journal.open_entries()
+    assert shortcuts(["resume", entry.run_id, "-c", toy_lab["config"]]) == [
+        "run",
+        "resume-run",
+        "--run-id",
+        entry.run_id,
+        "-e",
+        "staging",
+        "-c",
+        toy_lab["config"],
+    ]
+    broken.unlink()
+    assert main(["resume", entry.run_id, "-c", toy_lab["config"], "--apply"]) == EXIT_OK
+    assert journal.entry(entry.run_id).state == "done"
+    assert main(["recover", "-e", "staging", "-c", toy_lab["config"]]) == EXIT_OK
+    assert "nothing to change" in capsys.readouterr().out
