@@ -8,7 +8,9 @@
   primary: in bytes, ``pg_wal_lsn_diff(<primary's current LSN>, pg_last_wal_replay_lsn())``, and in
   seconds, ``now() - pg_last_xact_replay_timestamp()`` (0 when it is caught up with no WAL pending).
   Read the primary first and pass its LSN: the replica's replay position is then read after it, so
-  a replica that keeps up never shows a lag it does not have.
+  a replica that keeps up never shows a lag it does not have. The primary's LSN is
+  ``pg_current_wal_lsn()``, the WAL written out: what can be sent to a replica (an asynchronous
+  commit reaches it within ``wal_writer_delay``).
 
 Each read is one ``psql`` on the server over SSH, as the ``postgres`` OS user (peer
 authentication on the local socket, see :mod:`tasks.postgres.server`): no password is needed or

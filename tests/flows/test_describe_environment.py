@@ -309,8 +309,13 @@ def test_describe_shows_replica_streaming_and_its_lag(
 
     saved = stop_wal_receiver(pair.replica)
     try:
-        psql(pair.primary, "CREATE TABLE describe_probe AS SELECT generate_series(1, 1000) g;")
-        time.sleep(0.05)
+        # flushed at commit (the test hosts commit asynchronously), so in the primary's LSN
+        psql(
+            pair.primary,
+            "SET synchronous_commit = on;\n"
+            "CREATE TABLE describe_probe AS SELECT generate_series(1, 1000) g;",
+        )
+        time.sleep(0.05)  # a lag in seconds above 0
         d, primary, replica = describe()
     finally:
         start_wal_receiver(pair.replica, saved)

@@ -77,6 +77,9 @@ def _write(pair: ReplicatedPair, value: int) -> None:
     psql(
         pair.primary,
         sql.SQL(
+            # the test hosts commit asynchronously: flushed at commit, the write is in the
+            # primary's current LSN (and sendable) as soon as psql returns
+            "SET synchronous_commit = on;\n"
             "CREATE TABLE IF NOT EXISTS repl_probe (id int PRIMARY KEY);\n"
             "INSERT INTO repl_probe VALUES ({});\n"
         )
