@@ -8,14 +8,27 @@
 The artifact is updated at most once a second; the CLI bar is drawn on stderr when the flow runs
 under ``fabflows run`` (which sets ``FABFLOWS_PROGRESS_BAR=1``) and stderr is a terminal or the
 variable is ``force``.
+
+Waits with a limit (an instance to start, a site to answer) say what they wait for, how long so far
+and the limit, at most every ~10 s, in the run log and, under ``fabflows run``, on stderr::
+
+    with Waiting("the site and 2 web servers to answer 200", limit=900) as wait:
+        while not done():
+            wait.tick("1 of 3 answer")          # prints only when ``every`` seconds have passed
+            time.sleep(1)
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from types import TracebackType
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -105,3 +118,112 @@ class Progress:
         if self._bar:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def duration_text(seconds: float) -> str:
+    """``42 s``, ``3m05s``, ``1h02m``."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds} s"
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow or task run (or in a thread without its context)
+        return logging.getLogger("fabflows.progress")
+
+
+def _console_shows_info() -> bool:
+    """``fabflows run --verbose``: run log lines already reach the terminal."""
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if handler.name == "console":
+                return handler.level <= logging.INFO
+    return False
+
+
+def report_every() -> float:
+    """Seconds between two lines about one wait (``FABFLOWS_WAIT_REPORT_SECONDS``, default 10)."""
+    try:
+        return max(0.1, float(os.environ.get("FABFLOWS_WAIT_REPORT_SECONDS", "10")))
+    except ValueError:
+        return 10.0
+
+
+class Waiting:
+    """A wait with a limit that tells people about itself.
+
+    Every ``every`` seconds at most (``report_every()``) (and not before the first ``every`` seconds: short waits stay
+    silent), ``tick()`` writes ``waiting for WHAT: 1m10s of 15m00s (DETAIL)`` to the run log and,
+    when the flow runs under ``fabflows run`` (``FABFLOWS_PROGRESS_BAR`` set) and the terminal does
+    not already show the run log (no ``--verbose``), to stderr. Thread-safe.
+    """
+
+    def __init__(self, what: str, limit: float, every: float | None = None):
+        self.what = what
+        self.limit = limit
+        self.every = every if every is not None else report_every()
+        self.started = time.monotonic()
+        self._last = self.started
+        self._lock = threading.Lock()
+        self.lines: list[str] = []  # what was said, in order
+        self._terminal = bool(os.environ.get("FABFLOWS_PROGRESS_BAR")) and not _console_shows_info()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def line(self, detail: str = "") -> str:
+        return (
+            f"waiting for {self.what}: {duration_text(self.elapsed)} of "
+            f"{duration_text(self.limit)}" + (f" ({detail})" if detail else "")
+        )
+
+    def tick(self, detail: str = "") -> bool:
+        """Say where the wait stands if ``every`` seconds passed since it last did. True if said."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.every:
+                return False
+            self._last = now
+        self._say(self.line(detail))
+        return True
+
+    def until_done(self, futures: Sequence[Future], noun: str = "done") -> None:
+        """Block until every future is done (results are left in them), ticking about every second
+        with ``k of n <noun>``."""
+        pending = set(futures)
+        while pending:
+            _, pending = wait_futures(pending, timeout=min(1.0, self.every))
+            if pending:
+                self.tick(f"{len(futures) - len(pending)} of {len(futures)} {noun}")
+
+    def _say(self, text: str) -> None:
+        self.lines.append(text)
+        _run_logger().info("%s", text)
+        if self._terminal:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def finish(self, ok: bool = True) -> None:
+        """A wait people were told about says how it ended (a short one stays silent)."""
+        if self.lines:
+            how = "done" if ok else "gave up"
+            self._say(f"{how} waiting for {self.what} after {duration_text(self.elapsed)}")
+
+    def __enter__(self) -> Waiting:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish(ok=exc_type is None)

@@ -26,6 +26,7 @@ from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
+from fabflows.progress import Waiting
 from tasks.aws.ec2 import Server, server_from_instance
 from tasks.aws.session import aws_client
 from tasks.plan import RunRecord, StepResult
@@ -79,13 +80,16 @@ def wait_for_instances(
             waiting for it to run).
     """
     deadline = time.monotonic() + timeout
+    waiting = Waiting(f"{len(instance_ids)} instance(s) to be {state}", timeout)
     while True:
         servers = _describe_ids(creds, instance_ids)
         found = {s.instance_id for s in servers}
         pending = [s for s in servers if s.state != state]
         missing = [i for i in instance_ids if i not in found]
         if not pending and not missing:
+            waiting.finish()
             return servers
+        waiting.tick(", ".join(f"{s.instance_id} {s.state}" for s in pending) or "not listed yet")
         dead = [
             s for s in pending if s.state in ("terminated", "shutting-down") and state != s.state
         ]

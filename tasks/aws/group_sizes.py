@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fabflows.progress import Waiting
 from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.session import aws_client
 from tasks.plan import StepResult
@@ -289,6 +290,7 @@ def wait_for_group(
     """
     asg = aws_client(creds, "autoscaling")
     deadline = time.monotonic() + timeout
+    waiting = Waiting(f"{auto_scaling_group_name} to have {count} instance(s) InService", timeout)
     while True:
         raw = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[auto_scaling_group_name])[
             "AutoScalingGroups"
@@ -298,7 +300,9 @@ def wait_for_group(
         instances = raw[0].get("Instances", [])
         in_service = [i for i in instances if i.get("LifecycleState") == "InService"]
         if len(instances) == count and len(in_service) == count:
+            waiting.finish()
             return describe_auto_scaling_group.fn(creds, auto_scaling_group_name)
+        waiting.tick(f"{len(instances)} instance(s), {len(in_service)} InService")
         if time.monotonic() >= deadline:
             states = ", ".join(f"{i['InstanceId']} {i.get('LifecycleState')}" for i in instances)
             raise GroupWaitTimeout(

@@ -34,6 +34,8 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 from urllib3.exceptions import InsecureRequestWarning
 
+from fabflows.progress import Waiting
+
 DEFAULT_INTERVAL = 0.1
 """The probe's poll interval (seconds)."""
 
@@ -135,15 +137,19 @@ def join_url(base: str, path: str) -> str:
 
 
 def _check_all(
-    specs: Sequence[tuple[str, int, bytes | None, bool]], timeout: float
+    specs: Sequence[tuple[str, int, bytes | None, bool]], timeout: float, what: str = ""
 ) -> list[HttpCheck]:
     if not specs:
         return []
-    with ThreadPoolExecutor(max_workers=min(16, len(specs)), thread_name_prefix="http") as ex:
+    with (
+        Waiting(what or f"{len(specs)} URL(s) to answer", timeout) as waiting,
+        ThreadPoolExecutor(max_workers=min(16, len(specs)), thread_name_prefix="http") as ex,
+    ):
         futures = [
             ex.submit(wait_for_status, url, code, timeout=timeout, body=body, verify=verify)
             for url, code, body, verify in specs
         ]
+        waiting.until_done(futures, "URL(s) answered as expected")
         return [f.result() for f in futures]
 
 
@@ -210,7 +216,8 @@ def _check_front_and_health(
         verify = _verify_for(base, sites)
         specs.append((base, front[0], front[1], verify))
         specs.append((join_url(base, healthcheck_path), 200, None, verify))
-    checks = _check_all(specs, timeout)
+    what = f"{len(server_urls)} web server(s){' and the site' if site_url else ''} to answer {front[0]}"
+    checks = _check_all(specs, timeout, what)
     logger = get_run_logger()
     for c in checks:
         logger.info("%s", c.describe())

@@ -32,6 +32,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from fabflows.progress import Waiting
 from tasks.ssh.connection import HostKeyError, SshOptions, connect
 from tasks.ssh.fleet import FleetHost, HostResult, Step
 from tasks.ssh.remote import CommandError, Remote, exec_command, sudo_argv
@@ -319,8 +320,12 @@ def wait_for_ssh(
     if not hosts:
         return []
     deadline = time.monotonic() + timeout
-    with ThreadPoolExecutor(max_workers=min(16, len(hosts)), thread_name_prefix="ssh-wait") as ex:
+    with (
+        Waiting(f"{len(hosts)} server(s) to accept SSH", timeout) as waiting,
+        ThreadPoolExecutor(max_workers=min(16, len(hosts)), thread_name_prefix="ssh-wait") as ex,
+    ):
         futures = [ex.submit(_wait_one, h, opts, deadline, poll) for h in hosts]
+        waiting.until_done(futures, "answered")
         results, errors = [], []
         for f in futures:
             try:
