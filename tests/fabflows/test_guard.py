@@ -152,3 +152,69 @@ def test_durations_are_kept_in_a_prefect_variable(prefect_server) -> None:
     assert (
         guard.DurationHistory("other-flow", "myproject/staging").expected("copy-database") is None
     )
+
+
+# --------------------------------------------------------------------------- DST
+# Saturday 23:00 to Sunday 03:00 New York time, across the two change nights of 2026: on
+# 2026-03-08 clocks jump 02:00 -> 03:00 (the window lasts 3 real hours), on 2026-11-01 they fall
+# back 02:00 -> 01:00 (5 real hours). Opening, closing and the step guard count real hours.
+
+UTC_ = ZoneInfo("UTC")
+OVERNIGHT = BASE.model_copy(
+    update={
+        "time_zone": "America/New_York",
+        "windows": [MaintenanceWindow(days=["sat"], start=time(23), end=time(3))],
+    }
+)
+
+
+def utc(month: int, day: int, hour: int, minute: int = 0) -> datetime:
+    return datetime(2026, month, day, hour, minute, tzinfo=UTC_)
+
+
+DST_CASES = [
+    # spring: Sat 23:00 EST = 04:00Z; Sun 03:00 EDT = 07:00Z
+    ("spring before open", utc(3, 8, 3, 59), False),
+    ("spring open", utc(3, 8, 4, 0), True),
+    ("spring 01:59 EST", utc(3, 8, 6, 59), True),
+    ("spring 03:00 EDT closed", utc(3, 8, 7, 0), False),
+    # fall: Sat 23:00 EDT = 03:00Z; Sun 03:00 EST = 08:00Z; 01:30 happens twice
+    ("fall open", utc(11, 1, 3, 0), True),
+    ("fall first 01:30 EDT", utc(11, 1, 5, 30), True),
+    ("fall second 01:30 EST", utc(11, 1, 6, 30), True),
+    ("fall 02:59 EST", utc(11, 1, 7, 59), True),
+    ("fall 03:00 EST closed", utc(11, 1, 8, 0), False),
+]
+
+
+@pytest.mark.parametrize(("what", "now", "allowed"), DST_CASES, ids=[c[0] for c in DST_CASES])
+def test_overnight_window_on_dst_nights(what, now, allowed) -> None:
+    decision = guard.check_window(OVERNIGHT, now)
+    assert decision.allowed is allowed
+    if allowed:
+        assert decision.window_end.astimezone(UTC_) == (
+            utc(3, 8, 7) if now.month == 3 else utc(11, 1, 8)
+        )
+
+
+@pytest.mark.parametrize(
+    ("now", "left_hours"), [(utc(3, 8, 4, 0), 3), (utc(11, 1, 3, 0), 5)], ids=["spring", "fall"]
+)
+def test_step_guard_counts_real_hours_on_dst_nights(now: datetime, left_hours: int) -> None:
+    decision = guard.check_window(OVERNIGHT, now)
+    steps = guard.StepGuard(
+        decision,
+        "reload-production-db",
+        OVERNIGHT,
+        history=guard.DurationHistory("reload-production-db", OVERNIGHT.label, store={}),
+        clock=lambda: now,
+    )
+    # 2.6 h x 1.2 = 3.12 h: more than the 3 real hours of the spring night, less than the fall's 5
+    needed = timedelta(hours=2.6)
+    if left_hours == 3:
+        with pytest.raises(guard.StepDoesNotFit, match="closes in 3h00m"):
+            steps.check("copy-database", needed)
+    else:
+        assert steps.check("copy-database", needed) == needed
+        with pytest.raises(guard.StepDoesNotFit, match="closes in 5h00m"):
+            steps.check("copy-database", timedelta(hours=4.5))
