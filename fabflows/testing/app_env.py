@@ -344,7 +344,13 @@ class InstanceFollower:
             host = self.env.hosts.get(iid)
             if state in ("pending", "running") and host is None and inst.get("PrivateIpAddress"):
                 role = tags.get("role", "web")
-                image = "app" if role in ("web", "worker") else "base"
+                image = (
+                    "app"
+                    if role in ("web", "worker")
+                    else "db"
+                    if role in ("db-primary", "db-replica")
+                    else "base"
+                )
                 (host,) = self.env.net.start(
                     [HostSpec(f"{self.prefix}{iid[-6:]}", inst["PrivateIpAddress"], image)]
                 )
@@ -361,7 +367,8 @@ class InstanceFollower:
                 self.destroyed.append(iid)
 
     def provision(self, host: TestHost, role: str) -> None:
-        """What the image gives a new server: a web server's files cloned, else provisioning."""
+        """What the image gives a new server: a web server's files cloned, else provisioning; a
+        new db-replica is built from the db-primary and streams."""
         sources = [
             h
             for iid, h in self.env.hosts.items()
@@ -371,6 +378,16 @@ class InstanceFollower:
             clone_image(sources[0], host, list(self.env.secrets))
         else:
             provision_server(self.env, host, role)
+        if role == "db-replica" and self.env.db_host and self.env.replication_password:
+            from sandbox.replication import provision_replication
+
+            provision_replication(
+                self.env.db_host,
+                [host],
+                self.env.replication_password,
+                home=HOME,
+                owner=DEPLOY_USER,
+            )
 
     def run_until(self, future: Future, interval: float = 0.3, timeout: float = 900) -> Any:
         """Follow the instances (on this, the main, thread) until ``future`` is done."""

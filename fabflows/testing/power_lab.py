@@ -209,11 +209,19 @@ def build_power_lab(
         moto.endpoint, seeded_cfg, ["staging"], f"{subnet}.0/24", iter(h.ip for h in hosts.values())
     ).environments[0]
     ids = {role: seeded.instance_ids[role][0] for role in ROLES}
+
+    def on_new_host(host: TestHost, role: str) -> None:
+        # a new db-replica streams from the primary, as building one from the image would
+        if role == "db-replica":
+            provision_replication(primary, [host], replication_password, home=HOME)
+        else:
+            provision_web_host(host, role)
+
     mirror = Ec2HostMirror(
         network,
         moto.endpoint,
         subnet,
-        on_new_host=provision_web_host,
+        on_new_host=on_new_host,
         name_prefix=f"{name_prefix}w",
     )
     for role, host in hosts.items():
