@@ -208,3 +208,30 @@ def test_sigkill_inside_the_site_down_step_then_recover(lab: dict, tmp_path: Pat
     # a second recover finds nothing
     again = recover_environment(environment="staging", config=lab["config"], dry_run=False)
     assert again.outcome == "nothing to change"
+
+
+def test_prefects_retry_of_a_failed_run_resumes_it(lab: dict) -> None:
+    """`prefect flow-run retry` (the UI's Retry) runs the same flow run id again: the engine finds
+    that run's open journal and goes on from the failed step instead of starting over."""
+    (lab["dir"] / "broken-write-data").write_text("")
+    failed = _run(lab, lines=["a", "b"], dry_run=False)
+    assert failed.is_failed()
+    run_id = str(failed.state_details.flow_run_id)
+    (lab["dir"] / "broken-write-data").unlink()
+    env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    entrypoint = str(Path(toy.__file__).resolve()) + ":toy_switch"
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "flow-run", "retry", run_id, "--entrypoint", entrypoint],
+        env=env,
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    entry = _journal(lab).entry(run_id)
+    assert entry.state == "done"
+    kinds = [e["kind"] for e in _journal(lab).backend.events(run_id)]
+    assert kinds.count("open") == 1 and "reopen" in kinds  # the same journal, gone on with
+    assert toy.read(lab["dir"]).data == ["a", "b"]  # 'a' once: write-data went on, not over
+    assert toy.read(lab["dir"]).suspended == ["AZRebalance"]
