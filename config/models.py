@@ -207,6 +207,42 @@ DEFAULT_STATIC_CORS_RULES: tuple[CorsRule, ...] = (
 """The rule the maintenance doc has operators click into the console (procedures.md §2.8)."""
 
 
+NotificationEvent = Literal[
+    "failed", "crashed", "cancelled", "approval", "window", "slow", "success", "watchdog"
+]
+
+
+class NotificationSettings(Strict):
+    """Where and which run notifications go (registered by fabflows deploy as automations)."""
+
+    block: str | None = Field(
+        default=None,
+        description="Prefect notification block that sends them: '<block-type-slug>/<name>' "
+        "(e.g. slack-webhook/ops-alerts) or just the name of a slack-webhook block. "
+        "Unset: no notifications for this environment.",
+    )
+    events: list[NotificationEvent] = Field(
+        default_factory=lambda: [
+            "failed",
+            "crashed",
+            "cancelled",
+            "approval",
+            "window",
+            "slow",
+            "watchdog",
+        ],
+        description="What to notify: failed/crashed/cancelled runs, approvals pending (with a "
+        "reminder and the timeout), a run holding the environment near its window's end, a slow "
+        "run, watchdog findings, and 'success' of scheduled runs (off by default).",
+    )
+    window_warning_minutes: float = Field(
+        default=10, gt=0, le=240, description="Warn this long before the window closes."
+    )
+    slow_factor: float = Field(
+        default=1.5, gt=1, le=20, description="A run taking this many times its usual duration."
+    )
+
+
 class EnvironmentSettings(Strict):
     """fabflows settings for one environment (all optional: an unset option means the default)."""
 
@@ -276,6 +312,19 @@ class EnvironmentSettings(Strict):
         description="When a run fails after applying steps, undo at once the steps that hold "
         "maintenance state (upgrade page, suspended processes, stopped programs). Data-changing "
         "steps are always left for `fabflows recover` / `fabflows resume`.",
+    )
+    notifications: NotificationSettings = Field(
+        default_factory=NotificationSettings,
+        description="Run notifications for this environment (which events, which block).",
+    )
+    watchdog_recover: bool = Field(
+        default=False,
+        description="The watchdog starts the recovery of what it finds (otherwise it only "
+        "reports and notifies).",
+    )
+    watchdog_cron: str | None = Field(
+        default="*/5 * * * *",
+        description="Schedule of the watchdog runbook in this environment (None: not scheduled).",
     )
     luks_passphrase_block: str | None = Field(
         default=None,
