@@ -46,7 +46,7 @@ class EnvironmentConfig(BaseModel):
 
     @property
     def supervisor_groups(self) -> dict[str, str]:
-        """Supervisor groups the original's templates create (procedures.md §1 derived names)."""
+        """Supervisor groups the original's templates create (names derived from the environment's)."""
         env = self.environment
         return {"web": f"{env}-web", "celery": f"{env}-celery", "pgbouncer": f"{env}-pgbouncer"}
 

@@ -59,7 +59,7 @@ VALUES ('auth', '0001_initial', now()), ('shop', '0001_initial', now());
 
 USERS_PER_MB = 900
 """About 1.1 KB of database (tables and indexes) per user at the default mix: 600k users made a
-668 MB database (research/test-peers.md §3)."""
+668 MB database (measured on the 2-core machine)."""
 
 
 def scale_for_megabytes(megabytes: float) -> int:

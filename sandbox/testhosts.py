@@ -4,8 +4,7 @@ Each host is an overlayfs (lower: a cached Debian bookworm image, upper: the hos
 in its own network namespace (a veth on a bridge in the machine's namespace) and its own mount,
 UTS, IPC and PID namespaces, chrooted, with supervisord as PID 1 (running nginx, and PostgreSQL on
 the ``db`` image) and sshd started before it. Every host has its own IP address, ``/etc/passwd``,
-hostname and SSH host key. The recipe and its measurements are in
-``shared/research/test-peers.md`` (sections 2 to 5).
+hostname and SSH host key.
 
 Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN), util-linux ``unshare``/``nsenter``, iproute2,
 overlayfs, and ``debootstrap`` to build the images. :func:`check_prerequisites` names what is

@@ -39,8 +39,8 @@ def fail_without_prerequisites() -> None:
     missing = check_prerequisites()
     if missing:
         pytest.fail(
-            "isolated test hosts need: " + "; ".join(missing) + " (see shared/research/"
-            "test-peers.md §4; CI installs debootstrap, openssh-server and sudo)",
+            "isolated test hosts need: " + "; ".join(missing) + " (`make test` installs "
+            "them: .ci/install-system-packages)",
             pytrace=False,
         )
 

@@ -7,8 +7,8 @@
 - :func:`evaluate_cors` (pure) answers a request as S3 does: the *first* rule whose origin, method
   and (for a preflight) every requested header match is used; no match is a 403 for a preflight and
   a plain answer without CORS headers for an actual request. moto's own preflight handling does not
-  follow this (it checks every rule and fails on the first mismatch, and lets any method through;
-  see ``shared/research/test-peers.md``), so verification runs this evaluator on what
+  follow this (it checks every rule and fails on the first mismatch, and lets any method through),
+  so verification runs this evaluator on what
   GetBucketCors returns, plus one real preflight for the simple case.
 - :func:`preflight_bucket_cors` sends that real ``OPTIONS`` request to the bucket's URL.
 

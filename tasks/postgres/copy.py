@@ -12,7 +12,7 @@ Plain format streamed, stopping at the first error: measured between two test ho
 (bench/reload_production_db.py, 1085 MB), it was far ahead on a busy machine (plain 15.2 s, directory
 format with -j2 17.7 s, custom -Z0 through pg_restore 22.6 s) and within noise of the others on a
 quiet one (8.8-11.9 s for all three); unlike the directory format it needs no room for a dump file.
-research/test-peers.md measured custom -Z0 a little ahead on 668 MB (13.5 s against 14.3 s).
+An earlier measurement on 668 MB had custom -Z0 a little ahead (13.5 s against 14.3 s).
 
 **The password** of the source role never touches a command line or a file: it is sent on the
 launching command's **stdin**, read by the shell into ``PGPASSWORD`` and inherited by ``psql`` and

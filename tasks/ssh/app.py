@@ -1,6 +1,6 @@
 """The app's processes on web and worker servers (supervisor), and its migrations.
 
-FabulAWS runs the app under supervisor (procedures.md §1): groups ``<env>-web`` (gunicorn) on web
+FabulAWS runs the app under supervisor: groups ``<env>-web`` (gunicorn) on web
 servers, ``<env>-celery`` on workers, ``<env>-pgbouncer`` on both. A maintenance that needs the
 app stopped:
 

@@ -1,6 +1,6 @@
 """Supervisor programs on a server: which exist, restarting them, and checking they run.
 
-FabulAWS runs everything of the app under supervisor (procedures.md §1): groups ``<env>-web``
+FabulAWS runs everything of the app under supervisor: groups ``<env>-web``
 (gunicorn), ``<env>-celery``, ``<env>-pgbouncer``. A name given here may be a group (restarted as
 ``<group>:*``) or a program. Names that do not exist on a server are reported, not guessed at.
 
