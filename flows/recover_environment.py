@@ -20,6 +20,8 @@ FLOW_NAME = "recover-environment"
 class RecoverParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    maintenance_only: bool = False
+
 
 class RecoverFacts(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -116,7 +118,12 @@ class RecoverEnvironment(Runbook[RecoverParams, RecoverFacts, RecoverPlan]):
 
     def gather(self, scope: Scope, params: RecoverParams) -> RecoverFacts:
         assert scope.journal is not None
-        dead, recovers, alive = dead_runs(scope.journal, scope.rc.config, exclude=scope.run_id)
+        dead, recovers, alive = dead_runs(
+            scope.journal,
+            scope.rc.config,
+            exclude=scope.run_id,
+            maintenance_only=params.maintenance_only,
+        )
         facts = RecoverFacts(dead=dead, dead_recovers=[e.run_id for e in recovers], alive=alive)
         facts.reload, facts.reload_note = _reload_leftovers(scope)
         return facts
@@ -189,6 +196,7 @@ def recover_environment(
     deployment: str | None = None,
     config: str | None = None,
     dry_run: bool = True,
+    maintenance_only: bool = False,
 ) -> RunbookReport:
     """Undo or finish what dead runs left behind (SIGKILL, lost worker, crashed server).
 
@@ -218,5 +226,8 @@ def recover_environment(
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Only show what would be undone (default). Set false (CLI --apply) to recover.
+        maintenance_only: Undo only maintenance state (upgrade page, suspended processes,
+            stopped programs, staged files) and leave data-changing steps: what the watchdog's
+            automatic recovery of a crashed run does.
     """
     return execute(RUNBOOK, locals())

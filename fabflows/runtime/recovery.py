@@ -60,7 +60,10 @@ def holder_run_id(label: str, config: FabulawsConfig | None) -> str | None:
 
 
 def dead_runs(
-    journal: Journal, config: FabulawsConfig | None, exclude: str | None = None
+    journal: Journal,
+    config: FabulawsConfig | None,
+    exclude: str | None = None,
+    maintenance_only: bool = False,
 ) -> tuple[list[DeadRun], list[JournalEntry], list[str]]:
     """(dead engine runs to recover, dead recover runs, runs still alive) of the journal."""
     alive_id = holder_run_id(journal.label, config)
@@ -74,12 +77,15 @@ def dead_runs(
         if entry.flow == RECOVER_FLOW:
             recovers.append(entry)
             continue
-        out.append(plan_dead_run(entry))
+        out.append(plan_dead_run(entry, maintenance_only))
     return out, recovers, alive
 
 
-def plan_dead_run(entry: JournalEntry) -> DeadRun:
-    """Which of a dead run's applied steps can be undone (newest first), and which are left."""
+def plan_dead_run(entry: JournalEntry, maintenance_only: bool = False) -> DeadRun:
+    """Which of a dead run's applied steps can be undone (newest first), and which are left.
+
+    ``maintenance_only``: undo only steps that hold maintenance state (``auto_undo``), as an
+    automatic recovery does; data-changing steps are left for a person (recover or resume)."""
     undo: list[StepToUndo] = []
     left: list[str] = []
     try:
@@ -95,6 +101,11 @@ def plan_dead_run(entry: JournalEntry) -> DeadRun:
         step = steps.get(rec.name)
         if step is None:
             left.append(f"{rec.name}: no longer a step of {entry.flow}")
+        elif maintenance_only and not step.auto_undo:
+            left.append(
+                f"{rec.name}: changes data; left for `fabflows recover --apply` or "
+                f"`fabflows resume {entry.run_id}`"
+            )
         elif step.undo is None:
             left.append(
                 f"{rec.name}: {step.no_undo} (finish it with `fabflows resume {entry.run_id}`)"

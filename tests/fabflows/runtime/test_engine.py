@@ -91,9 +91,17 @@ def test_failure_undoes_maintenance_and_leaves_data_for_recover(lab: dict) -> No
     assert entry.state == "failed"
     assert entry.step("suspend").state == "undone"
     assert entry.step("write-data").state == "failed"
-    # recover lists the data step as left, for resume
-    report = recover_environment(environment="staging", config=lab["config"])
-    assert "write-data" in report.plan_text and "resume" in report.plan_text
+    # an automatic recovery (maintenance only) leaves the data step, for a person
+    auto = recover_environment(
+        environment="staging", config=lab["config"], dry_run=False, maintenance_only=True
+    )
+    assert "write-data: changes data; left" in auto.plan_text and "resume" in auto.plan_text
+    assert toy.read(lab["dir"]).data == ["a"]
+    # a person's recover undoes it from the journal
+    full = recover_environment(environment="staging", config=lab["config"], dry_run=False)
+    assert [s.name for s in full.steps] == [f"undo-{entry.run_id[:8]}-write-data"]
+    assert toy.read(lab["dir"]).data == []
+    assert _journal(lab).entry(entry.run_id).state == "recovered"
 
 
 def test_resume_goes_on_from_the_failed_step(lab: dict) -> None:

@@ -129,7 +129,12 @@ class Toy(Runbook[ToyParams, ToyFacts, ToyPlan]):
         out = [Step("suspend", suspend, resume)]
         if plan.page:
             out.append(Step("page-on", page_on, page_off, site_down=True))
-        out.append(Step("write-data", write, no_undo="data is kept", auto_undo=False))
+
+        def unwrite(scope: Scope, data: dict) -> None:
+            keep = [x for x in read(d).data if x not in plan.add_lines]
+            (d / "data.txt").write_text("".join(x + "\n" for x in keep))
+
+        out.append(Step("write-data", write, unwrite, auto_undo=False))
         if plan.page:
             out.append(Step("page-off", lambda s: page_off(s, {}), no_undo="ends the page"))
         out.append(Step("resume", lambda s: resume(s, s.results["suspend"]), no_undo="ends it"))
