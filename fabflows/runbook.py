@@ -17,6 +17,8 @@ class RunContext:
     config: FabulawsConfig
     env: EnvironmentConfig
     creds: AwsCredentials
+    config_path: str | None = None
+    """The config file as given (None: found by default); paths in it are relative to it."""
 
 
 def load_context(
@@ -26,4 +28,4 @@ def load_context(
     cfg = load_config(config)
     env = resolve_environment(cfg, environment, deployment)
     creds = make_credentials(cfg.fabflows.aws, env.region)
-    return RunContext(config=cfg, env=env, creds=creds)
+    return RunContext(config=cfg, env=env, creds=creds, config_path=config)
