@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, ClassVar
 
 from packaging.utils import canonicalize_name
 from prefect import flow
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from config import FabulawsConfig
-from fabflows import audit, lock
+from config import EnvironmentConfig, FabulawsConfig
 from fabflows.errors import BadInput
-from fabflows.report import artifact_key, markdown_table, publish_markdown, text_table
-from fabflows.runbook import load_context
+from fabflows.report import markdown_table
+from fabflows.runbook import RunContext
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
+from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.local.sdists import (
-    CommitResult,
-    DownloadResult,
     GitState,
     RemoveResult,
     SdistsComparison,
@@ -26,6 +25,7 @@ from tasks.local.sdists import (
     get_git_state,
     get_sdists_state,
     remove_sdists,
+    restore_sdists,
 )
 
 FLOW_NAME = "refresh-sdists"
@@ -65,30 +65,6 @@ class RefreshSdistsPlan(BaseModel):
     @property
     def removals(self) -> list[SdistChange]:
         return [c for c in self.changes if c.action == "remove"]
-
-
-class RefreshSdistsReport(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    environment: str
-    dry_run: bool
-    outcome: str
-    plan: RefreshSdistsPlan
-    downloaded: list[DownloadResult] = Field(default_factory=list)
-    removed: list[RemoveResult] = Field(default_factory=list)
-    failures: list[str] = Field(default_factory=list)
-    commit: CommitResult | None = None
-    after: SdistsComparison | None = None
-
-    def render_text(self) -> str:
-        out = [f"{self.plan.sdists_dir}: {self.outcome}", ""]
-        out.append(text_table([c.model_dump() for c in self.plan.changes]))
-        out += [f"problem: {p}" for p in self.plan.problems]
-        out += [f"warning: {w}" for w in self.plan.warnings]
-        out += [f"FAILED: {f}" for f in self.failures]
-        if self.commit:
-            out.append(self.commit.summary)
-        return "\n".join(out)
 
 
 def plan_refresh_sdists(
@@ -182,6 +158,234 @@ def sdists_paths(config: FabulawsConfig) -> tuple[Path, Path, Path]:
     return repo, repo / settings.requirements_file, repo / sdists.strip("/")
 
 
+class SdistsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    package: str | None = None
+    commit: bool = False
+
+
+class SdistsFacts(BaseModel):
+    repository: str
+    requirements: str
+    sdists: str
+    sdists_rel: str
+    comparison: SdistsComparison
+    git: GitState | None = None
+    branch: str | None = None
+    backup: str
+    index_url: str | None = None
+    parallel_downloads: int = 4
+    download_timeout: float = 300
+
+
+class SdistsRunPlan(RunbookPlan):
+    """The engine's plan: the sdists plan, and where the run keeps what it removes."""
+
+    DIGEST_EXCLUDE: ClassVar[set[str]] = {"branch", "backup"}
+
+    sdists: RefreshSdistsPlan
+    requirements: str
+    sdists_rel: str
+    branch: str | None = None
+    backup: str
+    index_url: str | None = None
+    parallel_downloads: int = 4
+    download_timeout: float = 300
+
+
+def plan_run(facts: SdistsFacts, params: SdistsParams, env: EnvironmentConfig) -> SdistsRunPlan:
+    """Pure: the sdists plan plus the git checks, as the engine's plan."""
+    plan = plan_refresh_sdists(facts.comparison, params.package, facts.branch, facts.repository)
+    problems = list(plan.problems)
+    git = facts.git
+    if git is not None and not git.is_repository:
+        problems.append(f"{facts.repository} is not a git work tree: cannot commit")
+    if git is not None and git.dirty:
+        problems.append(
+            f"uncommitted changes under {facts.sdists_rel} ({', '.join(git.dirty[:5])}): commit or "
+            "stash them first, or run without commit"
+        )
+    plan = plan.model_copy(update={"problems": problems, "commit_branch": None})
+    steps = {"download": "download-sdists", "remove": "remove-old-sdists"}
+    changes = [
+        Change(target=c.target, action=c.action, detail=c.reason, step=steps[c.action])
+        for c in plan.changes
+    ]
+    branch = facts.branch if plan.changes else None
+    if branch:
+        changes.append(
+            Change(
+                target="a new local branch",
+                action="commit the sdists",
+                detail="named when applied; not pushed",
+                step="commit",
+            )
+        )
+    return SdistsRunPlan(
+        title=f"refresh-sdists: {plan.sdists_dir} ({plan.package or 'all packages'})",
+        environment=env.label,
+        changes=changes,
+        noops=[f"{p} up to date" for p in plan.up_to_date],
+        problems=problems,
+        notes=plan.warnings
+        + (
+            [f"not sdists (left alone): {', '.join(plan.unknown_files)}"]
+            if plan.unknown_files
+            else []
+        ),
+        sdists=plan,
+        requirements=facts.requirements,
+        sdists_rel=facts.sdists_rel,
+        branch=branch,
+        backup=facts.backup,
+        index_url=facts.index_url,
+        parallel_downloads=facts.parallel_downloads,
+        download_timeout=facts.download_timeout,
+    )
+
+
+def _download(plan: SdistsRunPlan):  # noqa: ANN202
+    wanted = plan.sdists.downloads
+
+    def apply(scope: Scope) -> dict[str, Any]:
+        directory = plan.sdists.sdists_dir
+        got: list[str] = []
+        failures: list[str] = []
+        for start in range(0, len(wanted), plan.parallel_downloads):
+            batch = wanted[start : start + plan.parallel_downloads]
+            futures = [
+                download_sdist.submit(
+                    c.target.split("==")[0],
+                    c.target.split("==", 1)[1],
+                    directory,
+                    plan.index_url,
+                    dry_run=False,
+                    timeout=plan.download_timeout,
+                )
+                for c in batch
+            ]
+            for future in futures:
+                try:
+                    result = future.result()
+                    if result.filename:
+                        got.append(result.filename)
+                        scope.record(downloaded=got)  # what undo removes, before going on
+                except Exception as exc:  # counted; the step fails after the batch
+                    failures.append(str(exc))
+        if failures:
+            raise RuntimeError(f"{len(failures)} download(s) failed: " + "; ".join(failures))
+        return {"downloaded": got, "summary": f"downloaded {', '.join(got) or 'nothing'}"}
+
+    def undo(scope: Scope, data: dict[str, Any]) -> None:
+        for name in data.get("downloaded", []):
+            (Path(plan.sdists.sdists_dir) / name).unlink(missing_ok=True)
+
+    return apply, undo
+
+
+def _remove(plan: SdistsRunPlan):  # noqa: ANN202
+    targets = [c.target for c in plan.sdists.removals]
+
+    def apply(scope: Scope) -> dict[str, Any]:
+        scope.record(backup_dir=plan.backup, removed=targets)
+        result = remove_sdists(plan.sdists.sdists_dir, targets, plan.backup, dry_run=False)
+        return {
+            "backup_dir": result.backup_dir,
+            "removed": result.removed,
+            "summary": result.summary,
+        }
+
+    def undo(scope: Scope, data: dict[str, Any]) -> None:
+        removed = RemoveResult(
+            changed=True,
+            dry_run=False,
+            summary="",
+            removed=data.get("removed", []),
+            backup_dir=data.get("backup_dir", plan.backup),
+        )
+        restore_sdists(plan.sdists.sdists_dir, removed, dry_run=False)
+
+    return apply, undo
+
+
+def _commit(plan: SdistsRunPlan) -> Step:
+    def apply(scope: Scope) -> dict[str, Any]:
+        message = (
+            f"Refresh vendored sdists ({plan.sdists.package or 'all packages'}) with fabflows\n\n"
+            + "\n".join(f"{c.action} {c.target}: {c.reason}" for c in plan.sdists.changes)
+        )
+        assert plan.branch is not None
+        result = commit_on_branch(
+            plan.sdists.repository, [plan.sdists_rel], plan.branch, message, dry_run=False
+        )
+        return result.model_dump(mode="json")
+
+    return Step(
+        "commit",
+        apply,
+        no_undo="a local branch, never pushed: `git switch -` and `git branch -D` undo it",
+    )
+
+
+class RefreshSdists(Runbook[SdistsParams, SdistsFacts, SdistsRunPlan]):
+    name = FLOW_NAME
+    Params = SdistsParams
+    plan_type = SdistsRunPlan
+
+    def validate(self, rc: RunContext, params: SdistsParams) -> None:
+        sdists_paths(rc.config)
+
+    def gather(self, scope: Scope, params: SdistsParams) -> SdistsFacts:
+        config = scope.rc.config
+        repo, requirements, sdists = sdists_paths(config)
+        rel = str(sdists.relative_to(repo)) if sdists.is_relative_to(repo) else str(sdists)
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        settings = config.fabflows.sdists
+        return SdistsFacts(
+            repository=str(repo),
+            requirements=str(requirements),
+            sdists=str(sdists),
+            sdists_rel=rel,
+            comparison=get_sdists_state(str(requirements), str(sdists)),
+            git=get_git_state(str(repo), [rel]) if params.commit else None,
+            branch=f"{settings.branch_prefix}-{stamp}" if params.commit else None,
+            backup=str(Path(config.fabflows.state_dir).expanduser() / "sdists-removed" / stamp),
+            index_url=settings.index_url,
+            parallel_downloads=settings.parallel_downloads,
+            download_timeout=settings.download_timeout_seconds,
+        )
+
+    def plan(
+        self, facts: SdistsFacts, params: SdistsParams, env: EnvironmentConfig
+    ) -> SdistsRunPlan:
+        return plan_run(facts, params, env)
+
+    def steps(self, plan: SdistsRunPlan, params: SdistsParams) -> list[Step]:
+        out: list[Step] = []
+        if plan.sdists.downloads:
+            apply, undo = _download(plan)
+            out.append(Step("download-sdists", apply, undo))
+        if plan.sdists.removals:
+            apply, undo = _remove(plan)
+            out.append(Step("remove-old-sdists", apply, undo))
+        if plan.branch:
+            out.append(_commit(plan))
+        return out
+
+    def verify(self, scope: Scope, plan: SdistsRunPlan, params: SdistsParams) -> list[str]:
+        after = get_sdists_state(plan.requirements, plan.sdists.sdists_dir)
+        keys = {canonicalize_name(c.package) for c in plan.sdists.changes}
+        return [
+            f"{p.name} is still {p.state}"
+            for p in after.packages
+            if p.key in keys and p.state != "ok"
+        ]
+
+
+RUNBOOK = RefreshSdists()
+
+
 @flow(name=FLOW_NAME, log_prints=False)
 def refresh_sdists(
     environment: str,
@@ -190,7 +394,7 @@ def refresh_sdists(
     dry_run: bool = True,
     package: str | None = None,
     commit: bool = False,
-) -> RefreshSdistsReport:
+) -> RunbookReport:
     """Refresh the vendored sdists of the app repository (the maintenance doc's "dependency sdists").
 
     **When to run:** after changing `requirements/apps.txt`, or to check that the sdists deploys
@@ -212,9 +416,11 @@ def refresh_sdists(
     pinned, requirement lines that cannot be vendored (for an all-packages refresh), uncommitted
     changes in the sdists directory when `commit` is asked for.
 
-    **Rollback:** each package is refreshed on its own (download to a temporary directory, then the
-    old version removed), so a failure leaves that package as it was; removed files are kept in the
-    run's backup directory under `state_dir`. With `commit`, `git switch -` and deleting the branch
+    **Rollback:** each download goes to a temporary directory first; if any package fails, the
+    sdists the run already downloaded are removed again and nothing else is changed (the directory
+    is as found). Removed files are kept in the run's backup directory under `state_dir`; a failure
+    after the removals moves them back. Both are journaled, so `fabflows recover` puts the
+    directory back after a killed run too. With `commit`, `git switch -` and deleting the branch
     undo the commit.
 
     Args:
@@ -225,107 +431,4 @@ def refresh_sdists(
         package: Refresh only this package (default: all of apps.txt).
         commit: Commit the changes on a new branch (not pushed).
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    audit.record_start(env)
-    settings = ctx.config.fabflows.sdists
-    repo, requirements, sdists = sdists_paths(ctx.config)
-    sdists_rel = str(sdists.relative_to(repo)) if sdists.is_relative_to(repo) else str(sdists)
-
-    comparison = get_sdists_state(str(requirements), str(sdists))
-    git: GitState | None = get_git_state(str(repo), [sdists_rel]) if commit else None
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    branch = f"{settings.branch_prefix}-{stamp}" if commit else None
-    plan = plan_refresh_sdists(comparison, package, branch, str(repo))
-    problems = list(plan.problems)
-    if git is not None and not git.is_repository:
-        problems.append(f"{repo} is not a git work tree: cannot commit")
-    if git is not None and git.dirty:
-        problems.append(
-            f"uncommitted changes under {sdists_rel} ({', '.join(git.dirty[:5])}): commit or stash "
-            "them first, or run without commit"
-        )
-    plan = plan.model_copy(update={"problems": problems})
-    plan_md = render_plan(plan)
-    key = artifact_key(FLOW_NAME, env.deployment, env.environment)
-    publish_markdown(key + "-plan", plan_md, f"sdists plan for {repo}")
-    if plan.problems:
-        raise BadInput("; ".join(plan.problems))
-
-    def report(outcome: str, **kw) -> RefreshSdistsReport:
-        audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, flow_name=FLOW_NAME)
-        return RefreshSdistsReport(
-            environment=env.environment, dry_run=dry_run, outcome=outcome, plan=plan, **kw
-        )
-
-    if dry_run:
-        return report(f"dry run: {len(plan.changes)} change(s)")
-    if not plan.changes:
-        return report("up to date: nothing to change", after=comparison)
-
-    backup = Path(ctx.config.fabflows.state_dir).expanduser() / "sdists-removed" / stamp
-    downloaded: list[DownloadResult] = []
-    removed: list[RemoveResult] = []
-    failures: list[str] = []
-    with lock.environment_lock(f"sdists:{repo}", ctx.config):
-        wanted = plan.downloads
-        refreshed: set[str] = set()
-        for start in range(0, len(wanted), settings.parallel_downloads):
-            batch = wanted[start : start + settings.parallel_downloads]
-            futures = [
-                download_sdist.submit(
-                    c.target.split("==")[0],
-                    c.target.split("==", 1)[1],
-                    str(sdists),
-                    settings.index_url,
-                    dry_run=False,
-                    timeout=settings.download_timeout_seconds,
-                )
-                for c in batch
-            ]
-            for change, future in zip(batch, futures, strict=True):
-                try:
-                    downloaded.append(future.result())
-                    refreshed.add(canonicalize_name(change.package))
-                except Exception as exc:  # counted and reported; the run fails below
-                    failures.append(str(exc))
-                    logger.error("%s", exc)
-        # a package's other versions go only once its pinned one is in place
-        to_remove = [
-            c.target
-            for c in plan.removals
-            if canonicalize_name(c.package) in refreshed
-            or canonicalize_name(c.package) not in {canonicalize_name(d.package) for d in wanted}
-        ]
-        if to_remove:
-            removed.append(remove_sdists(str(sdists), to_remove, str(backup), dry_run=False))
-        after = get_sdists_state(str(requirements), str(sdists))
-        keys = {canonicalize_name(c.package) for c in plan.changes}
-        wrong = [p for p in after.packages if p.key in keys and p.state != "ok"]
-        if wrong and not failures:
-            failures += [f"{p.name} is still {p.state} after the refresh" for p in wrong]
-        result = None
-        if commit and not failures:
-            message = (
-                f"Refresh vendored sdists ({plan.package or 'all packages'}) with fabflows\n\n"
-                + "\n".join(f"{c.action} {c.target}: {c.reason}" for c in plan.changes)
-            )
-            result = commit_on_branch(str(repo), [sdists_rel], branch, message, dry_run=False)
-    outcome = (
-        f"{len(failures)} failure(s)"
-        if failures
-        else f"refreshed: {len(downloaded)} downloaded, "
-        f"{sum(len(r.removed) for r in removed)} removed"
-    )
-    final = report(
-        outcome,
-        downloaded=downloaded,
-        removed=removed,
-        failures=failures,
-        commit=result,
-        after=after,
-    )
-    if failures:
-        raise RuntimeError(f"refresh-sdists: {outcome}: " + "; ".join(failures))
-    return final
+    return execute(RUNBOOK, locals())

@@ -110,18 +110,17 @@ def test_refresh_all_then_nothing_left(prefect_server, index, repo, tmp_path: Pa
         )
     )
     dry = refresh_sdists("staging", config=config)
-    assert [(c.action, c.target) for c in dry.plan.changes] == [
-        ("download", "alpha==1.1"),
-        ("remove", "alpha-1.0.tar.gz"),
-        ("download", "beta-pkg==2.0"),
-        ("remove", "omega-0.1.tar.gz"),
-    ]
+    assert dry.outcome == "dry run: would apply 2 step(s)"
+    text = dry.plan_text
+    order = ["alpha==1.1", "alpha-1.0.tar.gz", "beta-pkg==2.0", "omega-0.1.tar.gz"]
+    assert [text.index(t) for t in order] == sorted(text.index(t) for t in order)
+    assert "download-sdists" in text and "remove-old-sdists" in text
     assert _files(repo) == ["alpha-1.0.tar.gz", "omega-0.1.tar.gz"]
 
     done = refresh_sdists("staging", config=config, dry_run=False, commit=True)
     assert _files(repo) == ["alpha-1.1.tar.gz", "beta_pkg-2.0.tar.gz"]
-    assert done.after.clean and not done.failures
-    branch = done.commit.branch
+    assert [s.state for s in done.steps] == ["done", "done", "done"] and not done.problems
+    branch = _git(repo, "branch", "--show-current")
     assert branch.startswith("fabflows/refresh-sdists-")
     assert _git(repo, "branch", "--show-current") == branch
     assert _git(repo, "status", "--porcelain") == ""
@@ -129,7 +128,7 @@ def test_refresh_all_then_nothing_left(prefect_server, index, repo, tmp_path: Pa
     assert removed == ["alpha-1.0.tar.gz", "omega-0.1.tar.gz"]
 
     again = refresh_sdists("staging", config=config, dry_run=False)
-    assert again.outcome.startswith("up to date") and not again.plan.changes
+    assert again.outcome == "nothing to change" and not again.changed
 
 
 @pytest.mark.flow
@@ -158,3 +157,79 @@ def test_bad_inputs_are_refused_before_any_change(prefect_server, index, repo, t
     with pytest.raises(BadInput, match="uncommitted changes"):
         refresh_sdists("staging", config=str(dirty), dry_run=False, commit=True)
     assert _files(repo) == ["alpha-1.0.tar.gz", "local-edit.tar.gz", "omega-0.1.tar.gz"]
+
+
+@pytest.mark.flow
+def test_a_failed_download_leaves_the_directory_as_found(
+    prefect_server, index, repo, tmp_path
+) -> None:
+    (repo / "requirements" / "apps.txt").write_text("alpha==1.1\nbeta-pkg==2.0\ngamma==9.9\n")
+    config = write_config(
+        tmp_path,
+        fabflows={
+            "state_dir": str(tmp_path / "state"),
+            "sdists": {"app_repo": str(repo), "index_url": index.url},
+        },
+    )
+    state = refresh_sdists("staging", config=str(config), dry_run=False, return_state=True)
+    assert state.is_failed() and "gamma" in state.message
+    assert _files(repo) == ["alpha-1.0.tar.gz", "omega-0.1.tar.gz"]  # downloads undone
+
+
+KILL_AT = ["download-sdists", "download-sdists:after", "remove-old-sdists:after", "commit"]
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("boundary", KILL_AT)
+def test_sigkill_at_every_boundary_then_recover(
+    prefect_server, index, repo, tmp_path: Path, boundary: str
+) -> None:
+    import os
+    import signal
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from fabflows.testing import faults
+    from flows.recover_environment import recover_environment
+
+    config = str(
+        write_config(
+            tmp_path,
+            fabflows={
+                "state_dir": str(tmp_path / "state"),
+                "sdists": {"app_repo": str(repo), "index_url": index.url},
+            },
+        )
+    )
+    marker = tmp_path / "paused"
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=f"refresh-sdists/{boundary}",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "refresh-sdists", "-e", "staging"]
+    proc = subprocess.Popen(
+        [*argv, "-c", config, "--commit", "--apply"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-3000:])
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    report = recover_environment(environment="staging", config=config, dry_run=False)
+    assert not report.problems, report.render_text()
+    assert _files(repo) == ["alpha-1.0.tar.gz", "omega-0.1.tar.gz"]  # as found
+    assert _git(repo, "branch", "--show-current") == "main"
