@@ -34,6 +34,13 @@ import yaml
 
 from config import load_config
 from sandbox.aws_seed import seed
+from sandbox.demo_data import (
+    APP_SERVER_PACKAGES,
+    USERS_DIR,
+    ensure_users_dir,
+    prepare_apt,
+    start_apt_repo,
+)
 from sandbox.provision import provision_app, provision_environment_app
 from sandbox.seed_db import sandbox_db_scale, seed_database
 from sandbox.testhosts import HostSpec, TestNetwork
@@ -70,6 +77,10 @@ def write_config(state_dir: Path, endpoint: str, network: TestNetwork) -> Path:
         "static_html": {"upgrade_message": None, "healthcheck_override": None},
         # the test hosts' image has a `deploy` user (uid 1000) with NOPASSWD sudo
         "deploy_user": "deploy",
+        # sysadmins' keys for update-sysadmin-users, and the app-server packages the sandbox's
+        # apt repository has (the sample's Python/library packages are out of reach)
+        "ssh_keys": str(USERS_DIR),
+        "app_server_packages": list(APP_SERVER_PACKAGES),
         "home": "/home/deploy",
         "fabflows": {
             "aws": {
@@ -124,6 +135,8 @@ class Sandbox:
         self.net = TestNetwork(self.state_dir / "hosts", prefix=self.prefix, subnet=self.subnet)
         self._status("building images (first time: about 2 minutes)")
         self.net.setup()
+        ensure_users_dir(self.state_dir / "users-private")
+        self.apt = start_apt_repo(self.state_dir / "apt", self.net)
         self.config_path = write_config(self.state_dir, self.moto.endpoint, self.net)
         cfg = load_config(self.config_path)
         self._status("seeding AWS")
@@ -158,6 +171,8 @@ class Sandbox:
         try:
             self.net.teardown()
         finally:
+            if getattr(self, "apt", None) is not None:
+                self.apt.stop()
             self.moto.stop()
             self._status("failed" if self.failed else "stopped")
 
@@ -215,6 +230,8 @@ class Sandbox:
         if to_start:
             log.info("starting %d host(s): %s", len(to_start), ", ".join(s.name for s in to_start))
             self.net.start(to_start)
+            for spec in to_start:  # apt from the sandbox's repository, as for every new server
+                self._prepare_apt(self.net.hosts[spec.name])
             if self.apps_ready:  # e.g. a web server the autoscaling group launched
                 for spec in to_start:
                     env, role = self.host_roles.get(spec.name, ("", ""))
@@ -348,6 +365,12 @@ class Sandbox:
             provision_app(host, role=role, environment=environment, db_host=db.ip, **settings)
         except Exception:  # the host still runs; the log says why it has no app
             log.exception("could not provision the app on %s", host.name)
+
+    def _prepare_apt(self, host: Any) -> None:
+        try:
+            prepare_apt(host, self.apt)
+        except Exception:  # the host still runs; upgrade-packages will say its apt is unusable
+            log.exception("could not point apt at the sandbox's repository on %s", host.name)
 
     def _save_map(self) -> None:
         (self.state_dir / "instances.json").write_text(json.dumps(self.instance_hosts, indent=1))
