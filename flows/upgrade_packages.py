@@ -315,7 +315,7 @@ def plan_host(host: FleetHost, facts: AptFacts, settings: UpgradeSettings) -> Ho
     """
     if facts.broken:
         return HostPackagePlan(
-            host=host.name,
+            host=host.label,
             address=host.address,
             role=host.role,
             status="cannot plan",
@@ -344,7 +344,7 @@ def plan_host(host: FleetHost, facts: AptFacts, settings: UpgradeSettings) -> Ho
     if facts.kept_back:
         message += f"; kept back (not upgraded): {', '.join(facts.kept_back)}"
     return HostPackagePlan(
-        host=host.name,
+        host=host.label,
         address=host.address,
         role=host.role,
         status="would upgrade" if ordered else "up to date",
@@ -377,7 +377,7 @@ def plan_upgrade_packages(
             why = read.message if read is not None else "not read"
             plans.append(
                 HostPackagePlan(
-                    host=host.name,
+                    host=host.label,
                     address=host.address,
                     role=host.role,
                     status="cannot plan",

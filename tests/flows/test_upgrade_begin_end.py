@@ -90,7 +90,8 @@ def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
     report = upgrade_packages(
         environment="staging", config=cfg, dry_run=False, roles=["db-primary"]
     )
-    assert report.upgraded == [lab.servers[0].name] and report.window.mode == "joined"
+    db = lab.servers[0]  # named with its instance id (two servers may share a Name tag)
+    assert report.upgraded == [f"{db.name} ({db.instance_id})"] and report.window.mode == "joined"
     assert report.window.left_on
     assert all(_status(h.ip) == 503 for h in lab.web)
 

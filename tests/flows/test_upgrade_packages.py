@@ -314,7 +314,10 @@ def test_dry_run_then_broken_package_stops_the_rollout_and_upgrade_mode_ends(
     assert report.hosts[0].reboot_required and report.hosts[0].reboot_packages == [
         "fabflows-reboot"
     ]
-    assert f"NOT upgraded: myproject_staging_worker ({worker.ip})" in str(failure.value)
+    worker_id = next(s.instance_id for s in lab.servers if s.role == "worker")
+    assert f"NOT upgraded: myproject_staging_worker ({worker_id}) ({worker.ip})" in str(
+        failure.value
+    )
     assert _version(db, "fabflows-demo") == "2.0"
     assert all(_version(h, "fabflows-demo") == "1.0" for h in lab.web)  # never started
     assert report.window.seconds_in_upgrade_mode >= report.seconds_upgrading > 0
