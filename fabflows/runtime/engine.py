@@ -160,7 +160,10 @@ class Scope:
         self.step_name: str | None = None
         self.held: Any = None
         self.results: dict[str, Any] = {}
+        self.details: dict[str, Any] = {}
+        """What the runbook adds to the report's details (the engine shares its own dict here)."""
         self._pool: Any = None
+        self._closers: list[Callable[[], Any]] = []
 
     @property
     def pool(self) -> Any:
@@ -186,7 +189,16 @@ class Scope:
 
             getattr(get_run_logger(), level)(message, *args)
 
+    def on_close(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn`` when the run ends, however it ends (e.g. stop a probe the steps started)."""
+        self._closers.append(fn)
+
     def close(self) -> None:
+        while self._closers:
+            try:
+                self._closers.pop()()
+            except Exception as exc:  # noqa: BLE001 - closing must not hide the run's outcome
+                self.log("closing: %s", exc, level="warning")
         if self._pool is not None:
             self._pool.__exit__(None, None, None)
             self._pool = None
@@ -464,6 +476,7 @@ def execute(runbook: Runbook, args: dict[str, Any], *, resume_of: JournalEntry |
             resume_of = own
     journal_id = resume_of.run_id if resume_of else run_id
     scope = Scope(rc, runbook=runbook.name, run_id=journal_id, journal=journal, params=params)
+    scope.details = run.details
     outcome = "failed"
     try:
         # 3. window

@@ -45,7 +45,7 @@ def _invariants(stack: Stack) -> None:
 def test_dry_run_then_apply(stack: Stack) -> None:
     before = stack.count("db", stack.live)
     dry = reload_production_db(environment="staging", config=str(stack.config))
-    assert dry.dry_run and dry.plan.source_bytes > 0
+    assert dry.dry_run and dry.outcome.startswith("dry run") and "MB) -> " in dry.plan_text
     assert stack.count("db", stack.live) == before
     assert "reload" in stack.site().text or stack.site().status_code == 200
 
@@ -53,13 +53,20 @@ def test_dry_run_then_apply(stack: Stack) -> None:
         environment="staging", config=str(stack.config), dry_run=False, probe=True
     )
     print(report.render_text())
-    assert report.outcome == "reloaded"
+    assert report.outcome.startswith("applied"), report.outcome
     assert stack.count("db", stack.live) == stack.count("proddb", stack.source)
-    assert report.copy_result.snapshot_counts["public.auth_user"] == stack.count(
+    assert report.details["snapshot_counts"]["public.auth_user"] == stack.count(
         "proddb", stack.source
     )
-    assert report.downtime_s is not None and report.downtime_s < 30
-    assert report.probe is not None and report.probe.non_200 > 0
+    assert report.downtime_seconds is not None and report.downtime_seconds < 30
+    assert report.details["probe_non_200"] > 0
+    assert [s.name for s in report.steps if s.site_down] == [
+        "upgrade-mode-on",
+        "stop-app",
+        "swap",
+        "migrate",
+        "start-app",
+    ]
     _invariants(stack)
 
 
@@ -192,7 +199,7 @@ def test_masking_applied_and_checked(stack: Stack, tmp_path) -> None:
         },
     )
     report = reload_production_db(environment="staging", config=config, dry_run=False)
-    assert report.outcome == "reloaded" and len(report.kept) == 1
+    assert report.outcome.startswith("applied") and len(report.details["kept"]) == 1
     assert stack.count("db", stack.live, "django_session") == 0
     assert psql(
         stack.hosts["db"],
@@ -200,6 +207,7 @@ def test_masking_applied_and_checked(stack: Stack, tmp_path) -> None:
         database=stack.live,
     ).strip() == str(stack.count("proddb", stack.source))
     # keep_previous=1 keeps exactly one previous database; drop it for the other tests
-    drop = sql.SQL("DROP DATABASE {} WITH (FORCE);").format(sql.Identifier(report.kept[0]))
+    kept = report.details["kept"][0]
+    drop = sql.SQL("DROP DATABASE {} WITH (FORCE);").format(sql.Identifier(kept))
     psql(stack.hosts["db"], drop.as_string(None))
     _invariants(stack)

@@ -7,16 +7,16 @@ import pytest
 from config import load_config, resolve_environment
 from config.models import ReloadProductionDbSettings
 from fabflows.errors import BadInput, Refused
-from fabflows.testing.configs import write_config
-from fabflows.upgrade_mode import UpgradeStatus
-from fabflows.procedures.reload_recovery import RecoveryPlan, plan_recovery
-from flows.reload_production_db import (
+from fabflows.procedures.reload_plan import (
     ReloadFacts,
-    ReloadProductionDbParams,
+    ReloadRequest,
     check_request,
     plan_reload_production_db,
     previous_to_drop,
 )
+from fabflows.procedures.reload_recovery import RecoveryPlan, plan_recovery
+from fabflows.testing.configs import write_config
+from fabflows.upgrade_mode import UpgradeStatus
 from tasks.postgres.copy import SourceFacts
 from tasks.postgres.databases import DatabaseInfo, DatabaseServerFacts
 from tasks.postgres.names import Marker, now_text
@@ -174,7 +174,7 @@ def _reload_facts(workers: int = 1, free: int = 10**12, source_bytes: int = 10**
     )
 
 
-PARAMS = ReloadProductionDbParams(
+PARAMS = ReloadRequest(
     environment="staging",
     deployment="myproject",
     source_environment="production",
@@ -202,6 +202,7 @@ def test_plan(envs) -> None:
         "migrate",
         "start-app",
         "upgrade-mode-off",
+        "verify",
         "cleanup",
     ]
     assert [c.step for c in plan.changes if c.downtime] == [
@@ -253,3 +254,31 @@ def test_plan_refuses_unreachable_app_servers(envs) -> None:
         plan_reload_production_db(
             PARAMS, envs["staging"], facts, ReloadProductionDbSettings(), RecoveryPlan(), "/c"
         )
+
+
+def test_plan_round_trips_through_the_journal(envs) -> None:
+    """recover/resume rebuild the steps from the journaled plan: same plan, same steps."""
+    from fabflows.procedures.reload_plan import ReloadPlan
+    from flows.reload_production_db import RUNBOOK, ReloadProductionDbParams
+
+    recovery = RecoveryPlan(drop=[f"{LIVE}__reload"], stop_copies=[f"{LIVE}__reload"])
+    plan = plan_reload_production_db(
+        PARAMS, envs["staging"], _reload_facts(), ReloadProductionDbSettings(), recovery, "/c"
+    )
+    again = ReloadPlan.model_validate(plan.model_dump(mode="json"))
+    assert again == plan and again.digest() == plan.digest()
+    params = ReloadProductionDbParams()
+    names = [s.name for s in RUNBOOK.steps(again, params)]
+    assert names == plan.step_names and names[0] == "recover" and "mask" not in names
+    # data-changing steps are never undone automatically; the window's steps are
+    steps = {s.name: s for s in RUNBOOK.steps(again, params)}
+    assert not steps["migrate"].auto_undo and not steps["cleanup"].auto_undo
+    assert all(
+        steps[n].undo for n in ("create-side", "copy", "upgrade-mode-on", "stop-app", "swap")
+    )
+    # sizes that move between the plan and the apply do not make another plan
+    bigger = _reload_facts(source_bytes=10**9 + 4096)
+    moved = plan_reload_production_db(
+        PARAMS, envs["staging"], bigger, ReloadProductionDbSettings(), recovery, "/c"
+    )
+    assert moved.digest() == plan.digest()
