@@ -123,6 +123,12 @@ class Runbook(Generic[ParamsT, FactsT, PlanT]):
             return False
         return self.may_take_site_down or env.protected
 
+    def approval_required(self, env: EnvironmentConfig, params: ParamsT, plan: PlanT) -> bool:
+        """Destructive plans in protected environments (a runbook may also ask for it)."""
+        from fabflows import approval
+
+        return approval.approval_required(env, plan.destructive)
+
     def gather(self, scope: Scope, params: ParamsT) -> FactsT:
         raise NotImplementedError
 
@@ -517,7 +523,7 @@ def execute(runbook: Runbook, args: dict[str, Any], *, resume_of: JournalEntry |
             return run.report(outcome)
         # 6. approval, bound to the digest
         approved_digest = plan.digest()
-        if approval.approval_required(env, plan.destructive):
+        if runbook.approval_required(env, params, plan):
             try:
                 decision_ = approval.request_approval(
                     env,
