@@ -6,20 +6,16 @@ import difflib
 from urllib.parse import urlsplit
 
 from prefect import flow
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig, FabulawsConfig
 from config.models import DEFAULT_STATIC_CORS_RULES, CorsRule
-from fabflows import approval, audit, lock
-from fabflows.errors import BadInput
-from fabflows.report import artifact_key, markdown_table, publish_markdown
-from fabflows.runbook import load_context
+from fabflows.report import markdown_table
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
+from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.s3 import (
     CorsDecision,
     CorsRequest,
-    CorsResult,
-    PreflightResult,
     evaluate_cors,
     get_bucket_cors,
     preflight_bucket_cors,
@@ -32,53 +28,31 @@ from tasks.aws.s3 import (
 FLOW_NAME = "fix-static-cors"
 
 
-class FixStaticCorsPlan(BaseModel):
+class FixStaticCorsPlan(RunbookPlan):
     """What fix-static-cors would change on the bucket, and what the rules would allow."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bucket: str
     current_rules: list[CorsRule] | None = Field(description="None: no CORS configuration.")
     wanted_rules: list[CorsRule]
-    changed: bool = Field(description="PutBucketCors is needed.")
     replaces_rules: bool = Field(
         description="The bucket has other rules, which the put overwrites (approval in protected envs)."
     )
     diff: list[str] = Field(description="Unified diff, current -> wanted.")
+    checks: list[CorsRequest] = Field(default_factory=list, description="The site's requests.")
     checks_now: list[CorsDecision] = Field(description="The site's requests, current rules.")
     checks_after: list[CorsDecision] = Field(description="The site's requests, wanted rules.")
-    problems: list[str] = Field(
-        description="Why the wanted rules cannot be applied (refused before any change)."
-    )
 
-
-class FixStaticCorsReport(BaseModel):
-    """The result of fix-static-cors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    deployment: str
-    environment: str
-    dry_run: bool
-    outcome: str
-    plan: FixStaticCorsPlan
-    applied: CorsResult | None = None
-    verification: list[CorsDecision] = Field(default_factory=list)
-    preflight: PreflightResult | None = None
+    def render_markdown(self) -> str:
+        return render_plan(self)
 
     def render_text(self) -> str:
-        p = self.plan
-        out = [f"{self.deployment}/{self.environment}: bucket {p.bucket}: {self.outcome}"]
-        out += ["", *(p.diff or ["(no change)"]), ""]
-        for d in self.verification or p.checks_after:
+        out = [f"{self.title}: bucket {self.bucket}", f"digest {self.digest()}"]
+        out += ["", *(self.diff or ["(no change)"]), ""]
+        for d in self.checks_after:
             out.append(
                 f"{'allowed' if d.allowed else 'REFUSED'}: {d.request.describe()} ({d.reason})"
             )
-        if self.preflight:
-            pf = self.preflight
-            out.append(
-                f"preflight {pf.url}: {pf.status} Access-Control-Allow-Origin={pf.allow_origin}"
-            )
+        out += [f"PROBLEM: {p}" for p in self.problems]
         return "\n".join(out)
 
 
@@ -115,6 +89,7 @@ def plan_fix_static_cors(
     current: list[CorsRule] | None,
     wanted: list[CorsRule],
     checks: list[CorsRequest],
+    environment: str = "",
 ) -> FixStaticCorsPlan:
     """Pure: the diff between the bucket's rules and the wanted ones, and what each set allows."""
     problems = []
@@ -137,12 +112,26 @@ def plan_fix_static_cors(
         else []
     )
     return FixStaticCorsPlan(
+        title=f"{FLOW_NAME} on {environment or bucket}",
+        environment=environment,
+        changes=[
+            Change(
+                target=f"bucket {bucket}",
+                action="PutBucketCors" + (" (replaces its other rules)" if current else ""),
+                detail=f"{len(current or [])} rule(s) -> {len(wanted)} rule(s)",
+                step="put-bucket-cors",
+            )
+        ]
+        if changed
+        else [],
+        noops=[] if changed else [f"bucket {bucket}: the rules are already as configured"],
+        destructive=changed and bool(current),
         bucket=bucket,
         current_rules=current,
         wanted_rules=wanted,
-        changed=changed,
         replaces_rules=changed and bool(current),
         diff=diff,
+        checks=list(checks),
         checks_now=[evaluate_cors(current, c) for c in checks],
         checks_after=after,
         problems=problems,
@@ -167,6 +156,7 @@ def render_plan(plan: FixStaticCorsPlan) -> str:
         else "nothing to change: the rules are already as configured"
     )
     out = [f"# fix-static-cors: `{plan.bucket}`", "", f"**Change:** {head}", ""]
+    out += [f"- **Plan digest:** `{plan.digest()}`", ""]
     if plan.diff:
         out += ["```diff", *plan.diff, "```", ""]
     out += ["**The site's requests:**", "", markdown_table(rows)]
@@ -195,13 +185,108 @@ def verify_rules(
     return decisions, problems
 
 
+class FixStaticCorsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorsFacts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str
+    current: list[CorsRule] | None
+    wanted: list[CorsRule]
+    checks: list[CorsRequest]
+
+
+def _put_step(plan: FixStaticCorsPlan) -> Step:
+    def apply(scope: Scope) -> dict:
+        creds = scope.rc.creds
+        before = get_bucket_cors(scope.rc.creds, plan.bucket)
+        scope.record(
+            previous_rules=None if before is None else [r.model_dump(mode="json") for r in before]
+        )
+        applied = put_bucket_cors(creds, plan.bucket, plan.wanted_rules, dry_run=False)
+        return {"summary": applied.summary}
+
+    def undo(scope: Scope, data: dict) -> None:
+        if "previous_rules" not in data:
+            return  # stopped before it wrote anything
+        previous = data["previous_rules"]
+        rules = None if previous is None else [CorsRule.model_validate(r) for r in previous]
+        restore_bucket_cors(scope.rc.creds, plan.bucket, rules, dry_run=False)
+
+    return Step("put-bucket-cors", apply, undo)
+
+
+def _check_step(plan: FixStaticCorsPlan) -> Step:
+    def apply(scope: Scope) -> dict:
+        creds = scope.rc.creds
+        after = get_bucket_cors(creds, plan.bucket)
+        decisions, problems = verify_rules(after, plan.wanted_rules, plan.checks)
+        details = getattr(scope, "details", {})
+        details["Verification"] = "; ".join(
+            f"{'allowed' if d.allowed else 'REFUSED'}: {d.request.describe()}" for d in decisions
+        )
+        if plan.checks:
+            pf = preflight_bucket_cors(creds, plan.bucket, plan.checks[0])
+            details["Preflight"] = (
+                f"{pf.url}: {pf.status} Access-Control-Allow-Origin={pf.allow_origin}"
+            )
+            if not pf.allowed:
+                problems.append(
+                    f"the bucket refused a real preflight ({plan.checks[0].describe()}): HTTP "
+                    f"{pf.status or pf.error}, Access-Control-Allow-Origin {pf.allow_origin!r}"
+                )
+        if problems:
+            raise RuntimeError(f"{plan.bucket}: verification failed: " + "; ".join(problems))
+        return {"summary": details.get("Preflight", "rules read back as put")}
+
+    return Step("check-cors", apply, no_undo="reads only (its failure undoes put-bucket-cors)")
+
+
+class FixStaticCors(Runbook[FixStaticCorsParams, CorsFacts, FixStaticCorsPlan]):
+    name = FLOW_NAME
+    Params = FixStaticCorsParams
+    plan_type = FixStaticCorsPlan
+
+    def gather(self, scope: Scope, params: FixStaticCorsParams) -> CorsFacts:
+        rc = scope.rc
+        env = rc.env
+        settings = rc.config.fabflows.environments.get(env.environment)
+        headers = settings.static_cors_check_headers if settings else ["Authorization"]
+        return CorsFacts(
+            bucket=env.static_bucket,
+            current=get_bucket_cors(rc.creds, env.static_bucket),
+            wanted=wanted_rules(rc.config, env),
+            checks=check_requests(site_origins(rc.config, env), headers),
+        )
+
+    def plan(
+        self, facts: CorsFacts, params: FixStaticCorsParams, env: EnvironmentConfig
+    ) -> FixStaticCorsPlan:
+        plan = plan_fix_static_cors(
+            facts.bucket, facts.current, facts.wanted, facts.checks, environment=env.label
+        )
+        if plan.problems:
+            problems = [f"{facts.bucket}: {p}" for p in plan.problems]
+            return plan.model_copy(update={"problems": problems})
+        return plan
+
+    def steps(self, plan: FixStaticCorsPlan, params: FixStaticCorsParams) -> list[Step]:
+        return [_put_step(plan), _check_step(plan)] if plan.changed else []
+
+
+RUNBOOK = FixStaticCors()
+
+
 @flow(name=FLOW_NAME, log_prints=False)
 def fix_static_cors(
     environment: str,
     deployment: str | None = None,
     config: str | None = None,
     dry_run: bool = True,
-) -> FixStaticCorsReport:
+    window_override_reason: str | None = None,
+) -> RunbookReport:
     """Put the configured CORS rules on the static-files bucket (the maintenance doc's S3 CORS fix).
 
     **When to run:** after the static bucket is (re)created, when fonts or scripts from the bucket
@@ -225,79 +310,19 @@ def fix_static_cors(
     **Refused before any change:** a malformed rule (config validation), rules that would refuse the
     site's own origins, a missing bucket.
 
-    **Rollback:** the previous rules are in the plan artifact; if the verification fails, they are
-    put back (or the configuration deleted if there was none) before the run fails.
+    **Steps** (journaled): `put-bucket-cors` (records the previous rules first), `check-cors`
+    (reads them back, evaluates the site's requests, one real preflight).
+
+    **Rollback:** the previous rules are in the plan artifact and the run's journal; if the
+    verification fails, they are put back (or the configuration deleted if there was none) before
+    the run fails. A run killed outright is undone the same way by `fabflows recover`.
 
     Args:
         environment: Environment whose static bucket to fix (e.g. staging).
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Only show the plan (default). Untick to apply.
+        window_override_reason: Apply outside the maintenance window (protected environments),
+            for this recorded reason.
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    audit.record_start(env)
-    settings = ctx.config.fabflows.environments.get(env.environment)
-    headers = settings.static_cors_check_headers if settings else ["Authorization"]
-    checks = check_requests(site_origins(ctx.config, env), headers)
-    wanted = wanted_rules(ctx.config, env)
-
-    current = get_bucket_cors(ctx.creds, env.static_bucket)
-    plan = plan_fix_static_cors(env.static_bucket, current, wanted, checks)
-    plan_md = render_plan(plan)
-    key = artifact_key(FLOW_NAME, env.deployment, env.environment)
-    publish_markdown(key + "-plan", plan_md, f"CORS plan for {env.static_bucket}")
-    if plan.problems:
-        raise BadInput(f"{env.static_bucket}: " + "; ".join(plan.problems))
-
-    def report(outcome: str, **kw) -> FixStaticCorsReport:
-        audit.record_summary(env, outcome=outcome, plan_markdown=plan_md, flow_name=FLOW_NAME)
-        return FixStaticCorsReport(
-            deployment=env.deployment,
-            environment=env.environment,
-            dry_run=dry_run,
-            outcome=outcome,
-            plan=plan,
-            **kw,
-        )
-
-    if dry_run:
-        return report("dry run: " + ("would put the rules" if plan.changed else "no change"))
-    if plan.changed and approval.approval_required(env, destructive=plan.replaces_rules):
-        try:
-            approval.request_approval(
-                env, ctx.config, plan_markdown=plan_md, expected_downtime=None, flow_name=FLOW_NAME
-            )
-        except approval.ApprovalRejected as exc:
-            report(f"rejected: {exc}")
-            return exc.as_state()
-
-    with lock.environment_lock(env, ctx.config):
-        applied = put_bucket_cors(ctx.creds, env.static_bucket, wanted, dry_run=False)
-        try:
-            after = get_bucket_cors(ctx.creds, env.static_bucket)
-            decisions, problems = verify_rules(after, wanted, checks)
-            preflight = None
-            if checks:
-                preflight = preflight_bucket_cors(ctx.creds, env.static_bucket, checks[0])
-                if not preflight.allowed:
-                    problems.append(
-                        f"the bucket refused a real preflight ({checks[0].describe()}): HTTP "
-                        f"{preflight.status or preflight.error}, Access-Control-Allow-Origin "
-                        f"{preflight.allow_origin!r}"
-                    )
-            if problems:
-                raise RuntimeError(
-                    f"{env.static_bucket}: verification failed: " + "; ".join(problems)
-                )
-        except BaseException:
-            if applied.changed:
-                logger.error("verification failed: restoring the previous CORS rules")
-                restore_bucket_cors(
-                    ctx.creds, env.static_bucket, applied.previous_rules, dry_run=False
-                )
-            raise
-    outcome = "applied" if applied.changed else "no change (rules already as configured)"
-    logger.info("%s: %s", env.static_bucket, outcome)
-    return report(outcome, applied=applied, verification=decisions, preflight=preflight)
+    return execute(RUNBOOK, locals())

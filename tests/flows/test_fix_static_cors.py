@@ -166,18 +166,28 @@ def test_dry_run_apply_and_apply_again(prefect_server, aws, bucket, tmp_path: Pa
     config = str(write_config(tmp_path, fabflows=_section(aws, tmp_path)))
     before = _live(aws)
     dry = fix_static_cors("staging", config=config)
-    assert dry.plan.changed and dry.applied is None
+    assert dry.dry_run and dry.changed and "would apply 2 step(s)" in dry.outcome
+    assert "-  AllowedOrigins: https://shop.example" in dry.plan_text
     assert _live(aws) == before  # the dry run wrote nothing
 
     applied = fix_static_cors("staging", config=config, dry_run=False)
-    assert applied.applied.changed and applied.applied.previous_rules == [OTHER]
+    assert [(s.name, s.state) for s in applied.steps] == [
+        ("put-bucket-cors", "done"),
+        ("check-cors", "done"),
+    ]
     assert _live(aws) == [cors_rule_to_aws(r) for r in DOC]
-    assert [d.allowed for d in applied.verification] == [True]
-    assert applied.preflight.allowed and applied.preflight.status == 200
+    assert applied.details["Verification"].startswith("allowed: ")
+    assert " 200 " in applied.details["Preflight"]
+    # the journal kept the previous rules for the undo (someone else's rule, as it was)
+    from config import load_config
+    from fabflows.runtime.journal import Journal
+
+    (entry,) = Journal.for_environment("myproject/staging", load_config(config)).entries()
+    previous = entry.step("put-bucket-cors").data["previous_rules"]
+    assert [CorsRule.model_validate(r) for r in previous] == [OTHER]
 
     again = fix_static_cors("staging", config=config, dry_run=False)
-    assert not again.plan.changed and not again.applied.changed
-    assert again.outcome.startswith("no change")
+    assert not again.changed and again.outcome == "nothing to change"
 
 
 @pytest.mark.flow
