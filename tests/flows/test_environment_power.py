@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flows.environment_power import (
+from fabflows.procedures.environment_power import (
     DOWN_ORDER,
     UP_ORDER,
     hourly_cost,

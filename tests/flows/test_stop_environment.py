@@ -3,11 +3,12 @@ instance (following EC2 states as the sandbox does), PostgreSQL on the database 
 
 A stop -> stop -> start -> start round trip leaves the environment as it was (group sizes, every
 role reachable and in service, the web servers answering 200, the database's rows intact); a stop
-that fails half-way brings the environment back up; production is refused without allow_stop.
+that fails half-way brings the environment back up (its steps' undo); production is refused without allow_stop.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,21 +91,26 @@ def test_stop_stop_start_start_leaves_the_environment_as_it_was(
     assert len(env.group()["Instances"]) == 2
 
     dry = env.mirror.run(stop_environment, "staging", config=env.config)
-    assert dry.plan.changed and dry.steps == [] and env.states()["worker"] == "running"
-    assert dry.usd_per_hour_stopped > 0
+    assert dry.changed and dry.steps == [] and env.states()["worker"] == "running"
+    per_hour = re.search(r"saves about \$([0-9.]+) per hour", dry.plan_text)
+    assert per_hour and float(per_hour.group(1)) > 0
 
     down = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
-    assert down.outcome == "stopped"
-    summaries = [s.summary for s in down.steps]
-    order = [
-        next(i for i, s in enumerate(summaries) if "-> 0/0/0" in s),
-        next(i for i, s in enumerate(summaries) if s.startswith("quiet-workers")),
-        *[
-            next(i for i, s in enumerate(summaries) if env.ids[r] in s and s.startswith("Stopping"))
-            for r in ("worker", "db-replica", "db-primary", "cache")
-        ],
+    assert down.outcome.startswith("applied"), down.render_text()
+    assert [s.name for s in down.steps] == [
+        "scale-web-group-to-zero",
+        "quiet-workers",
+        "stop-worker",
+        "stop-db-replica",
+        "stop-db-primary",
+        "stop-cache",
     ]
-    assert order == sorted(order), summaries
+    summaries = {s.name: s.summary for s in down.steps}
+    assert "-> 0/0/0" in summaries["scale-web-group-to-zero"]
+    assert summaries["quiet-workers"].startswith("quiet-workers")
+    for role in ("worker", "db-replica", "db-primary", "cache"):
+        assert summaries[f"stop-{role}"].startswith(f"Stopping {env.ids[role]}")
+    assert all(s.state == "done" for s in down.steps)
     g = env.group()
     assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (0, 0, 0)
     assert g["Instances"] == []
@@ -114,10 +120,10 @@ def test_stop_stop_start_start_leaves_the_environment_as_it_was(
     assert not [n for n in env.mirror.created if n in env.mirror.network.hosts]  # web gone
 
     again = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
-    assert again.outcome == "already stopped: nothing to do" and not again.plan.changed
+    assert again.outcome == "nothing to change" and not again.changed
 
     up = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
-    assert up.outcome == "started", up.render_text()
+    assert up.outcome.startswith("applied"), up.render_text()
     g = env.group()
     assert (g["MinSize"], g["DesiredCapacity"], g["MaxSize"]) == (1, 2, 4)
     assert len(g["Instances"]) == 2
@@ -126,23 +132,18 @@ def test_stop_stop_start_start_leaves_the_environment_as_it_was(
     assert set(env.states().values()) == {"running"}
     assert all(h.running for h in env.hosts.values())
     assert celery_state(env.hosts["worker"]) == "RUNNING"  # brought into service after boot
-    assert len(up.site_checks) == 4 and all(c.ok for c in up.site_checks)  # 2 web x (/, health)
+    steps = {s.name: s for s in up.steps}
+    assert steps["check-site"].summary.startswith("4/4 checks answered 200")  # 2 web x (/, health)
     assert psql(env.hosts["db-primary"], "SELECT count(*), max(id) FROM shop_order") == "500|500"
-    assert up.savings is not None and {r.role for r in up.savings.rows} == {
-        "cache",
-        "db-primary",
-        "db-replica",
-        "worker",
-        "web",
-    }
+    assert "(cache, db-primary, db-replica, web, worker)" in up.plan_text  # the savings, by role
     ec2 = boto_client(env.aws, "ec2")
     for r in ec2.describe_instances(InstanceIds=list(env.ids.values()))["Reservations"]:
         for i in r["Instances"]:
             assert STOPPED_TAG not in {t["Key"] for t in i.get("Tags", [])}
 
     twice = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
-    assert twice.outcome == "already running: checked"
-    assert all(c.ok for c in twice.site_checks)
+    assert "check in service" in twice.plan_text and "start, bring" not in twice.plan_text
+    assert {s.name: s for s in twice.steps}["check-site"].summary.startswith("4/4 checks")
 
 
 @pytest.mark.flow
@@ -172,8 +173,8 @@ def test_cache_terminated_at_stop_is_relaunched_where_it_was(
     env = environment
     cache_ip = env.hosts["cache"].ip
     down = env.mirror.run(stop_environment, "staging", config=env.config, dry_run=False)
-    assert any("empties Redis" in w for w in down.plan.warnings)
-    assert any("no RabbitMQ found" in w for w in down.plan.warnings)
+    assert "empties Redis" in down.plan_text
+    assert "no RabbitMQ found" in down.plan_text
     assert env.states()["cache"] == "terminated"
     assert env.hosts["cache"].name not in env.mirror.network.hosts  # the server is gone
     record = {t["Key"]: t["Value"] for t in env.group()["Tags"]}[CACHE_TAG]
@@ -196,8 +197,8 @@ def test_cache_terminated_at_stop_is_relaunched_where_it_was(
     cache_ip = free_ip
 
     up = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
-    assert up.outcome == "started", up.render_text()
-    assert any("new SSH host key" in w for w in up.plan.warnings)
+    assert up.outcome.startswith("applied"), up.render_text()
+    assert "new SSH host key" in up.plan_text
     ec2 = boto_client(env.aws, "ec2")
     caches = [
         i
@@ -212,9 +213,9 @@ def test_cache_terminated_at_stop_is_relaunched_where_it_was(
     assert len(caches) == 1 and caches[0]["InstanceId"] != env.ids["cache"]
     assert caches[0]["PrivateIpAddress"] == cache_ip and caches[0]["InstanceType"] == "t1.micro"
     assert CACHE_TAG not in {t["Key"] for t in env.group()["Tags"]}
-    assert all(c.ok for c in up.site_checks)
+    assert {s.name: s for s in up.steps}["check-site"].summary.startswith("4/4 checks")
     again = env.mirror.run(start_environment, "staging", config=env.config, dry_run=False)
-    assert again.plan.cache_recreate is None  # not launched twice
+    assert "launch-cache" not in [s.name for s in again.steps]  # not launched twice
 
 
 def test_production_is_refused_without_allow_stop(aws, tmp_path: Path) -> None:

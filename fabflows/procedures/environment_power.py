@@ -1,6 +1,6 @@
-"""What stop-environment and start-environment share: their pure plans, and the two sequences.
+"""What stop-environment and start-environment plan: pure plans from the servers and the web group.
 
-Order (procedures.md §2.9, made explicit):
+Order (the original's stop/start procedure, made explicit):
 
 - **down**: record the web group's sizes on the group, scale it to 0/0/0 and wait until its
   instances are gone; stop the app's background services (celery) so nothing runs against the
@@ -13,53 +13,26 @@ Order (procedures.md §2.9, made explicit):
   group's recorded sizes are restored, and every web server (and the site URL) must answer 200.
 
 Every record is durable (instance and group tags, see ``tasks/aws/ec2_writes.py`` and
-``tasks/aws/group_sizes.py``), so a run killed anywhere is finished by the next run of either flow;
-both flows are no-ops on an environment already in their target state.
+``tasks/aws/group_sizes.py``). The steps that apply these plans, and their undo, are in
+:mod:`fabflows.procedures.power_steps`.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 
-from config.models import EnvironmentSettings, StopStartSettings
+from config.models import EnvironmentSettings
 from fabflows.runbook import RunContext
+from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.ec2 import Server, describe_servers
-from tasks.aws.ec2_writes import (
-    STOPPED_TAG,
-    RunRecord,
-    clear_instance_tag,
-    run_instance_from_template,
-    start_instances,
-    stop_instances,
-    stop_record_of,
-    terminate_instances,
-    wait_for_instances,
-)
-from tasks.aws.group_sizes import (
-    CACHE_TAG,
-    SIZES_TAG,
-    CacheRecord,
-    SizesRecord,
-    clear_group_record,
-    record_cache,
-    record_group_sizes,
-    recorded_cache,
-    recorded_sizes,
-    set_group_sizes,
-    wait_for_group,
-)
+from tasks.aws.ec2_writes import stop_record_of
+from tasks.aws.group_sizes import CacheRecord, SizesRecord, recorded_cache, recorded_sizes
 from tasks.aws.pricing import SavingsReport, StoppedCapacity
-from tasks.http.probe import HttpCheck
-from tasks.plan import StepResult
-from tasks.ssh.connection import ConnectionPool, SshOptions
-from tasks.ssh.fleet import FleetHost, RateControl, run_fleet
-from tasks.ssh.mount import EncryptedVolume, post_start_step, quiet_step, wait_for_ssh
 
 DOWN_ORDER: tuple[str, ...] = ("web", "worker", "db-replica", "db-primary", "cache")
 """Roles in the order their servers stop (web: servers outside the autoscaling group)."""
@@ -540,277 +513,6 @@ def render_plan(plan: PowerPlan, title: str) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- the sequences
-
-
-def run_id() -> str:
-    """The current flow run's id, or a local one outside Prefect."""
-    from fabflows import audit
-
-    run = audit.current_flow_run()
-    return str(run.id) if run else f"local-{uuid.uuid4()}"
-
-
-def _hosts(actions: Sequence[ServerAction]) -> list[FleetHost]:
-    return [
-        FleetHost(
-            name=a.name or a.instance_id, address=a.address, role=a.role, instance_id=a.instance_id
-        )
-        for a in actions
-        if a.address
-    ]
-
-
-def _services(
-    settings: StopStartSettings, table: dict[str, list[str]], role: str, environment: str
-) -> list[str]:
-    return [s.replace("{environment}", environment) for s in table.get(role, [])]
-
-
-def power_down(
-    ctx: RunContext,
-    plan: PowerPlan,
-    *,
-    opts: SshOptions,
-    record: RunRecord,
-    log: list[StepResult],
-) -> None:
-    """Apply a stop plan in order; every result is appended to ``log`` as it happens."""
-    env = ctx.env
-    settings = ctx.config.fabflows.stop_start
-    creds = ctx.creds
-    g = plan.group
-    if g is not None:
-        if g.target is not None:
-            log.append(
-                record_group_sizes(
-                    creds, g.auto_scaling_group_name, record.since, record.run, dry_run=False
-                )
-            )
-            log.append(set_group_sizes(creds, g.auto_scaling_group_name, *g.target, dry_run=False))
-        wait_for_group(
-            creds,
-            g.auto_scaling_group_name,
-            0,
-            timeout=settings.instance_wait_seconds,
-            poll=settings.poll_seconds,
-        )
-    if plan.quiet:
-        with ConnectionPool(opts) as pool:
-            result = run_fleet(
-                _hosts(plan.quiet),
-                quiet_step(_services(settings, settings.quiet_services, "worker", env.environment)),
-                pool=pool,
-                rate=RateControl(max_concurrency="100%", max_errors=0),
-                dry_run=False,
-                name="quiet-workers",
-            )
-        result.raise_for_errors()
-        log.append(
-            StepResult(changed=bool(result.changed), dry_run=False, summary=result.summary())
-        )
-    for phase in plan.phases:
-        stop_ids = phase.ids("stop")
-        if stop_ids:
-            log.append(stop_instances(creds, stop_ids, record, dry_run=False))
-            wait_for_instances(
-                creds,
-                stop_ids,
-                "stopped",
-                timeout=settings.instance_wait_seconds,
-                poll=settings.poll_seconds,
-            )
-        term_ids = phase.ids("terminate")
-        if term_ids:
-            if plan.cache_record is not None and g is not None:
-                log.append(
-                    record_cache(creds, g.auto_scaling_group_name, plan.cache_record, dry_run=False)
-                )
-            log.append(terminate_instances(creds, term_ids, dry_run=False))
-            wait_for_instances(
-                creds,
-                term_ids,
-                "terminated",
-                timeout=settings.instance_wait_seconds,
-                poll=settings.poll_seconds,
-            )
-
-
-def power_up(
-    ctx: RunContext,
-    plan: PowerPlan,
-    *,
-    opts: SshOptions,
-    passphrase: SecretStr | None,
-    log: list[StepResult],
-    restore_group: bool = True,
-) -> list[str]:
-    """Apply a start plan in order. Returns the instance ids whose stop records can be cleared
-    once the site is verified; every result is appended to ``log`` as it happens."""
-    env = ctx.env
-    cfg = ctx.config
-    settings = cfg.fabflows.stop_start
-    creds = ctx.creds
-    env_settings = cfg.fabflows.environments.get(env.environment)
-    volume = None
-    if cfg.instance_settings.fs_encrypt:
-        volume = EncryptedVolume(
-            device=settings.encrypted_device,
-            mapper_name=settings.encrypted_mapper_name,
-            mount_command=list(settings.mount_command),
-            passphrase_block=env_settings.luks_passphrase_block if env_settings else None,
-        )
-    started: list[str] = []
-    if plan.cache_recreate is not None:
-        r = plan.cache_recreate.record
-        tags = {
-            "Name": r.name or f"{env.deployment}_{env.environment}_cache",
-            "deployment": env.deployment,
-            "environment": env.environment,
-            "role": "cache",
-        }
-        launched = run_instance_from_template(
-            creds,
-            plan.cache_recreate.launch_template,
-            subnet_id=r.subnet,
-            private_ip_address=r.ip,
-            instance_type=r.type,
-            tags=tags,
-            dry_run=False,
-        )
-        log.append(launched)
-        wait_for_instances(
-            creds,
-            [launched.instance_id],
-            "running",
-            timeout=settings.instance_wait_seconds,
-            poll=settings.poll_seconds,
-        )
-    with ConnectionPool(opts) as pool:
-        for phase in plan.phases:
-            start_ids = phase.ids("start")
-            if start_ids:
-                log.append(start_instances(creds, start_ids, dry_run=False))
-                fresh = wait_for_instances(
-                    creds,
-                    start_ids,
-                    "running",
-                    timeout=settings.instance_wait_seconds,
-                    poll=settings.poll_seconds,
-                )
-                # a started instance may have a new public address: use what EC2 says now
-                fresh_by_id = {s.instance_id: s for s in fresh}
-                actions = [
-                    a.model_copy(
-                        update={
-                            "address": fresh_by_id[a.instance_id].address(env.address_attribute)
-                        }
-                    )
-                    if a.instance_id in fresh_by_id
-                    else a
-                    for a in phase.servers
-                ]
-            else:
-                actions = list(phase.servers)
-            hosts = _hosts([a for a in actions if a.action in ("start", "check")])
-            if not hosts:
-                continue
-            wait_for_ssh(
-                hosts,
-                opts,
-                timeout=settings.reachable_wait_seconds,
-                poll=min(2.0, settings.poll_seconds),
-            )
-            result = run_fleet(
-                hosts,
-                post_start_step(
-                    _services(settings, settings.role_services, phase.role, env.environment),
-                    volume=volume,
-                    passphrase=passphrase,
-                ),
-                pool=pool,
-                rate=RateControl(max_concurrency="100%", max_errors=0),
-                dry_run=False,
-                name=f"in-service-{phase.role}",
-            )
-            result.raise_for_errors()
-            log.append(
-                StepResult(changed=bool(result.changed), dry_run=False, summary=result.summary())
-            )
-            started += start_ids
-    g = plan.group
-    if restore_group and g is not None and g.recorded is not None:
-        if g.target is not None:
-            log.append(set_group_sizes(creds, g.auto_scaling_group_name, *g.target, dry_run=False))
-        wait_for_group(
-            creds,
-            g.auto_scaling_group_name,
-            g.recorded.desired,
-            timeout=settings.instance_wait_seconds,
-            poll=settings.poll_seconds,
-        )
-    return started
-
-
-def clear_records(
-    ctx: RunContext, plan: PowerPlan, instance_ids: list[str], log: list[StepResult]
-) -> None:
-    """Drop the stop records once the environment is verified back in service."""
-    ids = list(
-        dict.fromkeys(
-            instance_ids
-            + [s.instance_id for p in plan.phases for s in p.servers if s.stopped_since]
-        )
-    )
-    if ids:
-        log.append(clear_instance_tag(ctx.creds, ids, STOPPED_TAG, dry_run=False))
-    if plan.group is not None:
-        log.append(
-            clear_group_record(
-                ctx.creds, plan.group.auto_scaling_group_name, [SIZES_TAG, CACHE_TAG], dry_run=False
-            )
-        )
-
-
-# --------------------------------------------------------------------------- the report
-
-
-class PowerReport(BaseModel):
-    """The result of stop-environment or start-environment."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    deployment: str
-    environment: str
-    dry_run: bool
-    outcome: str
-    plan: PowerPlan
-    steps: list[StepResult] = Field(default_factory=list)
-    site_checks: list[HttpCheck] = Field(default_factory=list)
-    savings: SavingsReport | None = None
-    usd_per_hour_stopped: float | None = Field(
-        default=None, description="stop: what the stopped capacity costs per hour when running."
-    )
-    seconds: float = 0.0
-
-    def render_text(self) -> str:
-        from fabflows.report import text_table
-
-        out = [f"{self.deployment}/{self.environment}: {self.outcome}", ""]
-        out.append(text_table(self.plan.rows()))
-        out += [f"problem: {p}" for p in self.plan.problems]
-        out += [f"warning: {w}" for w in self.plan.warnings]
-        if self.steps:
-            out += ["", *[f"- {s.summary}" for s in self.steps]]
-        for c in self.site_checks:
-            out.append(c.describe())
-        if self.usd_per_hour_stopped is not None:
-            out.append(f"saves about ${self.usd_per_hour_stopped:.3f} per hour while stopped")
-        if self.savings is not None:
-            out.append(f"saved about ${self.savings.total_usd:,.2f} while stopped")
-        return "\n".join(out)
-
-
 def hourly_cost(plan: PowerPlan, prices: dict[str, float], web_instance_type: str | None) -> float:
     """Pure: USD per hour of what a stop plan turns off (known prices only)."""
     total = 0.0
@@ -822,3 +524,184 @@ def hourly_cost(plan: PowerPlan, prices: dict[str, float], web_instance_type: st
     if g and g.target == (0, 0, 0) and web_instance_type:
         total += prices.get(web_instance_type, 0.0) * g.current[1]
     return round(total, 4)
+
+
+# --------------------------------------------------------------------------- the runbook plans
+
+
+def _label(s: ServerAction) -> str:
+    return f"{s.name} ({s.instance_id})" if s.name and s.name != s.instance_id else s.instance_id
+
+
+def stop_step_names(plan: PowerPlan) -> list[str]:
+    """Pure: the steps of a stop plan, in order (each one undone by its part of a start)."""
+    out = []
+    if plan.group is not None and plan.group.target is not None:
+        out.append("scale-web-group-to-zero")
+    if plan.quiet:
+        out.append("quiet-workers")
+    for p in plan.phases:
+        if p.ids("stop"):
+            out.append(f"stop-{p.role}")
+        if p.ids("terminate"):
+            out.append(f"terminate-{p.role}")
+    return out
+
+
+def start_step_names(plan: PowerPlan) -> list[str]:
+    """Pure: the steps of a start plan, in order."""
+    out = ["launch-cache"] if plan.cache_recreate is not None else []
+    out += [f"start-{p.role}" for p in plan.phases if p.ids("start", "check")]
+    if plan.group is not None and plan.group.recorded is not None:
+        out.append("restore-web-group")
+    if out:
+        out += ["check-site", "clear-records"]
+    return out
+
+
+class StopPlan(RunbookPlan):
+    """stop-environment's plan: the power plan and what the stopped capacity costs per hour."""
+
+    power: PowerPlan
+    usd_per_hour: float = Field(description="On-demand price of what the stop turns off.")
+
+    def digest(self) -> str:  # the cache's record time is the planning time: not the plan
+        import hashlib
+        import json
+
+        data: dict[str, Any] = self.model_dump(
+            mode="json", exclude={"power": {"cache_record": {"since"}}}
+        )
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StartPlan(RunbookPlan):
+    """start-environment's plan: the power plan and the saving so far (not part of the digest)."""
+
+    DIGEST_EXCLUDE = {"savings"}
+
+    power: PowerPlan
+    savings: SavingsReport | None = None
+
+    def render_markdown(self) -> str:
+        out = super().render_markdown()
+        if self.savings is not None and self.savings.rows:
+            out += "\n\n## Saved while stopped\n\n" + self.savings.markdown()
+        return out
+
+    def render_text(self) -> str:
+        out = super().render_text()
+        if self.savings is not None and self.savings.rows:
+            roles = ", ".join(sorted({r.role for r in self.savings.rows}))
+            out += f"\nsaved while stopped: about ${self.savings.total_usd:,.2f} ({roles})"
+        return out
+
+
+def stop_runbook_plan(plan: PowerPlan, usd_per_hour: float, title: str) -> StopPlan:
+    """Pure: the runbook plan (changes by step) of a stop plan."""
+    changes: list[Change] = []
+    noops: list[str] = []
+    g = plan.group
+    if g is not None:
+        if g.target is not None:
+            changes.append(
+                Change(
+                    target=f"{g.auto_scaling_group_name} (web group)",
+                    action="set " + "/".join(map(str, g.target)),
+                    detail=f"{'/'.join(map(str, g.current))}: {g.reason}",
+                    step="scale-web-group-to-zero",
+                )
+            )
+        else:
+            noops.append(f"{g.auto_scaling_group_name}: {g.reason}")
+    for s in plan.quiet:
+        changes.append(
+            Change(target=_label(s), action="stop background services", step="quiet-workers")
+        )
+    for p in plan.phases:
+        for s in p.servers:
+            if s.action in ("stop", "terminate"):
+                changes.append(
+                    Change(
+                        target=_label(s),
+                        action=s.action,
+                        detail=f"{s.role}, {s.instance_type}"
+                        + (f": {s.reason}" if s.reason else ""),
+                        step=f"{s.action}-{p.role}",
+                    )
+                )
+            else:
+                noops.append(f"{s.role} {_label(s)}: {s.reason or s.state}")
+    notes = list(plan.warnings)
+    if plan.queued_messages is not None:
+        notes.append(f"queued messages on the cache: {sum(plan.queued_messages.values())}")
+    notes.append(f"while stopped this saves about ${usd_per_hour:.3f} per hour (on-demand)")
+    return StopPlan(
+        title=title,
+        environment=plan.environment,
+        changes=changes,
+        noops=noops,
+        destructive=plan.cache_record is not None,
+        downtime_seconds=None,
+        problems=list(plan.problems),
+        notes=notes,
+        power=plan,
+        usd_per_hour=usd_per_hour,
+    )
+
+
+def start_runbook_plan(plan: PowerPlan, savings: SavingsReport | None, title: str) -> StartPlan:
+    """Pure: the runbook plan of a start plan; running servers are checked (a change too, so a
+    start of a running environment still makes sure everything is in service)."""
+    changes: list[Change] = []
+    noops: list[str] = []
+    if plan.cache_recreate is not None:
+        r = plan.cache_recreate.record
+        changes.append(
+            Change(
+                target=f"cache at {r.ip}",
+                action="launch",
+                detail=f"{r.type} from {plan.cache_recreate.launch_template}",
+                step="launch-cache",
+            )
+        )
+    for p in plan.phases:
+        for s in p.servers:
+            changes.append(
+                Change(
+                    target=_label(s),
+                    action="start, bring into service"
+                    if s.action == "start"
+                    else "check in service",
+                    detail=f"{s.role}, {s.instance_type}, {s.state}",
+                    step=f"start-{p.role}",
+                )
+            )
+    g = plan.group
+    if g is not None and g.recorded is not None:
+        changes.append(
+            Change(
+                target=f"{g.auto_scaling_group_name} (web group)",
+                action=("set " + "/".join(map(str, g.target))) if g.target else "wait InService",
+                detail=f"{'/'.join(map(str, g.current))}: {g.reason}",
+                step="restore-web-group",
+            )
+        )
+    elif g is not None:
+        noops.append(f"{g.auto_scaling_group_name}: {g.reason}")
+    if changes:
+        changes.append(Change(target="web servers and site", action="check 200", step="check-site"))
+        changes.append(
+            Change(target="stop records", action="remove once in service", step="clear-records")
+        )
+    return StartPlan(
+        title=title,
+        environment=plan.environment,
+        changes=changes,
+        noops=noops,
+        problems=list(plan.problems),
+        notes=list(plan.warnings),
+        power=plan,
+        savings=savings,
+    )
