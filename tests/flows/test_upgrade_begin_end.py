@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from config import load_config
+from fabflows.runtime.journal import Journal
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
 from flows.begin_upgrade import begin_upgrade
@@ -56,18 +58,22 @@ def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
     before = _suspended(aws)
 
     dry = begin_upgrade(environment="staging", config=cfg)
-    assert dry.dry_run and dry.mode == "fresh"
-    assert [r.label for r in dry.on.pages.results] == ["would change"] * 2
-    assert dry.on.processes.summary.startswith("Would suspend Launch, Terminate")
+    assert dry.dry_run and "mode: fresh" in dry.plan_text
+    assert dry.plan_text.count("page on") == 2
+    assert "suspend Launch, Terminate" in dry.plan_text
     assert _suspended(aws) == before
     assert all(_status(h.ip) == 200 for h in lab.web)
 
     on = begin_upgrade(environment="staging", config=cfg, dry_run=False)
-    assert on.after.in_upgrade_mode and len(on.after.hosts_in_upgrade_mode) == 2
+    assert [s.state for s in on.steps] == ["done"] and on.details["Mode"] == "fresh"
+    assert "IN UPGRADE MODE on 2 of 2 web server(s)" in on.details["Upgrade mode"]
     for h in lab.web:
         assert _status(h.ip) == 503 and _status(h.ip, "/healthcheck.html") == 200
     assert "Launch" in _suspended(aws) and "AddToLoadBalancer" in _suspended(aws)
-    assert [c.status for c in on.on.checks] == [503, 200, 503, 200, 503, 200]  # + the site URL
+    entry = Journal.for_environment("myproject/staging", load_config(cfg)).entry(on.run_id)
+    on_data = entry.step("upgrade-mode-on").data  # journaled: what recover would undo
+    assert on_data["checks"] == [503, 200, 503, 200, 503, 200]  # + the site URL
+    assert entry.state == "done" and on_data["mode"] == "fresh"
 
     state = upgrade_status(environment="staging", config=cfg, return_state=True)
     status = state.result()
@@ -83,24 +89,24 @@ def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
     assert "suspended by others: AddToLoadBalancer" in status.describe()
 
     again = begin_upgrade(environment="staging", config=cfg, dry_run=False)
-    assert again.mode == "joined"
-    assert [r.status for r in again.on.pages.results] == ["unchanged"] * 2
+    assert again.outcome == "nothing to change" and not again.steps  # already on everywhere
+    assert "mode: joined" in again.plan_text
 
     # upgrade-packages inside begin-upgrade's window: joins it and leaves upgrade mode on
     report = upgrade_packages(
         environment="staging", config=cfg, dry_run=False, roles=["db-primary"]
     )
     db = lab.servers[0]  # named with its instance id (two servers may share a Name tag)
-    assert report.upgraded == [f"{db.name} ({db.instance_id})"] and report.window.mode == "joined"
-    assert report.window.left_on
+    assert report.details["Upgraded"] == f"{db.name} ({db.instance_id})"
+    assert "left on: begin-upgrade holds it" in report.details["Upgrade mode"]
     assert all(_status(h.ip) == 503 for h in lab.web)
 
     end_dry = end_upgrade(environment="staging", config=cfg)
-    assert end_dry.dry_run and "begin-upgrade" in end_dry.outcome
+    assert end_dry.dry_run and "begun by begin-upgrade" in end_dry.plan_text
     assert all(_status(h.ip) == 503 for h in lab.web)
 
     end = end_upgrade(environment="staging", config=cfg, dry_run=False)
-    assert not end.after.in_upgrade_mode
+    assert "not in upgrade mode" in end.details["Upgrade mode"]
     assert _suspended(aws) == before
     assert UPGRADE_MODE_TAG not in {t["Key"] for t in _asg(aws)["Tags"]}
     for h in lab.web:
@@ -108,8 +114,9 @@ def test_begin_status_packages_joined_end(prefect_server, lab, aws) -> None:
 
     # safe at any time: nothing to end, the site is still checked
     end_again = end_upgrade(environment="staging", config=cfg, dry_run=False)
-    assert "not in upgrade mode" in end_again.outcome
-    assert [r.status for r in end_again.off.pages.results] == ["unchanged"] * 2
+    assert "note: not in upgrade mode" in end_again.plan_text
+    assert [s.state for s in end_again.steps] == ["done"]
+    assert "2 unchanged" in end_again.steps[0].summary, end_again.steps[0].summary
 
 
 def test_begin_upgrade_undoes_itself_when_a_web_server_cannot_be_switched(
@@ -154,7 +161,7 @@ def _run_tags_and_warnings(run_id) -> tuple:
 def _status_with(holder):
     from datetime import UTC, datetime
 
-    from fabflows.upgrade_mode import UpgradeStatus
+    from fabflows.procedures.upgrade_window import UpgradeStatus
     from tasks.aws.autoscaling import RecordedUpgradeMode
 
     return UpgradeStatus(
@@ -170,7 +177,7 @@ def _status_with(holder):
 def test_end_upgrade_refuses_a_holder_that_may_be_alive_unless_forced() -> None:
     from datetime import UTC, datetime
 
-    from fabflows.upgrade_mode import UpgradeModeBusy, process_tag
+    from fabflows.procedures.upgrade_window import UpgradeModeBusy, process_tag
     from flows.end_upgrade import check_holder
     from tasks.aws.autoscaling import UpgradeModeRecord
 

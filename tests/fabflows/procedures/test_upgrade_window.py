@@ -15,11 +15,7 @@ from prefect import flow
 
 from config import load_config
 from fabflows.errors import BadInput
-from fabflows.runbook import load_context
-from fabflows.testing.aws_fixtures import boto_client
-from fabflows.testing.configs import write_config
-from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
-from fabflows.upgrade_mode import (
+from fabflows.procedures.upgrade_window import (
     BEGIN_UPGRADE,
     DEFAULT_PAGE,
     UpgradeModeBusy,
@@ -29,6 +25,10 @@ from fabflows.upgrade_mode import (
     process_tag,
     upgrade_window,
 )
+from fabflows.runbook import load_context
+from fabflows.testing.aws_fixtures import boto_client
+from fabflows.testing.configs import write_config
+from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
 from tasks.aws.autoscaling import (
     UPGRADE_MODE_SUSPENDED_TAG,
     UPGRADE_MODE_TAG,
