@@ -218,7 +218,8 @@ class NotificationSettings(Strict):
     block: str | None = Field(
         default=None,
         description="Prefect notification block that sends them: '<block-type-slug>/<name>' "
-        "(e.g. slack-webhook/ops-alerts) or just the name of a slack-webhook block. "
+        "(e.g. slack-incoming-webhook/ops-alerts) or just the name of a prefect-slack "
+        "SlackWebhook block. "
         "Unset: no notifications for this environment.",
     )
     events: list[NotificationEvent] = Field(

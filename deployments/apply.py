@@ -12,6 +12,10 @@ In order, idempotently (run it again after every change of config or registry):
    fabflows-tagged deployments that are no longer generated), schedules active, never paused;
 4. the automation "fabflows: crash zombie runs" that marks a run CRASHED when its heartbeats stop
    (a worker or machine died mid-run), so nothing stays RUNNING forever.
+5. notifications (``fabflows.notify.automations``): the ``fabflows-notify/all-environments``
+   deployment and the "fabflows: notify ..." automations that run it for failed, crashed and
+   cancelled runs, approvals pending, runs near their window's end and slow runs, per the
+   environments' ``notifications`` (none when no environment names a notification block).
 
 Not registered on purpose: Prefect global concurrency limits (including a deployment
 ``concurrency_limit``, which is one). Their slots live in server memory and leak for good on a server
@@ -41,6 +45,7 @@ from deployments.generate import (
     DeploymentSpec,
     plan_deployments,
 )
+from fabflows.notify import automations as notify_automations
 
 ZOMBIE_AUTOMATION = "fabflows: crash zombie runs"
 
@@ -206,7 +211,7 @@ async def ensure_automation(client: Any, automation: Any) -> None:
 
 
 async def apply_plan(
-    plan: DeploymentPlan, heartbeat: int, zombie_after: int, do_prune: bool
+    plan: DeploymentPlan, heartbeat: int, zombie_after: int, do_prune: bool, config: Any = None
 ) -> dict:
     from prefect.client.orchestration import get_client
 
@@ -220,7 +225,13 @@ async def apply_plan(
             names.append(spec.full_name)
         removed = await prune(client, set(names)) if do_prune else []
         await ensure_automation(client, zombie_automation(heartbeat, zombie_after))
-    return {"block_types": block_types, "deployments": names, "removed": removed}
+        notify = await notify_automations.register(client, config, plan) if config else []
+    return {
+        "block_types": block_types,
+        "deployments": names,
+        "removed": removed,
+        "notify_automations": notify,
+    }
 
 
 def deploy(
@@ -248,7 +259,9 @@ def deploy(
         return result
     settings = config.fabflows.deploy
     done = asyncio.run(
-        apply_plan(plan, settings.heartbeat_seconds, settings.zombie_after_seconds, do_prune)
+        apply_plan(
+            plan, settings.heartbeat_seconds, settings.zombie_after_seconds, do_prune, config
+        )
     )
     return result | done
 

@@ -33,7 +33,7 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import FabulawsConfig, resolve_environment
-from config.models import slug
+from config.models import EnvironmentSettings, ScheduleSpec, slug
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGING_CONFIG = "deployments/logging.yml"
@@ -41,6 +41,8 @@ LOGGING_CONFIG = "deployments/logging.yml"
 
 HIDDEN_PARAMETERS = ("config",)
 DEPLOYMENT_TAG = "fabflows"
+WATCHDOG_FLOW = "watchdog"
+"""Scheduled in every environment by default (``fabflows.environments.<env>.watchdog_cron``)."""
 
 
 class ScheduleEntry(BaseModel):
@@ -226,6 +228,10 @@ def plan_deployments(
                 schedules = []
                 env_settings = config.fabflows.environments.get(environment)
                 spec_sched = env_settings.schedules.get(flow_name) if env_settings else None
+                if spec_sched is None and flow_name == WATCHDOG_FLOW:
+                    env_settings = env_settings or EnvironmentSettings()
+                    if env_settings.watchdog_cron:
+                        spec_sched = ScheduleSpec(cron=env_settings.watchdog_cron)
                 if spec_sched is not None:
                     where = f"fabflows.environments.{environment}.schedules.{flow_name}.parameters"
                     params = {**defaults, **spec_sched.parameters}
@@ -240,8 +246,10 @@ def plan_deployments(
                             slug=slug(f"{flow_name}-{environment}-schedule"),
                         )
                     )
-                    outside = fires_outside_windows(
-                        spec_sched.cron, config, environment, deployment
+                    outside = (
+                        []  # read-only: it needs no window
+                        if flow_name == WATCHDOG_FLOW
+                        else fires_outside_windows(spec_sched.cron, config, environment, deployment)
                     )
                     if outside:
                         warnings.append(

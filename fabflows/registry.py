@@ -20,4 +20,5 @@ FLOWS: dict[str, str] = {
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
     "deploy-serial": "flows.deploy_serial:deploy_serial",
     "update-newrelic-keys": "flows.update_newrelic_keys:update_newrelic_keys",
+    "watchdog": "flows.watchdog:watchdog",
 }

@@ -322,3 +322,44 @@ def resume_processes(
         processes=to_resume,
         recorded=recorded,
     )
+
+
+@task(
+    name="resume-listed-processes",
+    task_run_name="resume-listed-processes-{auto_scaling_group_name}",
+    retries=0,
+)
+def resume_listed_processes(
+    creds: AwsCredentials, auto_scaling_group_name: str, processes: list[str], *, dry_run: bool
+) -> ProcessesResult:
+    """Resume exactly ``processes`` (found suspended with no run holding them; the watchdog).
+
+    No compensation: the processes were suspended by no live run (by hand, or by a run that is
+    gone), and resuming them is what brings the group back to normal. Processes not listed stay
+    as they are; an upgrade-mode record is left to end-upgrade.
+    """
+    group = _describe_or_fail(creds, auto_scaling_group_name)
+    before = list(group.suspended_processes)
+    to_resume = [p for p in processes if p in before]
+    if not to_resume:
+        summary = f"{auto_scaling_group_name}: none of {', '.join(processes)} is suspended"
+        changed = False
+    elif dry_run:
+        summary = f"Would resume {', '.join(to_resume)} on {auto_scaling_group_name}"
+        changed = True
+    else:
+        aws_client(creds, "autoscaling").resume_processes(
+            AutoScalingGroupName=auto_scaling_group_name, ScalingProcesses=to_resume
+        )
+        summary = f"Resumed {', '.join(to_resume)} on {auto_scaling_group_name}"
+        changed = True
+    get_run_logger().info("%s", summary)
+    return ProcessesResult(
+        changed=changed,
+        dry_run=dry_run,
+        summary=summary,
+        auto_scaling_group_name=auto_scaling_group_name,
+        suspended_before=before,
+        processes=to_resume,
+        recorded=recorded_upgrade_mode(group),
+    )

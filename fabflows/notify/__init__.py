@@ -1,0 +1,1 @@
+"""Notifications for every fabflows run, however it was started (see ``automations``)."""
