@@ -19,7 +19,6 @@ NOT_ON_ENGINE: set[str] = {
     "describe-environment",
     "upgrade-status",
     "update-sysadmin-users",
-    "reload-production-db",
     "deploy-serial",
     "begin-upgrade",
     "end-upgrade",
