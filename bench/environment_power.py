@@ -90,6 +90,9 @@ def bench(args: argparse.Namespace) -> int:
                     )
                     resize_s = time.monotonic() - t
                     count = psql(lab.hosts["db-primary"], "SELECT count(*) FROM shop_order")
+                    steps = {s.name: s for s in up.steps}
+                    check = steps["check-site"].summary if "check-site" in steps else ""
+                    ok, _, total = check.partition(" ")[0].partition("/")
                     row = {
                         "rows": rows,
                         "database_mb": round(lab.database_bytes / 1e6, 1),
@@ -97,17 +100,14 @@ def bench(args: argparse.Namespace) -> int:
                         "stop_outcome": down.outcome,
                         "start_s": round(start_s, 1),
                         "start_outcome": up.outcome,
-                        "site_checks_ok": all(c.ok for c in up.site_checks),
+                        "site_checks_ok": bool(total) and ok == total,
                         "resize_s": round(resize_s, 1),
-                        "resize_window_s": resized.window_seconds,
-                        "resize_downtime_s": resized.downtime.total_downtime_s
-                        if resized.downtime
-                        else None,
-                        "resize_longest_outage_s": resized.downtime.longest_outage_s
-                        if resized.downtime
-                        else None,
+                        "resize_window_s": round(
+                            sum(s.seconds or 0 for s in resized.steps if s.site_down), 1
+                        ),
+                        "resize_downtime_s": resized.downtime_seconds,
                         "rows_after": int(count),
-                        "web_refresh": resized.web_refresh,
+                        "web_refresh": resized.details.get("web_refresh"),
                     }
                     results.append(row)
                     print(json.dumps(row), flush=True)
