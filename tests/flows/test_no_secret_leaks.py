@@ -1,5 +1,6 @@
-"""No secret value in Prefect logs, artifacts, flow parameters, states or exceptions, nor in any test
-host's process list, while every flow of the secrets work runs against real peers.
+"""No secret value in Prefect logs, artifacts, flow parameters, states or exceptions, in the run
+journals, nor in any test host's process list, while every flow of the secrets work runs against
+real peers.
 
 The values are distinctive (quotes, ``$``, backticks, spaces and a per-run tag), so a hit cannot be
 a coincidence. The process lists of every host are sampled every 50 ms during the runs (``ps`` inside
@@ -203,8 +204,10 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
         )
         assert states[-1].is_completed(), states[-1].message
         rotation = states[-1].result()
-        assert rotation.rollout.mode == "window"
-        assert {a.secret for a in rotation.plan.auth} == {"database_password", "broker_password"}
+        assert "window" in rotation.plan_text.splitlines()[0]
+        assert "change-passwords" in [s.name for s in rotation.steps]
+        for secret in ("database_password", "broker_password"):
+            assert f"changed where checked: {secret}" in rotation.plan_text
         # rotated where they are checked, and the site (Django -> pgbouncer -> PostgreSQL) works
         db = env.db_host
         psycopg.connect(
@@ -253,6 +256,9 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
     stored = _everything_prefect_stored([s.state_details.flow_run_id for s in states])
     assert len(stored) > 10_000  # logs, artifacts and states were really read
     processes = "\n".join(sorted(ps.lines))
+    journal_dir = env.config_path.parent / "state" / "journal"
+    journal = "\n".join(p.read_text() for p in sorted(journal_dir.rglob("*")) if p.is_file())
+    assert "change-passwords" in journal  # the runs' journals were really read
     commands = "\n".join(sent.commands)
     assert len(sent.commands) > 100 and "supervisorctl restart" in commands
     assert "supervisorctl" in processes or "rabbitmqctl" in processes or "sudo" in processes
@@ -265,6 +271,7 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
             ("prefect", stored),
             ("process lists", processes),
             ("commands sent over SSH", commands),
+            ("run journals", journal),
         )
         if form in text
     ]

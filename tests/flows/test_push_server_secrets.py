@@ -10,11 +10,11 @@ import pytest
 import requests
 
 from blocks.secrets import ServerSecrets
-from fabflows.file_rollout import RolloutFailed
 from fabflows.testing.app_env import build_app_env
 from fabflows.testing.elb_proxy import ElbProxy
 from fabflows.testing.moto_server import MotoServer
 from flows.push_server_secrets import AuthChange, plan_push_server_secrets, push_server_secrets
+from tasks.ssh.fleet import FleetError
 from tasks.ssh.secrets import FileFact, HostFiles, resolve_files, secret_path
 
 BLOCK = "myproject-staging-secrets"
@@ -195,12 +195,13 @@ def test_noop_then_rolling_rotation_without_a_single_error(prefect_server, stack
     assert state.is_completed(), state.message
     result = state.result()
     # the default files (pgbouncer userlist as the app has it, New Relic files) get rendered once
-    assert result.outcome in ("completed", "nothing to change")
+    assert result.outcome.startswith("applied") or result.outcome == "nothing to change"
 
     new = dict(env.secrets, smtp_password="n3w smtp'\"$x`y`")
     _save(new)
     dry = _run(env).result()
-    assert dry.plan.mode == "rolling" and dry.plan.changed_secrets == ["smtp_password"]
+    assert dry.dry_run and "rolling" in dry.plan_text.splitlines()[0]
+    assert "push smtp_password from block" in dry.plan_text
     assert all(
         _file(h, "smtp_password") == env.secrets["smtp_password"] for h in env.hosts.values()
     )
@@ -208,10 +209,14 @@ def test_noop_then_rolling_rotation_without_a_single_error(prefect_server, stack
     before = _pids(env)
     state = _run(env, dry_run=False)
     assert state.is_completed(), state.message
-    report = state.result().rollout
-    assert report.mode == "rolling" and not report.rolled_back
-    assert report.probe is not None and report.probe.samples > 20
-    assert report.probe.non_200 == 0, report.probe.describe()
+    report = state.result()
+    names = [s.name for s in report.steps]
+    assert names[0] == "stage" and names[-2:] == ["check-files", "commit"]
+    assert sum(n.startswith("apply-web-") for n in names) == 2  # one web server at a time
+    assert all(s.state == "done" for s in report.steps) and not report.undone
+    assert report.details["probe_samples"] > 20
+    assert report.details["non_200"] == 0, report.details["Users"]
+    assert report.downtime_seconds is None
     assert all(_file(h, "smtp_password") == new["smtp_password"] for h in env.hosts.values())
     assert all(before[k] != v for k, v in _pids(env).items())
     assert _leftovers(env) == []
@@ -240,6 +245,6 @@ def test_failed_restart_rolls_everything_back(prefect_server, stack) -> None:
     r = requests.get(proxy.url, timeout=5)
     assert r.status_code == 200
     assert len(proxy.backends) == 2  # web2 is back in the load balancer
-    with pytest.raises(RolloutFailed):
+    with pytest.raises(FleetError):
         state.result()
     _save(env.secrets)

@@ -23,10 +23,6 @@ NOT_ON_ENGINE: set[str] = {
     "begin-upgrade",
     "end-upgrade",
     "upgrade-packages",
-    "push-server-secrets",
-    "pull-server-secrets",
-    "update-newrelic-keys",
-    "fix-static-cors",
 }
 """Flows that still run their own phases (moving them is under way); the list may only shrink."""
 
