@@ -104,15 +104,19 @@ def run_flow(stack: Stack) -> dict:
         environment="staging", config=str(stack.config), dry_run=False, probe=True
     )
     wall = time.monotonic() - started
-    steps = {s.step: s.seconds for s in report.steps}
+    if not report.outcome.startswith("applied"):
+        raise RuntimeError(f"the reload did not apply: {report.outcome}")
+    steps = {s.name: s.seconds for s in report.steps}
+    details = report.details
     return {
         "flow_wall_s": round(wall, 2),
         "copy_step_s": steps.get("copy"),
-        "copy_s": report.copy_result.seconds if report.copy_result else None,
-        "window_s": report.downtime_s,
-        "migrations_s": report.migration.seconds if report.migration else None,
-        "probe_non_200": report.probe.non_200 if report.probe else None,
-        "probe_downtime_s": report.probe.total_downtime_s if report.probe else None,
+        "copy_s": details.get("copy_seconds"),
+        "window_s": report.downtime_seconds,
+        "migrations_s": details.get("migrations_seconds"),
+        "probe_non_200": details.get("probe_non_200"),
+        "probe_downtime_s": details.get("probe_downtime_seconds"),
+        "probe_longest_request_s": details.get("probe_longest_request_seconds"),
         "steps": steps,
     }
 

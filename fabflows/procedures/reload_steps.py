@@ -23,13 +23,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from config import resolve_environment
 from config.models import ReloadProductionDbSettings
 from fabflows import boundaries
 from fabflows.errors import BadInput
 from fabflows.procedures.reload_plan import FLOW_NAME, ReloadPlan
 from fabflows.procedures.reload_recovery import _app_groups, _groups, apply_recovery, undo_swap
 from fabflows.report import artifact_key
-from fabflows.runbook import RunContext, load_context
+from fabflows.runbook import RunContext
 from fabflows.runtime.engine import Scope, Step
 from fabflows.upgrade_mode import (
     enter_decision,
@@ -39,6 +40,7 @@ from fabflows.upgrade_mode import (
     turn_off,
     turn_on,
 )
+from tasks.aws.session import make_credentials
 from tasks.http.probe import HttpProbe
 from tasks.postgres.copy import (
     read_database_password,
@@ -72,14 +74,17 @@ def source_context(
     rc: RunContext,
     source_environment: str | None,
     source_deployment: str | None,
-    config_file: str | None,
+    config_file: str | None = None,
 ) -> RunContext:
-    """The source environment's context (raises ConfigError for an unknown one)."""
+    """The source environment's context, from the run's own config (ConfigError if unknown)."""
     settings = settings_of(rc)
-    return load_context(
+    env = resolve_environment(
+        rc.config,
         source_environment or settings.source_environment,
         source_deployment or rc.env.deployment,
-        config_file,
+    )
+    return RunContext(
+        config=rc.config, env=env, creds=make_credentials(rc.config.fabflows.aws, env.region)
     )
 
 
