@@ -13,10 +13,10 @@ from prefect.logging import disable_run_logger
 from config import load_config, resolve_environment
 from fabflows.cli import render_result
 from fabflows.runbook import load_context
+from fabflows.runtime.engine import RunbookReport
 from fabflows.testing.configs import SAMPLE, moto_section, write_config
 from fabflows.testing.sshkeys import ed25519_pair, write_users_dir
 from flows.update_sysadmin_users import (
-    UpdateSysadminUsersReport,
     image_note,
     plan_update_sysadmin_users,
     render_plan,
@@ -148,10 +148,11 @@ def test_report_text_is_the_compact_plan_and_tells_same_named_servers_apart() ->
     )  # fmt: skip
     plan = plan_update_sysadmin_users(ENV, SPEC, servers, hosts, gathered, None)
     assert [h.host for h in plan.hosts] == ["web (i-1)", "web (i-2)"]
-    report = UpdateSysadminUsersReport(
-        environment=ENV.label, dry_run=True, outcome="dry run: 2 of 2 server(s) would change",
-        plan=plan, image_note=image_note(ENV, servers, None, True),
+    report = RunbookReport(
+        flow="update-sysadmin-users", environment=ENV.label, dry_run=True,
+        outcome="dry run: would apply 1 step(s)", plan_text=plan.render_text(),
     )  # fmt: skip
+    note = image_note(ENV, servers, None, True)
     text = render_result(report)  # exactly what `fabflows run` prints
     key = parse_public_key(ALICE.public)
     assert f"- alice: ssh-ed25519 256 {key.fingerprint}" in text
@@ -160,7 +161,7 @@ def test_report_text_is_the_compact_plan_and_tells_same_named_servers_apart() ->
     assert "web (i-1), web (i-2) (2 host(s))" in text
     assert "web (i-1)" in render_plan(plan) and "web (i-2)" in render_plan(plan)
     assert "< stdin(" in text  # keys travel on stdin: shown by size and digest
-    assert "run deploy-serial" in report.image_note and "later runbook" not in report.image_note
+    assert "run deploy-serial" in note and "later runbook" not in note
     assert len(text.splitlines()) < 40, text
 
 
@@ -214,11 +215,13 @@ def test_dry_run_apply_and_again(prefect_server, staging, tmp_path: Path) -> Non
     state = _run(path, users)  # dry run (the default)
     assert state.is_completed(), state.message
     report = state.result()
-    assert report.dry_run and len(report.plan.changing) == 5
-    assert "STALE" in report.image_note and "myproject-staging-ag" in report.image_note
+    # 5 servers, 25% at a time: 3 batches (one engine step each)
+    assert report.dry_run and report.outcome == "dry run: would apply 3 step(s)"
+    assert report.plan_text.count("would change") == 5
     text = report.render_text()  # what `fabflows run` prints: the compact plan, no key material
+    assert "STALE" in text and "myproject-staging-ag" in text
     assert alice.public.split()[1] not in text and "stdin:" not in text
-    assert f"alice: ssh-ed25519 256 {report.plan.user_keys['alice'][0].split()[2]}" in text
+    assert f"alice: ssh-ed25519 256 {parse_public_key(alice.public).fingerprint}" in text
     assert all(f"{s.name} ({s.instance_id})" in text for s in servers)
     assert len(text.splitlines()) < 80, text
     assert all(h.exec(["getent", "passwd", "alice"], check=False).returncode == 2 for h in hosts)
@@ -226,13 +229,16 @@ def test_dry_run_apply_and_again(prefect_server, staging, tmp_path: Path) -> Non
     state = _run(path, users, dry_run=False, max_concurrency="100%")
     assert state.is_completed(), state.message
     report = state.result()
-    assert report.verified and len(report.applied.changed) == 5
+    assert report.details["Verified"] == "yes" and report.outcome == "applied 1 step(s)"
+    assert [s.state for s in report.steps] == ["done"]
+    assert report.steps[0].summary.count(": changed") == 5
     for h in hosts:
         assert h.exec(["getent", "passwd", "alice"]).stdout.startswith("alice:")
 
     state = _run(path, users, dry_run=False)
     assert state.is_completed(), state.message
-    assert state.result().outcome == "nothing to change: 5 server(s) already as listed"
+    assert state.result().outcome == "nothing to change"
+    assert state.result().plan_text.count("already as listed") == 5
 
 
 def _artifact_keys() -> set[str]:
