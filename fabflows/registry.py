@@ -20,5 +20,7 @@ FLOWS: dict[str, str] = {
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
     "deploy-serial": "flows.deploy_serial:deploy_serial",
     "update-newrelic-keys": "flows.update_newrelic_keys:update_newrelic_keys",
+    "promote-replica": "flows.promote_replica:promote_replica",
+    "reset-replicas": "flows.reset_replicas:reset_replicas",
     "watchdog": "flows.watchdog:watchdog",
 }

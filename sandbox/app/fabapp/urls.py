@@ -5,4 +5,5 @@ from fabapp import views
 urlpatterns = [
     path("", views.home),
     path("healthcheck.html", views.healthcheck),
+    path("write-check", views.write_check),
 ]

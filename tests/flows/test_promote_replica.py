@@ -1,0 +1,608 @@
+"""promote-replica on real peers: a primary whose host is killed, a replica promoted, the app
+writing again through it, the old primary started again and fenced; bad input refused before any
+change; and the pure plan as a table.
+
+One stack per module (moto, a db-primary, two streaming replicas, two web servers and a worker
+running the sandbox's Django app). The tests run in file order: each leaves the cluster with one
+primary and two streaming replicas (the old primary rebuilt as a replica of the new one), so the
+next can kill the primary again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+from psycopg import sql
+
+from config import load_config, resolve_environment
+from fabflows.errors import BadInput
+from fabflows.procedures.promote_plan import (
+    DECOMMISSIONED_TAG,
+    AppServer,
+    DbNode,
+    PromoteFacts,
+    plan_promote_replica,
+)
+from fabflows.runbook import RunContext
+from fabflows.runtime.journal import Journal
+from fabflows.testing import faults
+from fabflows.testing.app_env import AppEnv
+from fabflows.testing.failover_lab import (
+    build_failover_env,
+    post_ok,
+    psql,
+    rebuild_old_primary,
+    role_ids,
+    tags_of,
+    writable,
+)
+from fabflows.testing.moto_server import MotoServer
+from flows.promote_replica import RUNBOOK, PromoteReplicaParams, promote_replica
+from flows.recover_environment import recover_environment
+from flows.reset_replicas import (
+    ReplicaTarget,
+    ResetFacts,
+    ResetReplicasParams,
+    plan_reset_replicas,
+    reset_replicas,
+)
+from flows.resume_run import resume_run
+from sandbox.replication import stop_wal_receiver, wait_for_postgres
+from tasks.postgres.failover import Reachability, StandbyState
+from tasks.postgres.server import DbServer
+from tasks.ssh.fleet import FleetHost
+
+# --------------------------------------------------------------------------- the plan (pure)
+
+
+def _node(name: str, role: str, lsn: str | None = "0/5000000", **kw) -> DbNode:  # noqa: ANN003
+    standby = None
+    if lsn is not None:
+        standby = StandbyState(
+            server=name,
+            in_recovery=role != "db-primary",
+            replay_lsn=lsn,
+            receive_lsn=lsn,
+            sender_host="10.0.0.1",
+            receiver_status="streaming",
+        )
+    return DbNode(
+        server=DbServer(
+            name=name,
+            address=f"a-{name}",
+            db_address=kw.pop("ip", f"ip-{name}"),
+            instance_id=f"i-{name}",
+        ),
+        role=role,
+        standby=standby,
+        **kw,
+    )
+
+
+def _facts(reach_flow=(False, False), reach_replica=(False, False), nodes=None) -> PromoteFacts:  # noqa: ANN001
+    nodes = nodes or [
+        _node("p", "db-primary", lsn=None, ip="10.0.0.1", error="TimeoutError"),
+        _node("r1", "db-replica", "0/5000000"),
+        _node("r2", "db-replica", "0/6000000"),
+    ]
+    web = FleetHost(name="w1", address="10.0.1.1", role="web", instance_id="i-w1")
+    return PromoteFacts(
+        nodes=nodes,
+        others={"w1": "web", "i-w1": "web"},
+        reach=[
+            Reachability(seen_from="flow", ssh=reach_flow[0], postgres=reach_flow[1]),
+            Reachability(seen_from="r1", ssh=reach_replica[0], postgres=reach_replica[1]),
+        ],
+        apps=[
+            AppServer(
+                host=web, groups=["s-pgbouncer", "s-web"], database_hosts=["10.0.0.1", "127.0.0.1"]
+            )
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def staging_env(tmp_path_factory):  # noqa: ANN001, ANN201
+    from fabflows.testing.configs import write_config
+
+    path = write_config(tmp_path_factory.mktemp("pr-plan"), {})
+    return resolve_environment(load_config(path), "staging")
+
+
+@pytest.mark.parametrize(
+    ("facts", "replica", "lost", "problem"),
+    [
+        (_facts(reach_flow=(True, False)), None, False, "the db-primary p answers (from flow: ssh"),
+        (
+            _facts(reach_replica=(False, True)),
+            None,
+            False,
+            "from r1: ssh no answer, postgres answers",
+        ),
+        (_facts(), "w1", False, "w1 is a web server, not a db-replica"),
+        (_facts(), "i-w1", False, "i-w1 is a web server, not a db-replica"),
+        (_facts(), "p", False, "p is the db-primary, not a db-replica"),
+        (_facts(), "nope", False, "unknown replica 'nope'"),
+        (
+            _facts(nodes=[_node("p", "db-primary", lsn=None), _node("r1", "db-replica", None)]),
+            None,
+            False,
+            "no readable db-replica in recovery",
+        ),
+        (_facts(nodes=[_node("r1", "db-replica")]), None, False, "0 servers are tagged db-primary"),
+    ],
+    ids=[
+        "ssh-answers",
+        "pg-answers-from-replica",
+        "web-name",
+        "web-id",
+        "primary",
+        "unknown",
+        "no-replica",
+        "no-primary",
+    ],
+)
+def test_plan_refusals(staging_env, facts, replica, lost, problem) -> None:  # noqa: ANN001
+    plan = plan_promote_replica(facts, replica=replica, primary_is_lost=lost, env=staging_env)
+    assert any(problem in p for p in plan.problems), plan.problems
+    assert not plan.changes
+
+
+def test_plan_least_lag_named_and_override(staging_env) -> None:  # noqa: ANN001
+    plan = plan_promote_replica(_facts(), replica=None, primary_is_lost=False, env=staging_env)
+    assert plan.new is not None and plan.new.name == "r2"  # the most WAL replayed
+    steps = [c.step for c in plan.changes]
+    assert steps == [
+        "upgrade-page-on",
+        "fence-p",
+        "promote-r2",
+        "retag-r2",
+        "repoint-i-w1",
+        "upgrade-page-off",
+        "follow-r1",
+        "finish-failover",
+    ]
+    assert plan.fence[0].stop_postgres is False and plan.fence[0].tag
+    assert plan.open_for == {"replica_r1": "ip-r1"}
+    named = plan_promote_replica(_facts(), replica="r1", primary_is_lost=False, env=staging_env)
+    assert named.new is not None and named.new.name == "r1"
+    forced = plan_promote_replica(
+        _facts(reach_flow=(True, True)), replica=None, primary_is_lost=True, env=staging_env
+    )
+    assert not forced.problems and forced.fence[0].stop_postgres
+
+
+def test_protected_environment_needs_primary_is_lost(staging_env) -> None:  # noqa: ANN001
+    rc = RunContext(config=None, env=staging_env.model_copy(update={"protected": True}), creds=None)
+    with pytest.raises(BadInput, match="primary_is_lost"):
+        RUNBOOK.validate(rc, PromoteReplicaParams())
+    RUNBOOK.validate(rc, PromoteReplicaParams(primary_is_lost=True))
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory, prefect_server):  # noqa: ANN001, ANN201
+    moto = MotoServer().start()
+    env = build_failover_env(moto.endpoint, test_network, tmp_path_factory.mktemp("promote"), "pr")
+    try:
+        yield env
+    finally:
+        env.destroy()
+        moto.stop()
+
+
+def cluster(env: AppEnv) -> dict[str, str]:
+    """instance id -> role tag, for the db servers."""
+    out = {}
+    for iid in env.hosts:
+        role = tags_of(env, iid).get("role", "")
+        if role.startswith("db-") or role == "decommissioned":
+            out[iid] = role
+    return out
+
+
+def web_urls(env: AppEnv, path: str = "write-check") -> list[str]:
+    return [f"http://{h.ip}/{path}" for h in env.by_role("web")]
+
+
+def assert_failed_over(env: AppEnv, old_iid: str) -> str:
+    """One primary (tagged and writable), the old one fenced, every replica streaming from the
+    new one, the app writing through every web server. Returns the new primary's instance id."""
+    roles = cluster(env)
+    (new_iid,) = [i for i, r in roles.items() if r == "db-primary"]
+    assert roles[old_iid] == "decommissioned"
+    record = json.loads(tags_of(env, old_iid)[DECOMMISSIONED_TAG])
+    assert record["promoted"] == new_iid and record["done"] is True
+    new = env.hosts[new_iid]
+    assert writable(new)
+    replicas = [env.hosts[i] for i, r in roles.items() if r == "db-replica"]
+    assert replicas
+    for r in replicas:
+        deadline = time.monotonic() + 30
+        while (
+            psql(r, "SELECT sender_host || ' ' || status FROM pg_stat_wal_receiver;", "postgres")
+            != f"{new.ip} streaming"
+        ):
+            assert time.monotonic() < deadline, f"{r.name} does not stream from {new.name}"
+            time.sleep(0.3)
+    for url in web_urls(env):
+        assert post_ok(url), url
+    return new_iid
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_refused_while_the_primary_answers(stack) -> None:  # noqa: ANN001
+    cfg = str(stack.config_path)
+    before = cluster(stack)
+    with pytest.raises(BadInput, match="answers"):
+        promote_replica(environment="staging", config=cfg, dry_run=False)
+    (replica_iid,) = [i for i, r in before.items() if r == "db-replica"][:1]
+    with pytest.raises(BadInput, match="not in recovery|is the db-primary"):
+        promote_replica(
+            environment="staging",
+            config=cfg,
+            dry_run=False,
+            replica=role_ids(stack, "db-primary")[0],
+            primary_is_lost=True,
+        )
+    assert cluster(stack) == before
+    assert not writable(stack.hosts[replica_iid])
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_primary_killed_then_promoted_and_the_site_writes(stack) -> None:  # noqa: ANN001
+    cfg = str(stack.config_path)
+    (old_iid,) = role_ids(stack, "db-primary")
+    old = stack.hosts[old_iid]
+    stack.net.stop(old.name, graceful=False)
+    before = cluster(stack)
+    web_name = old_name(stack, role_ids(stack, "web")[0])
+    # bad input with the primary really gone: still refused before any change
+    for replica, message in [
+        ("no-such-server", "unknown replica"),
+        (web_name, "is a web server, not a db-replica"),
+        (old_iid, "is the db-primary, not a db-replica"),
+    ]:
+        with pytest.raises(BadInput, match=message):
+            promote_replica(environment="staging", config=cfg, dry_run=False, replica=replica)
+        assert cluster(stack) == before
+    started = time.monotonic()
+    report = promote_replica(environment="staging", config=cfg, dry_run=False)
+    took = time.monotonic() - started
+    assert all(s.state == "done" for s in report.steps), report.render_text()
+    new_iid = assert_failed_over(stack, old_iid)
+    assert took < 60, report.render_text()
+    assert report.downtime_seconds is not None
+    # the old primary comes back: nothing writes to it, and the next run fences it
+    new = stack.hosts[new_iid]
+    stack.net.start_again(old.name)
+    wait_for_postgres(old, 60)
+    notes_old = psql(old, "SELECT count(*) FROM shop_sitenote;")
+    notes_new = psql(new, "SELECT count(*) FROM shop_sitenote;")
+    for url in web_urls(stack):
+        assert post_ok(url)
+    assert psql(old, "SELECT count(*) FROM shop_sitenote;") == notes_old
+    assert int(psql(new, "SELECT count(*) FROM shop_sitenote;")) == int(notes_new) + 2
+    dry = promote_replica(environment="staging", config=cfg)
+    assert f"fence-{old_name(stack, old_iid)}" in dry.plan_text, dry.plan_text
+    assert "answers again and takes writes" in dry.plan_text
+    again = promote_replica(environment="staging", config=cfg, dry_run=False)
+    assert [s.name for s in again.steps] == [f"fence-{old_name(stack, old_iid)}"]
+    old.exec(["supervisorctl", "start", "postgresql"])
+    wait_for_postgres(old, 60)
+    assert not writable(old)  # started again, it comes up read-only
+    rebuild_old_primary(stack, old_iid, new_iid)
+
+
+def old_name(env: AppEnv, iid: str) -> str:
+    return tags_of(env, iid).get("Name") or iid
+
+
+# --------------------------------------------------------------------------- SIGKILL at each step
+
+STEP_RE = re.compile(
+    r"^(upgrade-page-on|fence-\S+|promote-\S+|retag-\S+|repoint-\S+|upgrade-page-off|"
+    r"follow-\S+|finish-failover)\s",
+    re.M,
+)
+BOUNDARIES = [
+    "upgrade-page-on",
+    "fence",
+    "promote",
+    "retag",
+    "repoint-first",
+    "repoint-last",
+    "upgrade-page-off",
+    "follow",
+    "finish-failover",
+    "finish-failover:after",
+]
+
+
+def resolve_boundary(kind: str, steps: list[str]) -> str:
+    when = ":after" if kind.endswith(":after") else ""
+    kind = kind.removesuffix(":after")
+    repoints = [s for s in steps if s.startswith("repoint-")]
+    if kind == "repoint-first":
+        return repoints[0] + when
+    if kind == "repoint-last":
+        return repoints[-1] + when
+    return next(s for s in steps if s == kind or s.startswith(kind + "-")) + when
+
+
+def page_on(env: AppEnv) -> list[str]:
+    return [
+        h.name
+        for h in env.by_role("web")
+        if h.exec(
+            ["test", "-e", "/home/deploy/services/nginx/html/503.html"], check=False
+        ).returncode
+        == 0
+    ]
+
+
+def run_until_paused(cfg: str, target: str, replica: str, marker: Path) -> None:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=f"promote-replica/{target}",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "promote-replica", "-e", "staging"]
+    argv += ["-c", cfg, "--replica", replica, "--apply"]
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-3000:])
+            assert time.monotonic() < deadline, "the run never reached " + target
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+@pytest.mark.parametrize("kind", BOUNDARIES)
+def test_sigkill_at_each_step_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
+    """Primary killed; the run SIGKILLed at a step boundary; recover leaves a consistent cluster
+    (at most one server takes writes, no upgrade page, the rest reported for resume); resume
+    finishes the failover."""
+    cfg = str(stack.config_path)
+    (old_iid,) = role_ids(stack, "db-primary")
+    old = stack.hosts[old_iid]
+    new_iid = role_ids(stack, "db-replica")[0]
+    new_name = old_name(stack, new_iid)
+    stack.net.stop(old.name, graceful=False)
+    dry = promote_replica(environment="staging", config=cfg, replica=new_name)
+    steps = STEP_RE.findall(dry.plan_text)
+    target = resolve_boundary(kind, steps)
+    run_until_paused(cfg, target, new_name, tmp_path / "paused")
+    journal = Journal.for_environment("myproject/staging", load_config(cfg))
+    (entry,) = [e for e in journal.open_entries() if e.flow == "promote-replica"]
+    applied = [s.name for s in entry.applied]
+    found = recover_environment(environment="staging", config=cfg, dry_run=False)
+    # consistent: at most one server takes writes, and it is the promoted one
+    running = [iid for iid in cluster(stack) if stack.hosts[iid].running]
+    writers = [iid for iid in running if writable(stack.hosts[iid])]
+    assert writers in ([], [new_iid]), (target, writers)
+    assert (writers == [new_iid]) == any(s.startswith("promote-") for s in applied)
+    roles = cluster(stack)
+    assert [i for i, r in roles.items() if r == "db-primary"] in ([], [old_iid], [new_iid])
+    assert not page_on(stack), target  # the upgrade page never outlives recover
+    forward = [s for s in applied if s not in ("upgrade-page-on", "upgrade-page-off")]
+    if forward:
+        assert f"fabflows resume {entry.run_id}" in found.plan_text, found.plan_text
+    # every replica streams from the new primary, or the report says to resume
+    others = [i for i, r in roles.items() if r == "db-replica" and i != new_iid]
+    for iid in others:
+        sender = psql(stack.hosts[iid], "SELECT sender_host FROM pg_stat_wal_receiver;", "postgres")
+        assert (
+            sender == stack.hosts[new_iid].ip
+            or f"fabflows resume {entry.run_id}" in (found.plan_text)
+            or not forward
+        )
+    report = resume_run(environment="staging", run_id=entry.run_id, config=cfg, dry_run=False)
+    assert all(s.state in ("done", "skipped") for s in report.steps), report.render_text()
+    assert assert_failed_over(stack, old_iid) == new_iid
+    KK.append(f"{kind} ({target}): applied {len(applied)} step(s) before the kill -> recovered")
+    rebuild_old_primary(stack, old_iid, new_iid)
+
+
+KK: list[str] = []
+
+
+# --------------------------------------------------------------------------- reset-replicas
+
+
+def break_replication(env: AppEnv, replica_iid: str) -> None:
+    """Stop the replica's WAL receiver, drop its slot and let the primary recycle the WAL it
+    needs; then give the receiver its conninfo back: it cannot stream any more."""
+    replica = env.hosts[replica_iid]
+    (primary_iid,) = role_ids(env, "db-primary")
+    primary = env.hosts[primary_iid]
+    conninfo = stop_wal_receiver(replica)
+    slot = psql(replica, "SHOW primary_slot_name;", "postgres")
+    drop = sql.SQL("SELECT pg_drop_replication_slot({});").format(sql.Literal(slot))
+    psql(primary, drop.as_string(None), "postgres")
+    for _ in range(4):
+        psql(primary, "INSERT INTO shop_sitenote (text, created) VALUES ('gap', now());")
+        psql(primary, "SELECT pg_switch_wal();", "postgres")
+        psql(primary, "CHECKPOINT;", "postgres")
+    give_back = sql.SQL("ALTER SYSTEM SET primary_conninfo = {};").format(sql.Literal(conninfo))
+    psql(replica, give_back.as_string(None), "postgres")
+    psql(replica, "SELECT pg_reload_conf();", "postgres")
+    time.sleep(3)
+    status = psql(replica, "SELECT status FROM pg_stat_wal_receiver;", "postgres")
+    assert status != "streaming", "replication should be broken"
+
+
+def counts(host) -> tuple[str, str]:  # noqa: ANN001
+    return (
+        psql(host, "SELECT count(*) FROM shop_order;"),
+        psql(host, "SELECT count(*) FROM shop_sitenote;"),
+    )
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_reset_replicas_rebuilds_a_broken_replica(stack) -> None:  # noqa: ANN001
+    cfg = str(stack.config_path)
+    (primary_iid,) = role_ids(stack, "db-primary")
+    broken_iid, healthy_iid = role_ids(stack, "db-replica")[:2]
+    break_replication(stack, broken_iid)
+    name = old_name(stack, broken_iid)
+    for bad, message in [
+        ("no-such-server", "unknown replica"),
+        (old_name(stack, primary_iid), "is a db-primary server, not a db-replica"),
+    ]:
+        with pytest.raises(BadInput, match=message):
+            reset_replicas(environment="staging", config=cfg, dry_run=False, replicas=[bad])
+    dry = reset_replicas(environment="staging", config=cfg, replicas=[name])
+    assert "not streaming" in dry.plan_text and f"rebuild-{name}" in dry.plan_text
+    healthy_pid = psql(
+        stack.hosts[healthy_iid], "SELECT pid FROM pg_stat_wal_receiver;", "postgres"
+    )
+    for url in web_urls(stack):  # the site keeps writing while the replica is rebuilt
+        assert post_ok(url)
+    report = reset_replicas(environment="staging", config=cfg, dry_run=False, replicas=[name])
+    assert [s.name for s in report.steps] == [f"rebuild-{name}"], report.render_text()
+    assert "rebuilt from" in report.steps[0].summary
+    for url in web_urls(stack):
+        assert post_ok(url)
+    primary, broken = stack.hosts[primary_iid], stack.hosts[broken_iid]
+    deadline = time.monotonic() + 30
+    while counts(broken) != counts(primary):
+        assert time.monotonic() < deadline, (counts(broken), counts(primary))
+        time.sleep(0.3)
+    assert psql(broken, "SELECT status FROM pg_stat_wal_receiver;", "postgres") == "streaming"
+    # the other replica was left alone
+    assert (
+        psql(stack.hosts[healthy_iid], "SELECT pid FROM pg_stat_wal_receiver;", "postgres")
+        == healthy_pid
+    )
+
+
+RESET_BOUNDARIES = ["first", "second", "second:after"]
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+@pytest.mark.parametrize("kind", RESET_BOUNDARIES)
+def test_reset_replicas_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
+    cfg = str(stack.config_path)
+    (primary_iid,) = role_ids(stack, "db-primary")
+    replicas = role_ids(stack, "db-replica")
+    names = [old_name(stack, i) for i in replicas]
+    dry = reset_replicas(environment="staging", config=cfg)
+    steps = re.findall(r"^(rebuild-\S+)\s", dry.plan_text, re.M)
+    assert len(steps) == len(replicas) >= 2
+    target = {"first": steps[0], "second": steps[1], "second:after": steps[-1] + ":after"}[kind]
+    marker = tmp_path / "paused"
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=f"reset-replicas/{target}",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "reset-replicas", "-e", "staging"]
+    argv += ["-c", cfg, "--apply"]
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-3000:])
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    journal = Journal.for_environment("myproject/staging", load_config(cfg))
+    (entry,) = [e for e in journal.open_entries() if e.flow == "reset-replicas"]
+    applied = [s.name for s in entry.applied]
+    found = recover_environment(environment="staging", config=cfg, dry_run=False)
+    primary = stack.hosts[primary_iid]
+    assert writable(primary)
+    assert [i for i in cluster(stack).values() if i == "db-primary"] == ["db-primary"]
+    for iid, name in zip(replicas, names, strict=True):
+        host = stack.hosts[iid]
+        status = psql(host, "SELECT status FROM pg_stat_wal_receiver;", "postgres")
+        assert not writable(host)
+        assert status == "streaming" or f"rebuild-{name}" in found.plan_text
+    if applied:
+        assert f"fabflows resume {entry.run_id}" in found.plan_text
+    report = resume_run(environment="staging", run_id=entry.run_id, config=cfg, dry_run=False)
+    assert all(s.state in ("done", "skipped") for s in report.steps), report.render_text()
+    skipped = [s.name for s in report.steps if s.state == "skipped"]
+    assert skipped == applied
+    for iid in replicas:
+        deadline = time.monotonic() + 30
+        while counts(stack.hosts[iid]) != counts(primary):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    KK.append(f"reset-replicas {kind} ({target}): {len(applied)} applied -> recovered, resumed")
+
+
+def _target(name: str, state: str = "streaming") -> ReplicaTarget:
+    return ReplicaTarget(
+        server=DbServer(name=name, address=name, db_address=name, instance_id=f"i-{name}"),
+        slot=f"replica_{name}",
+        data_directory="/var/lib/postgresql/15/main",
+        state=state,
+    )
+
+
+@pytest.mark.parametrize(
+    ("wanted", "primaries", "steps", "problem"),
+    [
+        (None, 1, ["rebuild-r1", "rebuild-r2"], None),
+        (["r2"], 1, ["rebuild-r2"], None),
+        (["i-r1"], 1, ["rebuild-r1"], None),
+        (["w1"], 1, [], "w1 is a web server, not a db-replica"),
+        (["nope"], 1, [], "unknown replica 'nope'"),
+        (None, 0, [], "0 running db-primary servers"),
+    ],
+)
+def test_reset_plan(staging_env, wanted, primaries, steps, problem) -> None:  # noqa: ANN001
+    primary = DbServer(name="p", address="p", db_address="p", instance_id="i-p")
+    facts = ResetFacts(
+        primaries=[primary] * primaries,
+        replicas=[_target("r1", "not streaming"), _target("r2")],
+        others={"w1": "web", "p": "db-primary"},
+    )
+    plan = plan_reset_replicas(facts, ResetReplicasParams(replicas=wanted), staging_env)
+    assert [c.step for c in plan.changes] == steps
+    if problem:
+        assert any(problem in p for p in plan.problems), plan.problems
+    else:
+        assert not plan.problems and plan.downtime_seconds is None and plan.destructive
