@@ -242,6 +242,12 @@ class NotificationSettings(Strict):
     slow_factor: float = Field(
         default=1.5, gt=1, le=20, description="A run taking this many times its usual duration."
     )
+    slow_minimum_seconds: float = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="... and at least this much longer than usual (short runs vary a lot).",
+    )
 
 
 class EnvironmentSettings(Strict):

@@ -336,13 +336,13 @@ def watchdog(
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Ignored: the watchdog only reads (recovery follows watchdog_recover).
     """
+    report = execute(RUNBOOK, locals())
+    if not isinstance(report, RunbookReport):
+        return report
     from fabflows.chatops.notify import ui_link
     from fabflows.runbook import load_context
     from fabflows.runtime.engine import current_run_id
 
-    report = execute(RUNBOOK, locals())
-    if not isinstance(report, RunbookReport):
-        return report
     rc = load_context(environment, deployment, config)
     findings = _FOUND.pop(report.run_id, [])
     sent = notify_findings(rc, findings, ui_link(rc.config, current_run_id()))

@@ -162,18 +162,34 @@ def cancel_checks(client: Any, run_id: uuid.UUID) -> int:
     return len(pending)
 
 
+CHECK_LEAD = timedelta(seconds=45)
+"""A check run is scheduled this much before it is due and waits: a process start (seconds, more
+on a loaded worker machine) does not make the message late."""
+
+
 def schedule_check(
-    client: Any, run_id: uuid.UUID, kind: str, at: datetime, extra: dict[str, str]
+    client: Any, run_id: uuid.UUID, kind: str, due: datetime, extra: dict[str, str]
 ) -> None:
     from prefect.states import Scheduled
 
     deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}")
+    at = max(due - CHECK_LEAD, datetime.now(UTC))
     client.create_flow_run_from_deployment(
         deployment.id,
-        parameters={"flow_run_id": str(run_id), "kind": kind, **extra},
+        parameters={"flow_run_id": str(run_id), "kind": kind, "due": due.isoformat(), **extra},
         state=Scheduled(scheduled_time=at),
         tags=[NOTIFY_TAG, f"{FOR_TAG}{run_id}"],
     )
+
+
+def wait_until(due: str) -> None:
+    """Sleep until ``due`` (ISO time; empty: now)."""
+    import time
+
+    if due:
+        left = (datetime.fromisoformat(due) - datetime.now(UTC)).total_seconds()
+        if left > 0:
+            time.sleep(left)
 
 
 def _read_only(flow_name: str) -> bool:
@@ -193,7 +209,9 @@ def _started(client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConf
     from fabflows import guard
 
     if run.state is None or not run.state.is_running():
-        return "not running any more"
+        return (
+            f"run {run.name} is not running any more ({run.state.type.value if run.state else '?'})"
+        )
     flow_name = client.read_flow(run.flow_id).name
     if _read_only(flow_name):
         return f"{flow_name} is read-only: no checks"
@@ -206,18 +224,24 @@ def _started(client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConf
         decision = guard.check_window(env, now=now)
         end = decision.window_end
         if end is not None:
-            at = max(end - timedelta(minutes=settings.window_warning_minutes), now)
-            at = max(at, now + timedelta(seconds=3))  # after the run has taken its lock
-            if at < end:
+            due = max(end - timedelta(minutes=settings.window_warning_minutes), now)
+            due = max(due, now + timedelta(seconds=3))  # after the run has taken its lock
+            if due < end:
                 extra = {"since": since.isoformat(), "window_end": end.isoformat()}
-                schedule_check(client, run.id, "check-window", at, extra)
-                planned.append(f"window check at {at:%H:%M:%S}")
+                schedule_check(client, run.id, "check-window", due, extra)
+                planned.append(f"window check at {due:%H:%M:%S}")
     usual = usual_duration(flow_name, env) if wanted(config, env.environment, "slow") else None
     if usual is not None:
-        at = max(since + usual * settings.slow_factor, now)
-        schedule_check(client, run.id, "check-slow", at, {"since": since.isoformat()})
-        planned.append(f"slow check at {at:%H:%M:%S} (usual {usual.total_seconds():.1f} s)")
-    return "; ".join(planned) or "no checks wanted"
+        due = since + slow_after(usual, settings.slow_factor, settings.slow_minimum_seconds)
+        schedule_check(client, run.id, "check-slow", due, {"since": since.isoformat()})
+        planned.append(f"slow check at {due:%H:%M:%S} (usual {usual.total_seconds():.1f} s)")
+    return f"{flow_name} run {run.name}: " + ("; ".join(planned) or "no checks wanted")
+
+
+def slow_after(usual: timedelta, factor: float, minimum_seconds: float) -> timedelta:
+    """How long after its start a run counts as slow: ``factor`` x usual, and at least
+    ``minimum_seconds`` more than usual."""
+    return usual + max(usual * (factor - 1), timedelta(seconds=minimum_seconds))
 
 
 def _same_running(run: Any, since: str) -> bool:
@@ -229,11 +253,19 @@ def _same_running(run: Any, since: str) -> bool:
 
 
 def handle(
-    client: Any, config: FabulawsConfig, kind: str, run_id: uuid.UUID, since: str, window_end: str
+    client: Any,
+    config: FabulawsConfig,
+    kind: str,
+    run_id: uuid.UUID,
+    since: str,
+    window_end: str,
+    due: str = "",
 ) -> str:
     """Do what ``kind`` asks for the run ``run_id``; returns what was done (for the log)."""
     from fabflows import lock
 
+    if kind.startswith("check-"):
+        wait_until(due)
     run = client.read_flow_run(run_id)
     env = environment_of(config, run)
     if env is None:
@@ -267,7 +299,7 @@ def handle(
     elif kind == "check-slow":
         usual = usual_duration(facts.flow, env)
         if _same_running(run, since) and usual is not None:
-            start = run.start_time or run.state.timestamp
+            start = datetime.fromisoformat(since)
             settings = settings_for(config, env.environment)
             notice = messages.slow_notice(
                 facts, usual, datetime.now(UTC) - start, settings.slow_factor
@@ -284,6 +316,7 @@ def notify_run(
     kind: Kind,
     since: str = "",
     window_end: str = "",
+    due: str = "",
     config: str | None = None,
 ) -> str:
     """Tell the environment's operators about a fabflows run (run by the fabflows automations).
@@ -293,12 +326,13 @@ def notify_run(
         kind: ended, paused, reminder, started, check-window or check-slow.
         since: For the checks: the RUNNING state they were planned for.
         window_end: For check-window: when the window closes.
+        due: For the checks: when they are due (the run starts earlier and waits).
         config: Path of the config file (default: $FABFLOWS_CONFIG).
     """
     from prefect.client.orchestration import get_client
 
     cfg = load_config(config)
     with get_client(sync_client=True) as client:
-        said = handle(client, cfg, kind, run_id_of(flow_run_id), since, window_end)
+        said = handle(client, cfg, kind, run_id_of(flow_run_id), since, window_end, due)
     get_run_logger().info("%s", said)
     return said

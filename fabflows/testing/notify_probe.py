@@ -5,6 +5,7 @@ protected environment."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class Probe(Runbook[ProbeParams, dict, ProbePlan]):
             (d / f"suspended-{scope.run_id}").unlink(missing_ok=True)
 
         def work(scope: Scope) -> dict:
-            (d / f"working-{scope.run_id}").write_text("on")
+            (d / f"working-{scope.run_id}").write_text(str(os.getpid()))
             time.sleep(plan.seconds)
             if plan.fail:
                 raise RuntimeError("the probe's work step failed as asked")

@@ -114,9 +114,14 @@ def _config(base: Path, probe_dir: Path, t0, fire, window_end, warn_at) -> Path:
         base,
         fabflows=moto_section(
             "http://127.0.0.1:1",  # no AWS call is made
-            staging={"notifications": notifications, "watchdog_cron": None},
+            staging={
+                "notifications": notifications | {"slow_minimum_seconds": 0},
+                "watchdog_cron": None,
+            },
             production={
-                "notifications": notifications,
+                # no slow-run messages here: the runs have no usual duration to speak of
+                "notifications": notifications
+                | {"events": ["failed", "crashed", "cancelled", "approval"]},
                 "watchdog_cron": None,
                 "schedules": {
                     "notify-probe": {
@@ -158,9 +163,9 @@ def world(tmp_path_factory) -> Iterator[dict]:
         s.start_server()
         # the times are taken once the server is up (it may take long on a loaded machine)
         t0 = datetime.now(UTC)
-        fire = _ceil_minute(t0 + timedelta(seconds=90))  # the failing scheduled run
-        window_end = _ceil_minute(t0 + timedelta(seconds=150))
-        warn_at = t0 + timedelta(seconds=80)
+        fire = _ceil_minute(t0 + timedelta(seconds=100))  # the failing scheduled run
+        window_end = _ceil_minute(t0 + timedelta(seconds=200))
+        warn_at = t0 + timedelta(seconds=120)
         config_path = _config(base, probe_dir, t0, fire, window_end, warn_at)
         with temporary_settings({PREFECT_API_URL: s.api}):
             from prefect_slack import SlackWebhook
@@ -174,19 +179,21 @@ def world(tmp_path_factory) -> Iterator[dict]:
         )
         _wait(lambda: (probe_dir / f"working-{crash}").exists(), 240, "the crash run's work step")
         s.kill_worker("wcrash", signal.SIGKILL)
+        # the flow process lives on in its own session: the machine "dies" with it
+        os.kill(int((probe_dir / f"working-{crash}").read_text()), signal.SIGKILL)
         killed = time.time()
         # 2. the others, on worker "w1"
         s.start_worker("w1")
         with temporary_settings({PREFECT_API_URL: s.api}):
             history = DurationHistory("notify-probe", "myproject/staging")
             history.record("suspend", 0.1)
-            history.record("work", 2.0)
-        slow = _create(s, "notify-probe/myproject-staging", directory=str(probe_dir), seconds=25)
+            history.record("work", 40.0)
+        slow = _create(s, "notify-probe/myproject-staging", directory=str(probe_dir), seconds=150)
         approval = _create(
             s, "notify-probe/myproject-production", directory=str(probe_dir), destructive=True
         )
         window = _create(
-            s, "hold-environment-lock/myproject-testing", seconds=120, release=str(release)
+            s, "hold-environment-lock/myproject-testing", seconds=300, release=str(release)
         )
         yield {
             "stack": s,
@@ -224,9 +231,9 @@ def test_slow_run(world: dict) -> None:
     state, _ = _state(s, run)
     with temporary_settings({PREFECT_API_URL: s.api}), get_client(sync_client=True) as client:
         start = client.read_flow_run(run).start_time
-    # usual 2.1 s, alert at 1.5x: the check is due 3.15 s after the start
-    assert at - (start.timestamp() + 3.15) < 30, text
-    assert "Usual duration: 2 s (alert at 1.5x)" in text
+    # usual 40.1 s, alert at 1.5x: the check is due 60.15 s after the start
+    assert at - (start.timestamp() + 60.15) < 30, text
+    assert "Usual duration: 40 s (alert at 1.5x)" in text
     assert "Environment: myproject/staging" in text and "Started by: api:e2e" in text
     assert len(r.about(run, "is slow")) == 1
 
@@ -239,7 +246,7 @@ def test_approval_pending_reminder_and_timeout(world: dict) -> None:
     assert at - paused_at < 30, text
     for field in (
         "Asked by: api:e2e",
-        "Expected downtime: about 1 min 30 s",
+        "Expected downtime: about 90 s",
         "Plan:",
         "work 0 s",
         "Rejected automatically at",
