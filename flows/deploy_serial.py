@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from prefect import flow
-from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
-from fabflows import approval, audit, lock
-from fabflows.errors import BadInput, Refused
-from fabflows.report import artifact_key, markdown_table, publish_markdown, text_table
-from fabflows.runbook import RunContext, load_context
-from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
-from tasks.aws.images import (
-    Image,
-    create_image,
-    deregister_image,
-    image_name,
-    list_images,
-    wait_for_image,
+from fabflows import boundaries
+from fabflows.errors import BadInput
+from fabflows.procedures.deploy_serial_plan import (
+    BLOCKING_PROCESSES,
+    FLOW_NAME,
+    IMAGE_STEP,
+    PRUNE_STEP,
+    TEMPLATE_STEP,
+    DeploySerialPlan,
+    InstanceImage,
+    Replacement,
+    plan_deploy_serial,
+    resolve_version,
+    surge_step,
 )
+from fabflows.runbook import RunContext
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
+from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
+from tasks.aws.images import Image, create_image, deregister_image, list_images, wait_for_image
 from tasks.aws.instance_refresh import (
     GroupInstance,
     describe_group_instances,
@@ -40,131 +47,29 @@ from tasks.aws.launch_templates import (
     set_group_template_version,
 )
 from tasks.aws.load_balancers import Targets, wait_for_load_balancers
-from tasks.http.probe import HttpProbe, ProbeSummary, check_site_up
+from tasks.http.probe import HttpProbe, check_site_up
 
-BLOCKING_PROCESSES = ("Launch", "Terminate", "AddToLoadBalancer", "HealthCheck")
-"""Suspended, these would stop the surge (no launch), keep old instances (no terminate) or leave new
-ones out of the load balancers."""
+__all__ = [
+    "BLOCKING_PROCESSES",
+    "DeploySerialPlan",
+    "InstanceImage",
+    "RefreshFailed",
+    "Replacement",
+    "deploy_serial",
+    "plan_deploy_serial",
+    "resolve_version",
+]
 
 
-class Replacement(BaseModel):
-    """One old instance replaced by one new one."""
-
+class DeploySerialParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    old_instance_id: str
-    old_image_id: str | None
-    old_address: str | None
-
-
-class DeploySerialPlan(BaseModel):
-    """The plan of deploy-serial."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    environment: str
-    auto_scaling_group: str
-    template: str
-    current_version: int = Field(description="The template version the group launches now.")
-    source_instance: str
-    source_address: str | None
-    image_name: str
-    desired: int
-    max_size: int
-    replacements: list[Replacement]
-    prune_images: list[Image] = Field(default_factory=list)
-    prune_versions: list[int] = Field(default_factory=list)
-    keep: int
-
-    def render_markdown(self) -> str:
-        return self._render(markdown=True)
-
-    def render_text(self) -> str:
-        """The same plan for the terminal: plain text and a fixed-width table."""
-        return self._render(markdown=False)
-
-    def _render(self, *, markdown: bool) -> str:
-        def code(text: str) -> str:
-            return f"`{text}`" if markdown else text
-
-        rows = [
-            {
-                "step": i + 1,
-                "add": "1 new instance (new image), wait until it serves",
-                "then remove": f"{r.old_instance_id} ({r.old_address or '-'}, {r.old_image_id or '-'})",
-            }
-            for i, r in enumerate(self.replacements)
-        ]
-        title = (
-            f"{self.environment}: refresh {len(self.replacements)} web server(s) of "
-            f"{code(self.auto_scaling_group)} onto a new image, one at a time with surge"
-        )
-        out = [
-            f"**{title}**" if markdown else title,
-            "",
-            f"- image {code(self.image_name)} from {self.source_instance} ({self.source_address})",
-            f"- launch template {code(self.template)}: new version from v{self.current_version} "
-            "(the group and the template's default point at it)",
-            f"- capacity: desired {self.desired}, up to {self.desired + 1} during each step "
-            f"(max {self.max_size}); never below {self.desired} serving",
-            f"- keep {self.keep} image(s)/version(s); prune images "
-            f"{', '.join(i.name for i in self.prune_images) or 'none'}, versions "
-            f"{', '.join(f'v{v}' for v in self.prune_versions) or 'none'}",
-            "",
-            markdown_table(rows) if markdown else text_table(rows),
-        ]
-        return "\n".join(out)
-
-
-class InstanceImage(BaseModel):
-    """Which image one instance runs (the report after the run, good or bad)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    instance_id: str
-    lifecycle_state: str
-    image_id: str | None
-    address: str | None
-    new: bool = Field(description="Runs the image this run made.")
-
-
-class DeploySerialResult(BaseModel):
-    """What deploy-serial did."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    plan: DeploySerialPlan
-    dry_run: bool
-    image_id: str | None = None
-    template_version: int | None = None
-    replaced: dict[str, str] = Field(default_factory=dict, description="old -> new instance id.")
-    instances: list[InstanceImage] = Field(default_factory=list)
-    duration_s: float | None = None
-    probe: ProbeSummary | None = None
-    pruned: list[str] = Field(default_factory=list)
-    outcome: str = ""
-
-    def render_text(self) -> str:
-        """What the terminal prints: the outcome, what runs where, then the plan."""
-        out = [f"deploy-serial {self.plan.environment}: {self.outcome or 'done'}"]
-        if not self.dry_run:
-            out.append(
-                f"image {self.image_id}, launch template version v{self.template_version}; "
-                f"{len(self.replaced)} instance(s) replaced"
-                + (f" in {self.duration_s:.0f} s" if self.duration_s is not None else "")
-            )
-            out += [f"  {old} -> {new}" for old, new in self.replaced.items()]
-            if self.probe:
-                out.append(f"site probe: {self.probe.describe()}")
-            out.append(f"pruned: {', '.join(self.pruned) or 'none'}")
-            if self.instances:
-                out += ["", text_table([i.model_dump() for i in self.instances])]
-        out += ["", self.plan.render_text()]
-        return "\n".join(out)
+    source_instance: str | None = Field(default=None, description="Instance to image.")
+    keep_images: int | None = Field(default=None, description="Images and versions kept.")
 
 
 class RefreshFailed(RuntimeError):
-    """The refresh stopped; the group is at its desired capacity. ``instances`` says who runs what."""
+    """The refresh stopped. ``instances`` says who runs what (before the surge was undone)."""
 
     def __init__(self, message: str, instances: list[InstanceImage]):
         self.instances = instances
@@ -175,118 +80,19 @@ class RefreshFailed(RuntimeError):
         super().__init__(f"{message}. Instances now: {table}")
 
 
-# --------------------------------------------------------------------------- pure
+@dataclass
+class GroupFacts:
+    group: AutoScalingGroup
+    instances: list[GroupInstance]
+    versions: list[TemplateVersion]
+    images: list[Image]
+    keep: int
 
 
-def resolve_version(spec: str | None, versions: list[TemplateVersion]) -> int:
-    """``$Latest`` / ``$Default`` / ``"3"`` -> a version number (pure)."""
-    if not versions:
-        raise BadInput("the launch template has no version")
-    if spec in (None, "", "$Latest"):
-        return versions[-1].number
-    if spec == "$Default":
-        return next(v.number for v in versions if v.default)
-    return int(spec)
+# --------------------------------------------------------------------------- helpers
 
 
-def plan_deploy_serial(
-    env: EnvironmentConfig,
-    group: AutoScalingGroup,
-    instances: list[GroupInstance],
-    versions: list[TemplateVersion],
-    images: list[Image],
-    keep: int,
-    source: str | None,
-    now: datetime,
-) -> DeploySerialPlan:
-    """Pure: check the group can surge, pick the source, list replacements and what to prune.
-
-    Raises:
-        BadInput: the group cannot do a surge refresh (no template, no room above desired, unknown
-            source instance).
-        Refused: the group is not in a state to start (suspended processes, instances not InService).
-    """
-    name = group.auto_scaling_group_name
-    if not group.launch_template or group.launch_template_version is None:
-        raise BadInput(f"{name} has no launch template (launch configurations are not supported)")
-    suspended = [p for p in group.suspended_processes if p in BLOCKING_PROCESSES]
-    if suspended:
-        raise Refused(
-            f"{name} has {', '.join(suspended)} suspended (upgrade mode?): end it first "
-            "(end-upgrade), a surge refresh needs them"
-        )
-    not_ready = [i for i in instances if i.lifecycle_state != "InService"]
-    if not_ready:
-        raise Refused(
-            f"{name} has instances not InService: "
-            + ", ".join(f"{i.instance_id} {i.lifecycle_state}" for i in not_ready)
-            + " (a previous run may have left one in Standby: exit-standby it, or wait)"
-        )
-    if len(instances) != group.desired_capacity:
-        raise Refused(
-            f"{name} has {len(instances)} instance(s) for a desired capacity of "
-            f"{group.desired_capacity}: wait until it settles"
-        )
-    if group.desired_capacity + 1 > group.max_size:
-        raise BadInput(
-            f"{name}: max size {group.max_size} leaves no room for one more instance above the "
-            f"desired {group.desired_capacity}; raise MaxSize to at least {group.desired_capacity + 1}"
-        )
-    if not instances:
-        raise BadInput(f"{name} has no instance to make the image from")
-    if source is not None:
-        chosen = next((i for i in instances if i.instance_id == source), None)
-        if chosen is None:
-            raise BadInput(
-                f"source_instance {source} is not an InService instance of {name} "
-                f"({', '.join(i.instance_id for i in instances)})"
-            )
-    else:
-        newest = max(i.launch_time or datetime.min.replace(tzinfo=UTC) for i in instances)
-        chosen = next(
-            i for i in instances if (i.launch_time or datetime.min.replace(tzinfo=UTC)) == newest
-        )
-    current = resolve_version(group.launch_template_version, versions)
-    # after a successful run the new version (the default then) and the newest keep-1 older ones
-    # stay, and the images they or fabflows' newest keep-1 images use
-    older = sorted(v.number for v in versions)
-    keep_versions = set(older[-(keep - 1) :]) if keep > 1 else set()
-    prune_versions = [n for n in older if n not in keep_versions]
-    kept_versions_images = {v.image_id for v in versions if v.number in keep_versions}
-    keep_images = {i.image_id for i in images[-(keep - 1) :]} if keep > 1 else set()
-    prune_images = [
-        i
-        for i in images
-        if i.image_id not in keep_images and i.image_id not in kept_versions_images
-    ]
-    return DeploySerialPlan(
-        environment=env.label,
-        auto_scaling_group=name,
-        template=group.launch_template,
-        current_version=current,
-        source_instance=chosen.instance_id,
-        source_address=chosen.private_ip_address,
-        image_name=image_name(env.deployment, env.environment, now),
-        desired=group.desired_capacity,
-        max_size=group.max_size,
-        replacements=[
-            Replacement(
-                old_instance_id=i.instance_id,
-                old_image_id=i.image_id,
-                old_address=i.private_ip_address,
-            )
-            for i in instances
-        ],
-        prune_images=prune_images,
-        prune_versions=sorted(prune_versions),
-        keep=keep,
-    )
-
-
-# --------------------------------------------------------------------------- the steps
-
-
-def _instances_now(ctx: RunContext, group: str, image_id: str | None) -> list[InstanceImage]:
+def _instances_now(rc: RunContext, group: str, image_id: str | None) -> list[InstanceImage]:
     return [
         InstanceImage(
             instance_id=i.instance_id,
@@ -295,32 +101,345 @@ def _instances_now(ctx: RunContext, group: str, image_id: str | None) -> list[In
             address=i.private_ip_address,
             new=image_id is not None and i.image_id == image_id,
         )
-        for i in describe_group_instances(ctx.creds, group)
+        for i in describe_group_instances(rc.creds, group)
     ]
 
 
-def _server_url(ctx: RunContext, address: str | None) -> str:
-    return ctx.config.fabflows.upgrade.web_server_url.format(address=address)
+def _runs_image(rc: RunContext, group: str, image_id: str) -> bool:
+    """Does an instance of the group that is not on its way out run ``image_id``?"""
+    return any(
+        i.image_id == image_id
+        and not i.lifecycle_state.startswith("Terminat")
+        and i.state not in ("shutting-down", "terminated")
+        for i in describe_group_instances(rc.creds, group)
+    )
 
 
-def _remove_surge(ctx: RunContext, group: str, known: list[str], desired: int) -> None:
-    """Compensation of a surge step: take out instances that are not ``known``; desired back."""
-    logger = get_run_logger()
-    for inst in describe_group_instances(ctx.creds, group):
-        if inst.instance_id not in known:
-            logger.warning("removing %s: it never served", inst.instance_id)
-            if inst.lifecycle_state == "Standby":
-                terminate_group_instance(
-                    ctx.creds, group, inst.instance_id, decrement=False, dry_run=False
+def _image_id(scope: Scope) -> str | None:
+    """The image this run made: from this run's step, or the journal (a resumed run)."""
+    made = scope.results.get(IMAGE_STEP)
+    if isinstance(made, dict) and made.get("image_id"):
+        return made["image_id"]
+    entry = scope.journal.entry(scope.run_id) if scope.journal is not None else None
+    rec = entry.step(IMAGE_STEP) if entry is not None else None
+    return rec.data.get("image_id") if rec is not None else None
+
+
+def _probe(scope: Scope) -> None:
+    """Count the site's non-200 answers from the first step to verify (none without a site URL)."""
+    if getattr(scope, "_deploy_probe", None) is None and scope.env.site_url:
+        probe = HttpProbe(scope.env.site_url).start()
+        scope._deploy_probe = probe  # type: ignore[attr-defined]
+        scope.on_close(lambda: _stop_probe(scope))
+
+
+def _stop_probe(scope: Scope) -> None:
+    probe = getattr(scope, "_deploy_probe", None)
+    if probe is not None:
+        scope._deploy_probe = None  # type: ignore[attr-defined]
+        summary = probe.stop()
+        scope.details["probe"] = summary.model_dump(mode="json")
+        scope.details["Site probe"] = summary.describe()
+
+
+def _targets(rc: RunContext, group: str) -> Targets:
+    g = describe_auto_scaling_group(rc.creds, group)
+    assert g is not None
+    return Targets(load_balancer_names=g.load_balancer_names, target_group_arns=g.target_group_arns)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _create_image(plan: DeploySerialPlan):  # noqa: ANN202
+    def apply(scope: Scope) -> dict[str, Any]:
+        _probe(scope)
+        rc, env = scope.rc, scope.env
+        settings = rc.config.fabflows.refresh
+        scope.record(image_name=plan.image_name)
+        tags = {"deployment": env.deployment, "environment": env.environment, "role": "web"}
+        made = create_image(
+            rc.creds,
+            plan.source_instance,
+            plan.image_name,
+            env.label,
+            tags,
+            no_reboot=not settings.reboot_for_image,
+            dry_run=False,
+        )
+        scope.record(image_name=plan.image_name, image_id=made.image_id)
+        wait_for_image(
+            rc.creds,
+            made.image_id,
+            timeout=settings.image_timeout_seconds,
+            poll=settings.poll_seconds,
+        )
+        scope.details["image_id"] = made.image_id
+        return {"image_id": made.image_id, "summary": f"image {plan.image_name} ({made.image_id})"}
+
+    def undo(scope: Scope, data: dict[str, Any]) -> None:
+        """Deregister the image unless an instance of the group already runs it."""
+        rc = scope.rc
+        image_id = data.get("image_id")
+        if image_id is None:
+            found = [i for i in list_images(rc.creds, scope.env.label) if i.name == plan.image_name]
+            image_id = found[0].image_id if found else None
+        if image_id is None:
+            return
+        if _runs_image(rc, plan.auto_scaling_group, image_id):
+            scope.log("keeping %s: instances of the group run it", image_id, level="warning")
+            return
+        deregister_image(rc.creds, image_id, dry_run=False)
+
+    return apply, undo
+
+
+def _new_template_version(plan: DeploySerialPlan):  # noqa: ANN202
+    description = f"fabflows deploy-serial {plan.image_name}"
+
+    def apply(scope: Scope) -> dict[str, Any]:
+        rc = scope.rc
+        image_id = _image_id(scope)
+        if image_id is None:
+            raise RuntimeError(f"no image recorded by {IMAGE_STEP}")
+        group = describe_auto_scaling_group(rc.creds, plan.auto_scaling_group)
+        assert group is not None
+        versions = describe_launch_template_versions(rc.creds, plan.template)
+        before = {
+            "group_version_before": group.launch_template_version or "",
+            "default_version_before": next(v.number for v in versions if v.default),
+            "image_id": image_id,
+        }
+        scope.record(**before)
+        version = create_launch_template_version(
+            rc.creds, plan.template, plan.current_version, image_id, description, dry_run=False
+        ).version
+        assert version is not None
+        scope.record(version=version)
+        set_group_template_version(
+            rc.creds, plan.auto_scaling_group, plan.template, str(version), version, dry_run=False
+        )
+        scope.details["template_version"] = version
+        return {**before, "version": version, "summary": f"{plan.template} v{version}"}
+
+    def undo(scope: Scope, data: dict[str, Any]) -> None:
+        """Point the group and the default back, delete the version(s) made for this image;
+        nothing when an instance already runs the new image (it serves: the group keeps it)."""
+        rc = scope.rc
+        image_id = data.get("image_id")
+        if image_id is None or "group_version_before" not in data:
+            return
+        group = plan.auto_scaling_group
+        if _runs_image(rc, group, image_id):
+            scope.log("keeping the new template version: instances run it", level="warning")
+            return
+        set_group_template_version(
+            rc.creds,
+            group,
+            plan.template,
+            data["group_version_before"],
+            int(data["default_version_before"]),
+            dry_run=False,
+        )
+        made = [
+            v.number
+            for v in describe_launch_template_versions(rc.creds, plan.template)
+            if v.image_id == image_id and v.description == description
+        ]
+        if made:
+            delete_launch_template_versions(rc.creds, plan.template, made, dry_run=False)
+
+    return apply, undo
+
+
+def _surge(plan: DeploySerialPlan, index: int, old: Replacement):  # noqa: ANN202
+    name = plan.auto_scaling_group
+    step = surge_step(old.old_instance_id)
+
+    def apply(scope: Scope) -> dict[str, Any]:
+        _probe(scope)
+        rc = scope.rc
+        settings = rc.config.fabflows.refresh
+        timeout, poll = settings.instance_timeout_seconds, settings.poll_seconds
+        targets = _targets(rc, name)
+        image_id = _image_id(scope)
+        known = [i.instance_id for i in describe_group_instances(rc.creds, name)]
+        if old.old_instance_id not in known:
+            return {"summary": f"{old.old_instance_id} is no longer in the group"}
+        data: dict[str, Any] = {"known": known, "desired": plan.desired, "old": old.old_instance_id}
+        scope.record(**data)  # before the surge: the undo removes any instance not known
+        try:
+            set_desired_capacity(rc.creds, name, plan.desired + 1, dry_run=False)
+            new = wait_for_new_instance(rc.creds, name, known, timeout=timeout, poll=poll)
+            data["new"] = new.instance_id
+            scope.record(new=new.instance_id)
+            if not targets.empty:
+                wait_for_load_balancers(
+                    rc.creds, [new.instance_id], targets, "in", timeout=timeout, poll=poll
                 )
-            else:
+            check_site_up(
+                [rc.config.fabflows.upgrade.web_server_url.format(address=new.private_ip_address)],
+                rc.config.fabflows.upgrade.healthcheck_path,
+                timeout=timeout,
+            )
+        except Exception as exc:
+            raise RefreshFailed(
+                f"refresh of {name} stopped after {index} replacement(s): {exc}",
+                _instances_now(rc, name, image_id),
+            ) from exc
+        boundaries.reached(FLOW_NAME, step, "surged")  # the new one serves, the old one too
+        enter_standby(rc.creds, name, old.old_instance_id, dry_run=False)
+        if not targets.empty:
+            wait_for_load_balancers(
+                rc.creds, [old.old_instance_id], targets, "out", timeout=timeout, poll=poll
+            )
+        time.sleep(settings.drain_seconds)
+        terminate_group_instance(
+            rc.creds, name, old.old_instance_id, decrement=False, dry_run=False
+        )
+        replaced = scope.details.setdefault("replaced", {})
+        replaced[old.old_instance_id] = new.instance_id
+        return {**data, "summary": f"{old.old_instance_id} -> {new.instance_id}"}
+
+    def undo(scope: Scope, data: dict[str, Any]) -> None:
+        """A half-done surge: the old instance back in service, the instances it launched
+        terminated, desired capacity as before. A finished one (the old instance gone) stays."""
+        rc = scope.rc
+        if "known" not in data:
+            return  # killed before the surge began
+        now = describe_group_instances(rc.creds, name)
+        olds = {i.instance_id: i for i in now}
+        if data["old"] not in olds:
+            return  # replaced: the new instance serves
+        if olds[data["old"]].lifecycle_state == "Standby":
+            exit_standby(rc.creds, name, data["old"], dry_run=False)
+        for inst in now:
+            if inst.instance_id not in data["known"]:
+                scope.log("removing %s: the surge is undone", inst.instance_id, level="warning")
                 terminate_group_instance(
-                    ctx.creds, group, inst.instance_id, decrement=True, dry_run=False
+                    rc.creds,
+                    name,
+                    inst.instance_id,
+                    decrement=inst.lifecycle_state != "Standby",
+                    dry_run=False,
                 )
-    set_desired_capacity(ctx.creds, group, desired, dry_run=False)
+        set_desired_capacity(rc.creds, name, int(data["desired"]), dry_run=False)
+
+    return apply, undo
 
 
-@flow(name="deploy-serial", log_prints=False)
+def _prune(plan: DeploySerialPlan):  # noqa: ANN202
+    def apply(scope: Scope) -> dict[str, Any]:
+        rc = scope.rc
+        pruned = []
+        for image in plan.prune_images:
+            if deregister_image(rc.creds, image.image_id, dry_run=False).changed:
+                pruned.append(image.name)
+        if plan.prune_versions:
+            have = {v.number for v in describe_launch_template_versions(rc.creds, plan.template)}
+            gone = [v for v in plan.prune_versions if v in have]
+            if gone:
+                delete_launch_template_versions(rc.creds, plan.template, gone, dry_run=False)
+            pruned += [f"{plan.template} v{v}" for v in gone]
+        scope.details["pruned"] = ", ".join(pruned) or "none"
+        return {"summary": "pruned " + (", ".join(pruned) or "nothing")}
+
+    return apply
+
+
+class DeploySerial(Runbook[DeploySerialParams, GroupFacts, DeploySerialPlan]):
+    name = FLOW_NAME
+    Params = DeploySerialParams
+    plan_type = DeploySerialPlan
+
+    def validate(self, rc: RunContext, params: DeploySerialParams) -> None:
+        keep = params.keep_images
+        if keep is not None and keep < 1:
+            raise BadInput(f"keep_images must be at least 1 (got {keep})")
+        if not rc.env.auto_scaling_group:
+            raise BadInput(
+                f"{rc.env.label} has no autoscaling group in config (auto_scaling_groups)"
+            )
+
+    def gather(self, scope: Scope, params: DeploySerialParams) -> GroupFacts:
+        rc, env = scope.rc, scope.env
+        assert env.auto_scaling_group
+        group = describe_auto_scaling_group(rc.creds, env.auto_scaling_group)
+        if group is None:
+            raise BadInput(f"autoscaling group {env.auto_scaling_group} does not exist")
+        instances = describe_group_instances(rc.creds, group.auto_scaling_group_name)
+        versions = (
+            describe_launch_template_versions(rc.creds, group.launch_template)
+            if group.launch_template and group.launch_template_version is not None
+            else []
+        )
+        keep = params.keep_images or rc.config.fabflows.refresh.keep_images
+        return GroupFacts(group, instances, versions, list_images(rc.creds, env.label), keep)
+
+    def plan(
+        self, facts: GroupFacts, params: DeploySerialParams, env: EnvironmentConfig
+    ) -> DeploySerialPlan:
+        return plan_deploy_serial(
+            env,
+            facts.group,
+            facts.instances,
+            facts.versions,
+            facts.images,
+            facts.keep,
+            params.source_instance,
+            datetime.now(UTC),
+        )
+
+    def steps(self, plan: DeploySerialPlan, params: DeploySerialParams) -> list[Step]:
+        image_apply, image_undo = _create_image(plan)
+        version_apply, version_undo = _new_template_version(plan)
+        out = [
+            Step(IMAGE_STEP, image_apply, image_undo),
+            Step(TEMPLATE_STEP, version_apply, version_undo),
+        ]
+        for index, old in enumerate(plan.replacements):
+            apply, undo = _surge(plan, index, old)
+            out.append(Step(surge_step(old.old_instance_id), apply, undo))
+        if plan.prune_images or plan.prune_versions:
+            out.append(
+                Step(
+                    PRUNE_STEP,
+                    _prune(plan),
+                    no_undo="deleted images and launch template versions cannot be brought back",
+                    auto_undo=False,
+                )
+            )
+        return out
+
+    def verify(self, scope: Scope, plan: DeploySerialPlan, params: DeploySerialParams) -> list[str]:
+        """Every instance of the group on the new image, InService and in every load balancer."""
+        rc = scope.rc
+        name = plan.auto_scaling_group
+        image_id = _image_id(scope)
+        now = _instances_now(rc, name, image_id)
+        _stop_probe(scope)
+        scope.details["instances"] = [i.model_dump(mode="json") for i in now]
+        wrong = [i for i in now if not i.new or i.lifecycle_state != "InService"]
+        if wrong or len(now) != plan.desired:
+            return [str(RefreshFailed(f"after the refresh {name} is not all on {image_id}", now))]
+        targets = _targets(rc, name)
+        if not targets.empty:
+            settings = rc.config.fabflows.refresh
+            wait_for_load_balancers(
+                rc.creds,
+                [i.instance_id for i in now],
+                targets,
+                "in",
+                timeout=settings.instance_timeout_seconds,
+                poll=settings.poll_seconds,
+            )
+        return []
+
+
+RUNBOOK = DeploySerial()
+
+
+@flow(name=FLOW_NAME, log_prints=False)
 def deploy_serial(
     environment: str,
     deployment: str | None = None,
@@ -328,7 +447,8 @@ def deploy_serial(
     dry_run: bool = True,
     source_instance: str | None = None,
     keep_images: int | None = None,
-) -> DeploySerialResult:
+    window_override_reason: str | None = None,
+) -> RunbookReport:
     """Bring every web server of the autoscaling group to a new image, with surge capacity.
 
     The original built a whole new server for the image, refreshed one instance at a time with no
@@ -356,11 +476,18 @@ def deploy_serial(
     and what would be pruned. Refusals (suspended processes, Standby instances, no room above
     desired) come before anything changes.
 
-    **Rollback:** a new instance that does not serve in time is terminated and desired capacity
-    set back; if no old instance was replaced yet, the group goes back to its previous template
-    version. The run fails with the list of which instance runs which image; instances already
-    replaced stay on the new image (they served). A run killed outright leaves at most one extra
-    instance or one old instance in Standby, both visible in describe-environment.
+    **Steps** (journaled, each recording what its undo needs before it writes): `create-image`,
+    `new-template-version`, one `surge-<old instance id>` per web server (the new instance is in
+    service before the old one goes; the instance ids known before the surge are recorded
+    before desired capacity goes up), then `prune`.
+
+    **Rollback:** a surge that fails (a new instance that does not serve in time) is undone: the
+    instances it launched are terminated, an old instance in Standby comes back, desired capacity
+    is set back; if no old instance was replaced yet, the group and the template's default go back
+    to their previous template version, the new version is deleted and the image deregistered.
+    The run fails with the list of which instance runs which image; instances already replaced
+    stay on the new image (they served). A run killed outright is undone the same way by
+    `fabflows recover` (recover-environment) from its journal. Pruning has no undo.
 
     Args:
         environment: Environment (e.g. staging).
@@ -369,203 +496,7 @@ def deploy_serial(
         dry_run: Only show the plan (default). Set false to refresh.
         source_instance: Instance to image (default: the group's newest InService instance).
         keep_images: Images and template versions kept (default: fabflows.refresh.keep_images).
+        window_override_reason: Run outside the maintenance window (protected environments), for
+            this recorded reason.
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    audit.record_start(env)
-    settings = ctx.config.fabflows.refresh
-    keep = keep_images if keep_images is not None else settings.keep_images
-    if keep < 1:
-        raise BadInput(f"keep_images must be at least 1 (got {keep})")
-    if not env.auto_scaling_group:
-        raise BadInput(f"{env.label} has no autoscaling group in config (auto_scaling_groups)")
-    group = describe_auto_scaling_group(ctx.creds, env.auto_scaling_group)
-    if group is None:
-        raise BadInput(f"autoscaling group {env.auto_scaling_group} does not exist")
-    instances = describe_group_instances(ctx.creds, group.auto_scaling_group_name)
-    versions = (
-        describe_launch_template_versions(ctx.creds, group.launch_template)
-        if group.launch_template and group.launch_template_version is not None
-        else []
-    )
-    images = list_images(ctx.creds, env.label)
-    plan = plan_deploy_serial(
-        env, group, instances, versions, images, keep, source_instance, datetime.now(UTC)
-    )
-    key = artifact_key("deploy-serial", env.deployment, env.environment)
-    plan_md = plan.render_markdown()
-    publish_markdown(key + "-plan", plan_md, f"Refresh plan for {env.label}")
-    logger.info("%s", plan_md)
-    if dry_run:
-        audit.record_summary(env, outcome="dry run", plan_markdown=plan_md)
-        return DeploySerialResult(plan=plan, dry_run=True, outcome="dry run")
-    if approval.approval_required(env, destructive=True):
-        approval.request_approval(env, ctx.config, plan_markdown=plan_md, expected_downtime=None)
-
-    name = group.auto_scaling_group_name
-    targets = Targets(
-        load_balancer_names=group.load_balancer_names, target_group_arns=group.target_group_arns
-    )
-    timeout = settings.instance_timeout_seconds
-    poll = settings.poll_seconds
-    started = time.monotonic()
-    probe = HttpProbe(env.site_url).start() if env.site_url else None
-    image_id: str | None = None
-    version: int | None = None
-    replaced: dict[str, str] = {}
-    known = [i.instance_id for i in instances]
-    try:
-        with lock.environment_lock(env, ctx.config):
-            tags = {"deployment": env.deployment, "environment": env.environment, "role": "web"}
-            made = create_image(
-                ctx.creds,
-                plan.source_instance,
-                plan.image_name,
-                env.label,
-                tags,
-                no_reboot=not settings.reboot_for_image,
-                dry_run=False,
-            )
-            image_id = made.image_id
-            wait_for_image(ctx.creds, image_id, timeout=settings.image_timeout_seconds, poll=poll)
-            version = create_launch_template_version(
-                ctx.creds,
-                plan.template,
-                plan.current_version,
-                image_id,
-                f"fabflows deploy-serial {plan.image_name}",
-                dry_run=False,
-            ).version
-            pointed = set_group_template_version(
-                ctx.creds, name, plan.template, str(version), version, dry_run=False
-            )
-            try:
-                for step, old in enumerate(plan.replacements, 1):
-                    logger.info(
-                        "step %d/%d: surge, then remove %s",
-                        step,
-                        len(plan.replacements),
-                        old.old_instance_id,
-                    )
-                    set_desired_capacity(ctx.creds, name, plan.desired + 1, dry_run=False)
-                    try:
-                        new = wait_for_new_instance(
-                            ctx.creds, name, known, timeout=timeout, poll=poll
-                        )
-                        if not targets.empty:
-                            wait_for_load_balancers(
-                                ctx.creds,
-                                [new.instance_id],
-                                targets,
-                                "in",
-                                timeout=timeout,
-                                poll=poll,
-                            )
-                        check_site_up(
-                            [_server_url(ctx, new.private_ip_address)],
-                            ctx.config.fabflows.upgrade.healthcheck_path,
-                            timeout=timeout,
-                        )
-                    except Exception:
-                        _remove_surge(ctx, name, known, plan.desired)
-                        raise
-                    known.append(new.instance_id)
-                    enter_standby(ctx.creds, name, old.old_instance_id, dry_run=False)
-                    try:
-                        if not targets.empty:
-                            wait_for_load_balancers(
-                                ctx.creds,
-                                [old.old_instance_id],
-                                targets,
-                                "out",
-                                timeout=timeout,
-                                poll=poll,
-                            )
-                        time.sleep(settings.drain_seconds)
-                    except Exception:
-                        exit_standby(ctx.creds, name, old.old_instance_id, dry_run=False)
-                        raise
-                    terminate_group_instance(
-                        ctx.creds, name, old.old_instance_id, decrement=False, dry_run=False
-                    )
-                    replaced[old.old_instance_id] = new.instance_id
-            except Exception:
-                if not replaced:
-                    # nothing runs the new image: launch the old one again from now on
-                    set_group_template_version(
-                        ctx.creds,
-                        name,
-                        plan.template,
-                        pointed.group_version_before,
-                        pointed.default_version_before,
-                        dry_run=False,
-                    )
-                raise
-            pruned = []
-            for image in plan.prune_images:
-                if deregister_image(ctx.creds, image.image_id, dry_run=False).changed:
-                    pruned.append(image.name)
-            if plan.prune_versions:
-                delete_launch_template_versions(
-                    ctx.creds, plan.template, plan.prune_versions, dry_run=False
-                )
-                pruned += [f"{plan.template} v{v}" for v in plan.prune_versions]
-    except Exception as exc:
-        summary = probe.stop() if probe else None
-        now = _instances_now(ctx, name, image_id)
-        publish_markdown(
-            key + "-instances",
-            markdown_table([i.model_dump() for i in now]),
-            f"Instances of {name} after the failed refresh",
-        )
-        audit.record_summary(
-            env,
-            outcome="failed",
-            plan_markdown=plan_md,
-            details={"replaced": len(replaced), "probe": summary.describe() if summary else "-"},
-        )
-        raise RefreshFailed(
-            f"refresh of {name} stopped after {len(replaced)} replacement(s): {exc}", now
-        ) from exc
-    summary = probe.stop() if probe else None
-    now = _instances_now(ctx, name, image_id)
-    wrong = [i for i in now if not i.new or i.lifecycle_state != "InService"]
-    if wrong or len(now) != plan.desired:
-        raise RefreshFailed(f"after the refresh {name} is not all on {image_id}", now)
-    if not targets.empty:
-        wait_for_load_balancers(
-            ctx.creds, [i.instance_id for i in now], targets, "in", timeout=timeout, poll=poll
-        )
-    result = DeploySerialResult(
-        plan=plan,
-        dry_run=False,
-        image_id=image_id,
-        template_version=version,
-        replaced=replaced,
-        instances=now,
-        duration_s=round(time.monotonic() - started, 3),
-        probe=summary,
-        pruned=pruned,
-        outcome="completed",
-    )
-    rows = [i.model_dump() for i in now]
-    publish_markdown(
-        key + "-result",
-        f"**{len(replaced)} instance(s) replaced in {result.duration_s:.0f} s; "
-        f"{summary.describe() if summary else 'no site URL probed'}**\n\n" + markdown_table(rows),
-        f"Refresh of {env.label}",
-    )
-    logger.info("%s", text_table(rows))
-    audit.record_summary(
-        env,
-        outcome="completed",
-        plan_markdown=plan_md,
-        details={
-            "image": f"{plan.image_name} ({image_id})",
-            "duration": f"{result.duration_s:.0f} s",
-            "users": summary.describe() if summary else "not probed (no site URL)",
-            "pruned": ", ".join(pruned) or "none",
-        },
-    )
-    return result
+    return execute(RUNBOOK, locals())

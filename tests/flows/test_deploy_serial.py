@@ -11,16 +11,11 @@ import pytest
 
 from fabflows.cli import render_result
 from fabflows.errors import BadInput, Refused
+from fabflows.runtime.engine import RunbookReport, StepOutcome
 from fabflows.testing.app_env import InstanceFollower, build_app_env, run_in_thread
 from fabflows.testing.elb_proxy import CapacitySampler, ElbProxy
 from fabflows.testing.moto_server import MotoServer
-from flows.deploy_serial import (
-    DeploySerialResult,
-    InstanceImage,
-    RefreshFailed,
-    deploy_serial,
-    plan_deploy_serial,
-)
+from flows.deploy_serial import RefreshFailed, deploy_serial, plan_deploy_serial
 from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.images import Image
 from tasks.aws.instance_refresh import GroupInstance
@@ -92,29 +87,42 @@ def test_plan_picks_newest_source_and_prunes_beyond_keep() -> None:
 
 def test_terminal_prints_the_plan_and_what_runs_where() -> None:
     """`fabflows run deploy-serial` prints the plan as the UI shows it (not a YAML dump); after a
-    refresh, which instance replaced which and the image each runs."""
+    refresh, the steps: the image, the template version, which instance replaced which."""
     plan = plan_deploy_serial(
         _staging(), _group(), [_inst("i-a"), _inst("i-b", hour=5)], VERSIONS, IMAGES, 2, None, NOW
     )
-    dry = render_result(DeploySerialResult(plan=plan, dry_run=True, outcome="dry run"))
-    assert dry.splitlines()[0] == "deploy-serial myproject/staging: dry run"
-    assert "refresh 2 web server(s) of ag onto a new image" in dry
+    report = RunbookReport(
+        flow="deploy-serial", environment="myproject/staging", dry_run=True,
+        outcome="dry run: would apply 5 step(s)", plan_text=plan.render_text(),
+    )  # fmt: skip
+    dry = render_result(report)
+    assert dry.splitlines()[0].startswith("myproject/staging: refresh 2 web server(s) of ag")
+    assert dry.splitlines()[-1] == "dry run: would apply 5 step(s)"
     assert "i-a (10.0.0.1, ami-old)" in dry and "prune images img1" in dry
+    assert "surge-i-a" in dry and "surge-i-b" in dry  # the steps, by the instance they replace
     assert "**" not in dry and "|" not in dry and "replacements:" not in dry  # text, not YAML
     assert plan.render_markdown().startswith("**myproject/staging: refresh 2 web server(s) of `ag`")
-    done = DeploySerialResult(
-        plan=plan, dry_run=False, image_id="ami-new", template_version=4,
-        replaced={"i-a": "i-c", "i-b": "i-d"}, duration_s=95.2, outcome="completed",
-        instances=[
-            InstanceImage(instance_id=i, lifecycle_state="InService", image_id="ami-new",
-                          address="10.0.0.9", new=True)
-            for i in ("i-c", "i-d")
-        ],
+    assert [c.step for c in plan.changes] == [
+        "create-image", "new-template-version", "surge-i-a", "surge-i-b", "prune"
+    ]  # fmt: skip
+    later = plan.model_copy(update={"image_name": "myproject_staging_web_20261126T120500Z"})
+    assert later.digest() == plan.digest()  # planned again under the lock: the same plan
+    done = report.model_copy(
+        update={
+            "dry_run": False,
+            "outcome": "applied 5 step(s)",
+            "steps": [
+                StepOutcome(name="create-image", state="done", seconds=40.0,
+                            summary="image myproject_staging_web_20261126T120000Z (ami-new)"),
+                StepOutcome(name="new-template-version", state="done", summary="lt v4"),
+                StepOutcome(name="surge-i-a", state="done", summary="i-a -> i-c"),
+                StepOutcome(name="surge-i-b", state="done", summary="i-b -> i-d"),
+            ],
+        }
     )  # fmt: skip
     text = render_result(done)
-    assert "image ami-new, launch template version v4; 2 instance(s) replaced in 95 s" in text
-    assert "  i-a -> i-c" in text and "  i-b -> i-d" in text
-    assert "True" not in text and "yes" in text  # the instances table's `new` column
+    assert "i-a -> i-c" in text and "i-b -> i-d" in text and "lt v4" in text
+    assert "(ami-new)" in text and "True" not in text
 
 
 @pytest.mark.parametrize(
@@ -188,8 +196,9 @@ def test_refresh_with_surge_serves_throughout_and_prunes(prefect_server, stack) 
         ],
     )["ImageId"]
     dry = deploy_serial(environment="staging", config=str(env.config_path), keep_images=1)
-    assert dry.dry_run and len(dry.plan.replacements) == 2
-    assert [i.image_id for i in dry.plan.prune_images] == [stale]
+    assert dry.dry_run and dry.outcome == "dry run: would apply 5 step(s)", dry.render_text()
+    assert all(f"surge-{i}" in dry.plan_text for i in old_ids)
+    assert "prune images myproject_staging_web_old," in dry.plan_text
 
     follower = InstanceFollower(env, prefix="dn")
     with CapacitySampler(proxy) as capacity:
@@ -205,21 +214,22 @@ def test_refresh_with_surge_serves_throughout_and_prunes(prefect_server, stack) 
     assert follower.errors == []
     assert state.is_completed(), state.message
     result = state.result()
-    assert sorted(result.replaced) == old_ids
-    assert all(i.new and i.lifecycle_state == "InService" for i in result.instances)
-    assert len(result.instances) == 2
-    assert result.probe is not None and result.probe.non_200 == 0, result.probe.describe()
+    replaced = result.details["replaced"]
+    assert sorted(replaced) == old_ids
+    instances = result.details["instances"]
+    assert all(i["new"] and i["lifecycle_state"] == "InService" for i in instances)
+    assert len(instances) == 2
+    assert result.details["probe"]["non_200"] == 0, result.details["Site probe"]
+    text = result.render_text()
+    assert all(f"{old} -> {new}" in text for old, new in replaced.items())
     assert min(capacity.seen) >= 2, "capacity dropped below desired"
     assert max(capacity.seen) == 3
     assert sorted(follower.destroyed) == old_ids and len(follower.started) == 2
     group = asg.describe_auto_scaling_groups()["AutoScalingGroups"][0]
-    assert group["DesiredCapacity"] == 2 and group["LaunchTemplate"]["Version"] == str(
-        result.template_version
-    )
+    version = result.details["template_version"]
+    assert group["DesiredCapacity"] == 2 and group["LaunchTemplate"]["Version"] == str(version)
     versions = ec2.describe_launch_template_versions(LaunchTemplateName="myproject-staging-web")
-    assert [v["VersionNumber"] for v in versions["LaunchTemplateVersions"]] == [
-        result.template_version
-    ]
+    assert [v["VersionNumber"] for v in versions["LaunchTemplateVersions"]] == [version]
     assert stale not in {i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]}
 
 
@@ -261,3 +271,10 @@ def test_new_instance_that_never_serves_is_removed_and_nothing_else_changes(
     assert after["DesiredCapacity"] == 2
     assert after["LaunchTemplate"]["Version"] == before["LaunchTemplate"]["Version"]
     assert min(capacity.seen) >= 2
+    # the failed surge's new version and image are gone too: exactly as before
+    versions = ec2.describe_launch_template_versions(LaunchTemplateName="myproject-staging-web")
+    assert all(
+        not (v.get("VersionDescription") or "").startswith("fabflows deploy-serial")
+        or v["VersionNumber"] <= int(before["LaunchTemplate"]["Version"])
+        for v in versions["LaunchTemplateVersions"]
+    )

@@ -18,7 +18,6 @@ from fabflows.testing.configs import SAMPLE
 NOT_ON_ENGINE: set[str] = {
     "describe-environment",
     "upgrade-status",
-    "deploy-serial",
     "begin-upgrade",
     "end-upgrade",
     "upgrade-packages",
