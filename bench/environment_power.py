@@ -106,6 +106,9 @@ def bench(args: argparse.Namespace) -> int:
                             sum(s.seconds or 0 for s in resized.steps if s.site_down), 1
                         ),
                         "resize_downtime_s": resized.downtime_seconds,
+                        "resize_measured": next(
+                            (s.summary for s in resized.steps if s.name == "upgrade-mode-off"), ""
+                        ),
                         "rows_after": int(count),
                         "web_refresh": resized.details.get("web_refresh"),
                     }

@@ -171,9 +171,12 @@ def _refresh_web(
             f"{report.environment} resized ({report.outcome}), but replacing the web instances "
             f"with {REFRESH_FLOW} failed: {exc}. Run {REFRESH_FLOW} again."
         ) from exc
+    details = getattr(result, "details", None) or {}
+    replaced = getattr(result, "replaced", None) or details.get("replaced") or {}
     probe = getattr(result, "probe", None)
-    done = f"{REFRESH_FLOW}: {len(getattr(result, 'replaced', {}))} web instance(s) replaced" + (
-        f"; {probe.describe()}" if probe else ""
+    seen = probe.describe() if probe is not None else details.get("Site probe")
+    done = f"{REFRESH_FLOW}: {len(replaced)} web instance(s) replaced" + (
+        f"; {seen}" if seen else ""
     )
     return report.model_copy(
         update={

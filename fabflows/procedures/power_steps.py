@@ -505,6 +505,7 @@ def _check_site_step(plan: PowerPlan) -> Step:
             timeout=rc.config.fabflows.stop_start.site_wait_seconds,
         )
         ok = sum(1 for c in checks if c.ok)
+        scope.details["Site checks"] = "; ".join(c.describe() for c in checks)
         note = "" if env.site_url else " (no site URL configured: each web server checked)"
         return {"summary": f"{ok}/{len(checks)} checks answered 200{note}"}
 

@@ -44,6 +44,7 @@ from tasks.aws.ec2_writes import (
     tag_instances,
 )
 from tasks.aws.group_sizes import use_launch_template_version
+from tasks.http.probe import HttpProbe
 from tasks.ssh.fleet import FleetHost
 
 
@@ -138,6 +139,33 @@ def _running_workers(scope: Scope) -> list[Server]:
     )
 
 
+_PROBES: dict[str, HttpProbe] = {}
+"""Run id -> the probe polling the site through the window (this process only)."""
+
+
+def _start_probe(scope: Scope) -> None:
+    """Poll the site (or the first web server) every 100 ms until upgrade mode is off."""
+    from fabflows.upgrade_mode import server_url, web_servers
+
+    url = scope.env.site_url
+    if not url:
+        hosts = hosts_of(scope.rc, [s for s in web_servers(scope.rc) if s.state == "running"])
+        url = server_url(scope.rc.config.fabflows.upgrade, hosts[0]) if hosts else None
+    if url:
+        _PROBES[scope.run_id] = HttpProbe(url).start()
+        scope.on_close(lambda: _stop_probe(scope))
+
+
+def _stop_probe(scope: Scope) -> str:
+    probe = _PROBES.pop(scope.run_id, None)
+    if probe is None:
+        return ""
+    summary = probe.stop()
+    scope.details["Measured downtime"] = summary.describe()
+    scope.details["measured_downtime_s"] = summary.total_downtime_s
+    return f"; measured: {summary.describe()}"
+
+
 def _upgrade_mode_on(flow: str) -> Step:
     def apply(scope: Scope) -> dict[str, str]:
         from fabflows.upgrade_mode import enter_decision, load_upgrade_pages, turn_on
@@ -146,10 +174,12 @@ def _upgrade_mode_on(flow: str) -> Step:
         pages = load_upgrade_pages(scope.rc.config, getattr(params, "config_path", None))
         decision, _ = enter_decision(scope.rc, scope.pool, flow)
         scope.record(mode=decision.mode)
+        _start_probe(scope)
         on = turn_on(scope.rc, scope.pool, pages, decision.record, dry_run=False)
         return {"mode": decision.mode, "summary": on.pages.summary()}
 
     def undo(scope: Scope, data: dict[str, Any]) -> None:
+        _stop_probe(scope)
         turn_off(scope, data)
 
     return Step("upgrade-mode-on", apply, undo, site_down=True)
@@ -199,7 +229,8 @@ def _window(changes: list[ResizeChange], flow: str) -> Step:
 
 def _upgrade_mode_off() -> Step:
     def apply(scope: Scope) -> dict[str, str]:
-        return {"summary": turn_off(scope, journaled(scope, "upgrade-mode-on"))}
+        summary = turn_off(scope, journaled(scope, "upgrade-mode-on"))
+        return {"summary": summary + _stop_probe(scope)}
 
     return Step("upgrade-mode-off", apply, no_undo="it ends upgrade mode", site_down=True)
 
