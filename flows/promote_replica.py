@@ -122,9 +122,13 @@ def gather_promote(scope: Scope) -> PromoteFacts:
                 scope.pool, host.name, host.address, env.home, env.environment
             )
             hosts = sorted({h for hs in found.addresses.values() for h in hs})
-            # gunicorn reloads its workers on HUP (its socket stays open); celery restarts
+            # pgbouncer re-reads its config on HUP (new server connections go to the new host);
+            # gunicorn replaces its workers on HUP (its socket stays open, old sessions close);
+            # the worker restarts
             own = "HUP:" + groups["web"] if s.role == "web" else groups["celery"]
-            return AppServer(host=host, groups=[groups["pgbouncer"], own], database_hosts=hosts)
+            return AppServer(
+                host=host, groups=["HUP:" + groups["pgbouncer"], own], database_hosts=hosts
+            )
 
         app_servers = list(ex.map(app, apps))
         reach = [f.result() for f in reach_f]
@@ -403,7 +407,8 @@ def promote_replica(
     `fabflows:decommissioned` record naming the replica promoted in its place; never deleted);
     `pg_promote` the replica and let it accept the other replicas (pg_hba and a slot each); role
     tag `db-primary`; every web and worker server's pgbouncer config and app settings re-pointed
-    and pgbouncer and the app restarted; upgrade page off; the other replicas follow the new
+    then pgbouncer reloaded, gunicorn's workers replaced (HUP) and the worker restarted;
+    upgrade page off; the other replicas follow the new
     primary; the failover marked done. Verify: the new primary takes writes, the replicas stream
     from it, and a POST to the app's write-check page (`write_check_path`) on every web server
     answers 200.

@@ -319,7 +319,9 @@ def plan_promote_replica(  # noqa: C901 - one decision table, read top to bottom
             Change(
                 target=a.host.label,
                 action=f"database {old.server.db_address} -> {new.server.db_address}; "
-                f"restart {', '.join(a.groups)}",
+                + ", ".join(
+                    f"reload {g[4:]}" if g.startswith("HUP:") else f"restart {g}" for g in a.groups
+                ),
                 detail="pgbouncer config and app settings",
                 step=f"repoint-{a.step_key}",
             )
