@@ -184,16 +184,8 @@ class UpgradePackagesPlan(RunbookPlan):
         ]
         if self.changing:
             out += ["", "## Packages", "", markdown_table(self.package_rows())]
-        reboots = [h.host for h in self.hosts if h.reboot != "no"]
-        if reboots:
-            how = (
-                "rebooted by this run, one at a time, after the upgrades and inside the window"
-                if self.reboot
-                else "not done by this run: run it with `reboot` to do it"
-            )
-            out += ["", f"**Reboot will be required on:** {', '.join(reboots)} ({how})"]
-        elif self.reboot:
-            out += ["", "Reboot asked for: servers that need one after the upgrades are rebooted."]
+        if self._reboot_text():
+            out += ["", self._reboot_text()]
         if self.not_running:
             out += ["", f"Not running, not upgraded: {', '.join(self.not_running)}"]
         if self.image_note:
@@ -216,7 +208,23 @@ class UpgradePackagesPlan(RunbookPlan):
         lines += ["", text_table(self.rows())]
         if self.changing:
             lines += ["", text_table(self.package_rows())]
+        reboot = self._reboot_text()
+        if reboot:
+            lines += ["", reboot]
         return "\n".join(lines)
+
+    def _reboot_text(self) -> str:
+        reboots = [h.host for h in self.hosts if h.reboot != "no"]
+        if reboots:
+            how = (
+                "rebooted by this run, one at a time, after the upgrades and inside the window"
+                if self.reboot
+                else "not done by this run: run it with `reboot` to do it"
+            )
+            return f"**Reboot will be required on:** {', '.join(reboots)} ({how})"
+        if self.reboot:
+            return "Reboot asked for: servers that need one after the upgrades are rebooted."
+        return ""
 
 
 class HostOutcome(BaseModel):
@@ -316,6 +324,8 @@ def plan_host(host: FleetHost, facts: AptFacts, settings: UpgradeSettings) -> Ho
         message += f"; kept back (not upgraded): {', '.join(facts.kept_back)}"
     return HostPackagePlan(
         host=host.label,
+        name=host.name,
+        instance_id=host.instance_id,
         address=host.address,
         role=host.role,
         status="would upgrade" if ordered else "up to date",

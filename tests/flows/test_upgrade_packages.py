@@ -1,6 +1,8 @@
 """upgrade-packages: the plan table-tested without peers; then for real with a real apt repository
 (moto, isolated test hosts, Prefect harness): dry run, a broken package stopping the rollout,
-approval both ways and its timeout, and a SIGKILL during the apply recovered by end-upgrade."""
+approval both ways and its timeout, and a SIGKILL during the apply recovered by end-upgrade
+(the resume after a fixed repository and the SIGKILL at every step boundary, recovered by
+recover-environment, are in test_upgrade_packages_crash.py)."""
 
 from __future__ import annotations
 
@@ -27,20 +29,22 @@ from prefect.flow_runs import resume_flow_run
 from config import load_config, resolve_environment
 from config.models import UpgradeSettings
 from fabflows.errors import BadInput
+from fabflows.procedures.package_upgrade import (
+    RebootOutcome,
+    check_params,
+    expected_downtime,
+    outcomes,
+    plan_upgrade_packages,
+)
+from fabflows.runbook import load_context
+from fabflows.runtime.engine import Scope
+from fabflows.runtime.journal import Journal
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import SAMPLE
 from fabflows.testing.ec2_hosts import Ec2HostMirror
 from fabflows.testing.upgrade_lab import make_lab, serve_test_repo
 from flows.end_upgrade import end_upgrade
-from flows.upgrade_packages import (
-    RebootOutcome,
-    UpgradePackagesFailed,
-    _params,
-    expected_downtime,
-    outcomes,
-    plan_upgrade_packages,
-    upgrade_packages,
-)
+from flows.upgrade_packages import RUNBOOK, upgrade_packages
 from flows.upgrade_status import upgrade_status
 from tasks.aws.autoscaling import UPGRADE_MODE_TAG
 from tasks.ssh.apt import AptFacts, AptOutcome, PackageVersion
@@ -198,6 +202,50 @@ def test_outcomes_name_every_host_and_skipped_ones() -> None:
     assert all(o.reboot == "" for o in outcomes(plan, [applied]))  # not asked for
 
 
+def test_batches_keep_their_names_when_servers_are_done() -> None:
+    """A step per batch; a plan made again after some servers were upgraded (a resume) names
+    the remaining batches as before, and the done ones have no step."""
+    hosts = [FleetHost(name=f"web{i}", address=f"10.0.1.{i}", role="web") for i in range(1, 6)]
+    todo = {h.name: _facts(upgrades=[("curl", "1", "2")]) for h in hosts}
+
+    def plan(facts: dict, concurrency: int | str):  # noqa: ANN202
+        gathered = _gathered_for(hosts, facts)
+        return plan_upgrade_packages(
+            ENV, SETTINGS, [], hosts, gathered, RateControl(max_concurrency=concurrency)
+        )
+
+    first = plan(todo, 2)
+    assert [(b.step, len(b.addresses)) for b in first.upgrade_batches] == [
+        ("upgrade web 1/3", 2),
+        ("upgrade web 2/3", 2),
+        ("upgrade web 3/3", 1),
+    ]
+    assert {c.step for c in first.changes} == {b.step for b in first.batches}
+    # web1, web3 and web4 upgraded: the first batch keeps its name, the second has no step
+    later = plan({**todo, "web1": _facts(), "web3": _facts(), "web4": _facts()}, 2)
+    assert [b.step for b in later.upgrade_batches] == ["upgrade web 1/3", "upgrade web 3/3"]
+    assert [h.host for h in later.batch_hosts(later.upgrade_batches[0])] == ["web2"]
+    one = plan(todo, 1)
+    assert [b.step for b in one.upgrade_batches] == [f"upgrade web{i}" for i in range(1, 6)]
+    assert one.destructive and one.downtime_seconds and not one.problems
+
+
+def _gathered_for(hosts: list[FleetHost], outputs: dict[str, AptFacts]) -> FleetResult:
+    results = [
+        HostResult(status="unchanged", output=outputs[h.name], host=h.name, address=h.address)
+        for h in hosts
+    ]
+    return FleetResult(
+        name="g",
+        dry_run=True,
+        max_concurrency=4,
+        error_budget=0,
+        stopped=False,
+        duration_s=1,
+        results=results,
+    )
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
@@ -211,13 +259,13 @@ def test_outcomes_name_every_host_and_skipped_ones() -> None:
 def test_bad_parameters_are_refused_before_anything(kw, message) -> None:
     args = {"roles": None, "max_concurrency": None, "max_errors": None} | kw
     with pytest.raises(BadInput, match=message):
-        _params(args["roles"], args["max_concurrency"], args["max_errors"], SETTINGS, ENV)
+        check_params(args["roles"], args["max_concurrency"], args["max_errors"], SETTINGS, ENV)
 
 
 def test_role_not_in_this_environment_is_refused() -> None:
     env = ENV.model_copy(update={"roles": ["web", "worker"]})
     with pytest.raises(BadInput, match=r"\['cache'\] not in myproject/staging's valid_roles"):
-        _params(["cache"], None, None, SETTINGS, env)
+        check_params(["cache"], None, None, SETTINGS, env)
 
 
 # --------------------------------------------------------------------------- for real
@@ -253,6 +301,22 @@ def _http(ip: str, path: str = "/") -> int:
     return requests.get(f"http://{ip}{path}", timeout=5, allow_redirects=False).status_code
 
 
+def _plan(cfg: str, **params):  # noqa: ANN202
+    """The runbook's own gather and pure plan, as a dry run makes them (the report only has the
+    rendered plan)."""
+    rc = load_context("staging", config=cfg)
+    scope = Scope(rc, runbook=RUNBOOK.name, run_id="test-plan")
+    try:
+        p = RUNBOOK.Params(**params)
+        return RUNBOOK.plan(RUNBOOK.gather(scope, p), p, rc.env)
+    finally:
+        scope.close()
+
+
+def _journal(cfg: str) -> Journal:
+    return Journal.for_environment("myproject/staging", load_config(cfg))
+
+
 def _assert_restored(lab, aws, before: list[str]) -> None:
     assert _suspended(aws) == before
     assert UPGRADE_MODE_TAG not in _tag_keys(aws)
@@ -283,13 +347,12 @@ def test_dry_run_then_broken_package_stops_the_rollout_and_upgrade_mode_ends(
     before = _suspended(aws)
 
     dry = upgrade_packages(environment="staging", config=cfg)
-    assert dry.dry_run and [h.role for h in dry.plan.hosts] == [
-        "db-primary",
-        "worker",
-        "web",
-        "web",
-    ]
-    db_plan, worker_plan, web_plan, _ = dry.plan.hosts
+    assert dry.dry_run and "would apply 6 step(s)" in dry.outcome  # on, 4 servers, off
+    assert "4 of 4 server(s) to upgrade" in dry.plan_text and "fabflows-demo" in dry.plan_text
+    plan = _plan(cfg)
+    assert plan.digest() == dry.plan_digest
+    assert [h.role for h in plan.hosts] == ["db-primary", "worker", "web", "web"]
+    db_plan, worker_plan, web_plan, _ = plan.hosts
     assert {c.package: (c.current, c.new) for c in db_plan.changes} == {
         "fabflows-broken": ("1.0", "2.0"),
         "fabflows-demo": ("1.0", "2.0"),
@@ -304,38 +367,43 @@ def test_dry_run_then_broken_package_stops_the_rollout_and_upgrade_mode_ends(
     assert _version(db, "fabflows-demo") == "1.0" and _suspended(aws) == before
     assert all(_http(h.ip) == 200 for h in lab.web)
 
-    with pytest.raises(UpgradePackagesFailed) as failure:
-        upgrade_packages(environment="staging", config=cfg, dry_run=False)
-    report = failure.value.report
-    results = {h.role: h.result for h in report.hosts}
-    assert [h.result for h in report.hosts] == ["upgraded", "failed", "skipped", "skipped"]
-    assert results["worker"] == "failed"
-    assert "fabflows-broken could not be configured" in report.hosts[1].message
-    assert report.hosts[0].reboot_required and report.hosts[0].reboot_packages == [
-        "fabflows-reboot"
-    ]
+    state = upgrade_packages(environment="staging", config=cfg, dry_run=False, return_state=True)
+    assert state.is_failed()
+    assert "fabflows-broken could not be configured" in state.message
     worker_id = next(s.instance_id for s in lab.servers if s.role == "worker")
-    assert f"NOT upgraded: myproject_staging_worker ({worker_id}) ({worker.ip})" in str(
-        failure.value
-    )
+    assert f"NOT upgraded: myproject_staging_worker ({worker_id}) ({worker.ip})" in state.message
+    (entry,) = _journal(cfg).open_entries()
+    steps = {s.name: s for s in entry.steps}
+    db_step, worker_step, *web_steps = (b.step for b in plan.upgrade_batches)
+    assert steps["upgrade-mode-on"].state == "undone"  # the window was closed at once
+    assert steps[db_step].state == "done" and steps[worker_step].state == "failed"
+    assert not set(web_steps) & set(steps)  # never started
+    [db_out] = steps[db_step].data["hosts"]
+    assert db_out["result"] == "upgraded" and db_out["reboot_packages"] == ["fabflows-reboot"]
     assert _version(db, "fabflows-demo") == "2.0"
     assert all(_version(h, "fabflows-demo") == "1.0" for h in lab.web)  # never started
-    assert report.window.seconds_in_upgrade_mode >= report.seconds_upgrading > 0
-    assert not report.window.left_on
     _assert_restored(lab, aws, before)
 
     # the rest, tolerating the broken worker: the web servers are upgraded, two at a time
-    with pytest.raises(UpgradePackagesFailed) as second:
-        upgrade_packages(
-            environment="staging", config=cfg, dry_run=False, max_errors=1, max_concurrency="100%"
-        )
-    report = second.value.report
-    assert {h.address: h.result for h in report.hosts} == {
-        db.ip: "up to date",
-        worker.ip: "not reached",  # half-configured fabflows-broken: not touched again
-        **{h.ip: "upgraded" for h in lab.web},
-    }
-    assert "dpkg reports broken packages: fabflows-broken" in report.hosts[1].message
+    # (it fails at the end, naming the server it could not upgrade)
+    second = _plan(cfg, max_errors=1, max_concurrency="100%")
+    assert [(h.address, h.status) for h in second.hosts] == [
+        (db.ip, "up to date"),
+        (worker.ip, "cannot plan"),  # half-configured fabflows-broken: not touched again
+        *((h.ip, "would upgrade") for h in lab.web),
+    ]
+    assert [b.step for b in second.upgrade_batches] == ["upgrade web 1/1"]  # both at once
+    state = upgrade_packages(
+        environment="staging",
+        config=cfg,
+        dry_run=False,
+        max_errors=1,
+        max_concurrency="100%",
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "dpkg reports broken packages: fabflows-broken" in state.message
+    assert "NOT upgraded: myproject_staging_worker" in state.message
     for h in lab.web:
         assert _version(h, "fabflows-demo") == "2.0" and _version(h, "fabflows-app-tools") == "1.0"
     _assert_restored(lab, aws, before)
@@ -401,11 +469,13 @@ def test_production_waits_for_approval_reject_timeout_approve(
     t = _resume_when_paused({"approve": True, "approver": "alice", "reason": "window agreed"})
     report = upgrade_packages(environment="staging", config=cfg, dry_run=False)
     t.join(5)
-    assert [h.result for h in report.hosts] == ["upgraded", "upgraded"]
+    assert [s.state for s in report.steps] == ["done"] * 4  # on, db, web, off
+    assert report.details["Approved by"].startswith("alice")
+    assert report.details["Not upgraded"] == "none"
     assert _version(db, "fabflows-demo") == "2.0"
     _assert_restored(lab, aws, before)
     again = upgrade_packages(environment="staging", config=cfg, dry_run=False)
-    assert again.outcome.startswith("nothing to upgrade") and again.window is None
+    assert again.outcome == "nothing to change" and not again.steps  # no window either
 
 
 @pytest.mark.hosts
@@ -477,7 +547,7 @@ def test_sigkill_during_apply_is_recovered_by_end_upgrade(
 
     # ... and end-upgrade, run next, knows that run is dead and restores everything
     report = end_upgrade(environment="staging", config=cfg, dry_run=False)
-    assert "is no longer running" in report.outcome
+    assert "is no longer running" in report.plan_text
     _assert_restored(lab, aws, before)
 
 
@@ -507,7 +577,7 @@ def test_reboot_after_the_upgrades_one_server_at_a_time_inside_the_window(
     mirror.attach(aws)
     try:
         dry = upgrade_packages(environment="staging", config=cfg, reboot=True)
-        assert "rebooted by this run, one at a time" in dry.plan.render_markdown()
+        assert "rebooted by this run, one at a time" in dry.plan_text
         pid1 = {h.name: h.pid for h in lab.hosts.values()}
 
         report = mirror.run(
@@ -515,12 +585,11 @@ def test_reboot_after_the_upgrades_one_server_at_a_time_inside_the_window(
         )
     finally:
         mirror.detach()
-    assert [(h.role, h.result) for h in report.hosts] == [
-        ("db-primary", "upgraded"),
-        ("web", "upgraded"),
-    ]
-    assert all(h.reboot.startswith("rebooted in") and not h.reboot_required for h in report.hosts)
-    assert "rebooted" in report.outcome and "reboot required" not in report.outcome
+    assert [s.name for s in report.steps][-2:] == ["reboot", "upgrade-mode-off"]
+    assert report.details["Not upgraded"] == "none"
+    assert report.details["Reboot required"] == "none"  # both rebooted, not required any more
+    reboots = _journal(cfg).entry(report.run_id).step("reboot").data["reboots"]
+    assert [r["ok"] and not r["still_required"] for r in reboots] == [True, True]
     # EC2 rebooted them, the database server first, one after the other
     by_id = {iid: s.role for iid, s in ((s.instance_id, s) for s in lab.servers)}
     rebooted = [by_id[iid] for _, iid, what in mirror.events if what == "rebooted"]
@@ -530,5 +599,5 @@ def test_reboot_after_the_upgrades_one_server_at_a_time_inside_the_window(
         assert host.exec(["test", "-e", "/var/run/reboot-required"], check=False).returncode == 1
         assert _version(host, "fabflows-reboot") == "2.0"
     # inside the window: the reboots ended before upgrade mode did, and everything is restored
-    assert report.window.seconds_in_upgrade_mode > report.seconds_upgrading
+    assert report.downtime_seconds > sum(s.seconds for s in report.steps[1:-1])
     _assert_restored(lab, aws, before)
