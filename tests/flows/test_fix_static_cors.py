@@ -221,3 +221,53 @@ def test_rules_refusing_the_site_are_refused_before_any_change(
     with pytest.raises(BadInput, match="would refuse the site"):
         fix_static_cors("staging", config=config, dry_run=False)
     assert _live(aws) == before
+
+
+@pytest.mark.flow
+def test_sigkill_after_the_put_then_recover_puts_the_rules_back(
+    prefect_server, aws, bucket, tmp_path: Path
+) -> None:
+    """Kill point: the rules are put, the check has not run; recover puts the previous ones back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from fabflows.testing import faults
+    from flows.recover_environment import recover_environment
+
+    config = str(write_config(tmp_path, fabflows=_section(aws, tmp_path)))
+    before = _live(aws)
+    marker = tmp_path / "paused"
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT="fix-static-cors/check-cors",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "fix-static-cors", "-e", "staging"]
+    proc = subprocess.Popen(
+        [*argv, "-c", config, "--apply"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(proc.stderr.read().decode()[-3000:])
+            assert time.monotonic() < deadline, "never reached check-cors"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
+        proc.wait()
+    assert _live(aws) == [cors_rule_to_aws(r) for r in DOC]  # what the dead run left
+    report = recover_environment(environment="staging", config=config, dry_run=False)
+    assert not report.problems, report.render_text()
+    assert _live(aws) == before
