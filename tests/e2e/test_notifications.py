@@ -35,6 +35,8 @@ PROBES = {
     "hold-environment-lock": "fabflows.testing.lock_probe:hold_environment_lock",
 }
 ZOMBIE_AFTER = 60
+WAIT = 300
+"""How long a test waits for a message (whether it came in time is asserted separately)."""
 BLOCK = "notify-e2e"  # a bare name: a prefect-slack SlackWebhook block
 
 
@@ -152,12 +154,13 @@ def _config(base: Path, probe_dir: Path, t0, fire, window_end, warn_at) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Iterator[dict]:
+def world(tmp_path_factory, pg_cluster) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("notify")
     probe_dir = base / "probe"
     probe_dir.mkdir()
     receiver = Receiver()
-    s = Stack(base)
+    # the server on PostgreSQL: under load SQLite answers "database is locked" and drops events
+    s = Stack(base, database_url=pg_cluster.create_database("prefect_notify"))
     release = base / "window.release"
     try:
         s.start_server()
@@ -227,7 +230,7 @@ def test_deploy_registers_the_notifier_and_its_automations(world: dict) -> None:
 
 def test_slow_run(world: dict) -> None:
     s, r, run = world["stack"], world["receiver"], world["slow"]
-    at, text = r.wait(run, "is slow", timeout=90)
+    at, text = r.wait(run, "is slow", timeout=WAIT)
     state, _ = _state(s, run)
     with temporary_settings({PREFECT_API_URL: s.api}), get_client(sync_client=True) as client:
         start = client.read_flow_run(run).start_time
@@ -242,7 +245,7 @@ def test_approval_pending_reminder_and_timeout(world: dict) -> None:
     s, r, run = world["stack"], world["receiver"], world["approval"]
     _wait(lambda: _state(s, run)[0] == "PAUSED" and _state(s, run), 90, "the approval pause")
     paused_at = _state(s, run)[1].timestamp()
-    at, text = r.wait(run, "approval needed for notify-probe", timeout=60)
+    at, text = r.wait(run, "approval needed for notify-probe", timeout=WAIT)
     assert at - paused_at < 30, text
     for field in (
         "Asked by: api:e2e",
@@ -253,9 +256,9 @@ def test_approval_pending_reminder_and_timeout(world: dict) -> None:
         f"/runs/flow-run/{run}",
     ):
         assert field in text, (field, text)
-    at2, reminder = r.wait(run, "REMINDER: approval needed", timeout=90)
+    at2, reminder = r.wait(run, "REMINDER: approval needed", timeout=WAIT)
     assert 20 <= at2 - paused_at < 30 + 30, reminder
-    at3, timeout = r.wait(run, "approval timed out", timeout=120)
+    at3, timeout = r.wait(run, "approval timed out", timeout=WAIT)
     assert _state(s, run)[0] == "CANCELLED"
     assert at3 - paused_at < 60 + 30, timeout
     assert "Left behind: nothing (no journal" in timeout
@@ -266,7 +269,7 @@ def test_approval_pending_reminder_and_timeout(world: dict) -> None:
 
 def test_run_holding_the_environment_as_its_window_closes(world: dict) -> None:
     s, r, run = world["stack"], world["receiver"], world["window"]
-    at, text = r.wait(run, "as its window closes", timeout=150)
+    at, text = r.wait(run, "as its window closes", timeout=WAIT)
     with temporary_settings({PREFECT_API_URL: s.api}), get_client(sync_client=True) as client:
         start = client.read_flow_run(run).start_time
     # due at warn_at, or as soon as the run holds the lock if it started later (a loaded machine)
@@ -279,7 +282,7 @@ def test_run_holding_the_environment_as_its_window_closes(world: dict) -> None:
 
 def test_crashed_run(world: dict) -> None:
     s, r, run = world["stack"], world["receiver"], world["crash"]
-    at, text = r.wait(run, "CRASHED", timeout=ZOMBIE_AFTER + 60)
+    at, text = r.wait(run, "CRASHED", timeout=WAIT)
     assert _state(s, run)[0] == "CRASHED"
     assert at - world["killed"] < ZOMBIE_AFTER + 30, text
     assert "Failing step: work" in text
@@ -301,9 +304,9 @@ def test_failing_scheduled_run(world: dict) -> None:
         done = [x for x in runs if x.auto_scheduled and x.state and x.state.is_final()]
         return done[0] if done else None
 
-    run = _wait(scheduled_run, 150, "the scheduled run to end")
+    run = _wait(scheduled_run, WAIT, "the scheduled run to end")
     assert run.state.type.value == "FAILED"
-    at, text = r.wait(run.id, "FAILED", timeout=60)
+    at, text = r.wait(run.id, "FAILED", timeout=WAIT)
     assert at - run.state.timestamp.timestamp() < 30, text
     for field in (
         "Flow: notify-probe",
