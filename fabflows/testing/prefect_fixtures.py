@@ -12,5 +12,6 @@ def prefect_server() -> Iterator[None]:
     """Start the harness (~11 s) only when a flow test asks for it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # an upper bound: on a loaded 2-core machine the server has needed more than 60 s
+    with prefect_test_harness(server_startup_timeout=180):
         yield
