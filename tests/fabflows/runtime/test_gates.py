@@ -18,9 +18,6 @@ from fabflows.testing.configs import SAMPLE
 NOT_ON_ENGINE: set[str] = {
     "describe-environment",
     "upgrade-status",
-    "begin-upgrade",
-    "end-upgrade",
-    "upgrade-packages",
 }
 """Flows that still run their own phases (moving them is under way); the list may only shrink."""
 
