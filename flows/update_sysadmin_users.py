@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from config import EnvironmentConfig
 from fabflows.errors import BadInput
@@ -168,6 +168,8 @@ class UpdateSysadminUsers(Runbook[UpdateSysadminUsersParams, UsersFacts, UpdateS
     def validate(self, rc: RunContext, params: UpdateSysadminUsersParams) -> None:
         try:
             params.rate.error_budget(1)
+        except ValidationError as exc:
+            raise BadInput(f"{FLOW_NAME}: {exc.errors()[0]['msg']}") from None
         except ValueError as exc:
             raise BadInput(f"{FLOW_NAME}: {exc}") from None
         _spec(rc, params)  # the users directory and fabflows' own key, before any server
