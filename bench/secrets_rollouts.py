@@ -162,10 +162,10 @@ def bench_refresh(net: TestNetwork, web_count: int, reps: int) -> list[dict]:
                 {
                     "flow": "deploy-serial",
                     "web_servers": web_count,
-                    "run_s": result.duration_s,
-                    "replaced": len(result.replaced),
-                    "non_200": result.probe.non_200,
-                    "polls": result.probe.samples,
+                    "run_s": result.seconds,
+                    "replaced": len(result.details["replaced"]),
+                    "non_200": result.details["probe"]["non_200"],
+                    "polls": result.details["probe"]["samples"],
                     "min_serving": min(capacity.seen),
                     "max_serving": max(capacity.seen),
                 }
