@@ -10,13 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from config import EnvironmentConfig
 from config.models import EnvironmentSettings
 from fabflows.procedures.environment_power import (
-    StartPlan,
     plan_start_environment,
     servers_and_group,
-    start_runbook_plan,
     stopped_capacity,
 )
-from fabflows.procedures.power_steps import load_passphrase, start_steps, verify_started
+from fabflows.procedures.power_plans import StartPlan, start_runbook_plan
+from fabflows.procedures.power_steps import start_steps, verify_started
+from fabflows.procedures.server_service import load_passphrase
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from tasks.aws.autoscaling import AutoScalingGroup
 from tasks.aws.ec2 import Server

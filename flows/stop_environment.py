@@ -11,12 +11,11 @@ from config import EnvironmentConfig
 from config.models import EnvironmentSettings
 from fabflows.errors import Refused
 from fabflows.procedures.environment_power import (
-    StopPlan,
     hourly_cost,
     plan_stop_environment,
     servers_and_group,
-    stop_runbook_plan,
 )
+from fabflows.procedures.power_plans import StopPlan, stop_runbook_plan
 from fabflows.procedures.power_steps import stop_steps, verify_stopped
 from fabflows.runbook import RunContext
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute

@@ -13,7 +13,8 @@ Order (the original's stop/start procedure, made explicit):
   group's recorded sizes are restored, and every web server (and the site URL) must answer 200.
 
 Every record is durable (instance and group tags, see ``tasks/aws/ec2_writes.py`` and
-``tasks/aws/group_sizes.py``). The steps that apply these plans, and their undo, are in
+``tasks/aws/group_sizes.py``). The runbook plans built from these are in
+:mod:`fabflows.procedures.power_plans`; the steps that apply them, and their undo, in
 :mod:`fabflows.procedures.power_steps`.
 """
 
@@ -21,18 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.models import EnvironmentSettings
 from fabflows.runbook import RunContext
-from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.ec2_writes import stop_record_of
 from tasks.aws.group_sizes import CacheRecord, SizesRecord, recorded_cache, recorded_sizes
-from tasks.aws.pricing import SavingsReport, StoppedCapacity
+from tasks.aws.pricing import StoppedCapacity
 
 DOWN_ORDER: tuple[str, ...] = ("web", "worker", "db-replica", "db-primary", "cache")
 """Roles in the order their servers stop (web: servers outside the autoscaling group)."""
@@ -441,27 +440,6 @@ def servers_and_group(ctx: RunContext) -> tuple[list[Server], AutoScalingGroup |
     return servers, group
 
 
-def gather_start_plan(
-    ctx: RunContext, settings: EnvironmentSettings
-) -> tuple[AutoScalingGroup | None, PowerPlan]:
-    """Gather the servers and the web group as they are now (read tasks) and plan a start.
-
-    start-environment plans with it, and a failed stop-environment plans its way back up with it.
-    """
-    env = ctx.env
-    servers, group = servers_and_group(ctx)
-    plan = plan_start_environment(
-        env.label,
-        servers,
-        group,
-        group_configured=env.auto_scaling_group,
-        cache_strategy=settings.cache_strategy,
-        cache_launch_template=settings.cache_launch_template,
-        address_attribute=env.address_attribute,
-    )
-    return group, plan
-
-
 def stopped_capacity(
     plan: PowerPlan, now: datetime, web_instance_type: str | None
 ) -> list[StoppedCapacity]:
@@ -500,19 +478,6 @@ def stopped_capacity(
     return out
 
 
-def render_plan(plan: PowerPlan, title: str) -> str:
-    from fabflows.report import markdown_table
-
-    out = [f"# {title}", "", markdown_table(plan.rows())]
-    if plan.queued_messages is not None:
-        out += ["", f"Queued messages on the cache: {sum(plan.queued_messages.values())}"]
-    if plan.problems:
-        out += ["", "**Refused:**", *[f"- {p}" for p in plan.problems]]
-    if plan.warnings:
-        out += ["", "**Warnings:**", *[f"- {w}" for w in plan.warnings]]
-    return "\n".join(out)
-
-
 def hourly_cost(plan: PowerPlan, prices: dict[str, float], web_instance_type: str | None) -> float:
     """Pure: USD per hour of what a stop plan turns off (known prices only)."""
     total = 0.0
@@ -524,184 +489,3 @@ def hourly_cost(plan: PowerPlan, prices: dict[str, float], web_instance_type: st
     if g and g.target == (0, 0, 0) and web_instance_type:
         total += prices.get(web_instance_type, 0.0) * g.current[1]
     return round(total, 4)
-
-
-# --------------------------------------------------------------------------- the runbook plans
-
-
-def _label(s: ServerAction) -> str:
-    return f"{s.name} ({s.instance_id})" if s.name and s.name != s.instance_id else s.instance_id
-
-
-def stop_step_names(plan: PowerPlan) -> list[str]:
-    """Pure: the steps of a stop plan, in order (each one undone by its part of a start)."""
-    out = []
-    if plan.group is not None and plan.group.target is not None:
-        out.append("scale-web-group-to-zero")
-    if plan.quiet:
-        out.append("quiet-workers")
-    for p in plan.phases:
-        if p.ids("stop"):
-            out.append(f"stop-{p.role}")
-        if p.ids("terminate"):
-            out.append(f"terminate-{p.role}")
-    return out
-
-
-def start_step_names(plan: PowerPlan) -> list[str]:
-    """Pure: the steps of a start plan, in order."""
-    out = ["launch-cache"] if plan.cache_recreate is not None else []
-    out += [f"start-{p.role}" for p in plan.phases if p.ids("start", "check")]
-    if plan.group is not None and plan.group.recorded is not None:
-        out.append("restore-web-group")
-    if out:
-        out += ["check-site", "clear-records"]
-    return out
-
-
-class StopPlan(RunbookPlan):
-    """stop-environment's plan: the power plan and what the stopped capacity costs per hour."""
-
-    power: PowerPlan
-    usd_per_hour: float = Field(description="On-demand price of what the stop turns off.")
-
-    def digest(self) -> str:  # the cache's record time is the planning time: not the plan
-        import hashlib
-        import json
-
-        data: dict[str, Any] = self.model_dump(
-            mode="json", exclude={"power": {"cache_record": {"since"}}}
-        )
-        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class StartPlan(RunbookPlan):
-    """start-environment's plan: the power plan and the saving so far (not part of the digest)."""
-
-    DIGEST_EXCLUDE = {"savings"}
-
-    power: PowerPlan
-    savings: SavingsReport | None = None
-
-    def render_markdown(self) -> str:
-        out = super().render_markdown()
-        if self.savings is not None and self.savings.rows:
-            out += "\n\n## Saved while stopped\n\n" + self.savings.markdown()
-        return out
-
-    def render_text(self) -> str:
-        out = super().render_text()
-        if self.savings is not None and self.savings.rows:
-            roles = ", ".join(sorted({r.role for r in self.savings.rows}))
-            out += f"\nsaved while stopped: about ${self.savings.total_usd:,.2f} ({roles})"
-        return out
-
-
-def stop_runbook_plan(plan: PowerPlan, usd_per_hour: float, title: str) -> StopPlan:
-    """Pure: the runbook plan (changes by step) of a stop plan."""
-    changes: list[Change] = []
-    noops: list[str] = []
-    g = plan.group
-    if g is not None:
-        if g.target is not None:
-            changes.append(
-                Change(
-                    target=f"{g.auto_scaling_group_name} (web group)",
-                    action="set " + "/".join(map(str, g.target)),
-                    detail=f"{'/'.join(map(str, g.current))}: {g.reason}",
-                    step="scale-web-group-to-zero",
-                )
-            )
-        else:
-            noops.append(f"{g.auto_scaling_group_name}: {g.reason}")
-    for s in plan.quiet:
-        changes.append(
-            Change(target=_label(s), action="stop background services", step="quiet-workers")
-        )
-    for p in plan.phases:
-        for s in p.servers:
-            if s.action in ("stop", "terminate"):
-                changes.append(
-                    Change(
-                        target=_label(s),
-                        action=s.action,
-                        detail=f"{s.role}, {s.instance_type}"
-                        + (f": {s.reason}" if s.reason else ""),
-                        step=f"{s.action}-{p.role}",
-                    )
-                )
-            else:
-                noops.append(f"{s.role} {_label(s)}: {s.reason or s.state}")
-    notes = list(plan.warnings)
-    if plan.queued_messages is not None:
-        notes.append(f"queued messages on the cache: {sum(plan.queued_messages.values())}")
-    notes.append(f"while stopped this saves about ${usd_per_hour:.3f} per hour (on-demand)")
-    return StopPlan(
-        title=title,
-        environment=plan.environment,
-        changes=changes,
-        noops=noops,
-        destructive=plan.cache_record is not None,
-        downtime_seconds=None,
-        problems=list(plan.problems),
-        notes=notes,
-        power=plan,
-        usd_per_hour=usd_per_hour,
-    )
-
-
-def start_runbook_plan(plan: PowerPlan, savings: SavingsReport | None, title: str) -> StartPlan:
-    """Pure: the runbook plan of a start plan; running servers are checked (a change too, so a
-    start of a running environment still makes sure everything is in service)."""
-    changes: list[Change] = []
-    noops: list[str] = []
-    if plan.cache_recreate is not None:
-        r = plan.cache_recreate.record
-        changes.append(
-            Change(
-                target=f"cache at {r.ip}",
-                action="launch",
-                detail=f"{r.type} from {plan.cache_recreate.launch_template}",
-                step="launch-cache",
-            )
-        )
-    for p in plan.phases:
-        for s in p.servers:
-            changes.append(
-                Change(
-                    target=_label(s),
-                    action="start, bring into service"
-                    if s.action == "start"
-                    else "check in service",
-                    detail=f"{s.role}, {s.instance_type}, {s.state}",
-                    step=f"start-{p.role}",
-                )
-            )
-    g = plan.group
-    if g is not None and g.recorded is not None:
-        changes.append(
-            Change(
-                target=f"{g.auto_scaling_group_name} (web group)",
-                action=("set " + "/".join(map(str, g.target))) if g.target else "wait InService",
-                detail=f"{'/'.join(map(str, g.current))}: {g.reason}",
-                step="restore-web-group",
-            )
-        )
-    elif g is not None:
-        noops.append(f"{g.auto_scaling_group_name}: {g.reason}")
-    if changes:
-        changes.append(Change(target="web servers and site", action="check 200", step="check-site"))
-        changes.append(
-            Change(target="stop records", action="remove once in service", step="clear-records")
-        )
-    return StartPlan(
-        title=title,
-        environment=plan.environment,
-        changes=changes,
-        noops=noops,
-        problems=list(plan.problems),
-        notes=list(plan.warnings),
-        power=plan,
-        savings=savings,
-    )

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from fabflows.procedures.power_steps import (
+from fabflows.procedures.resize_plan import WINDOW_ORDER, ResizeChange, ResizeRunbookPlan
+from fabflows.procedures.server_service import (
     hosts_of,
     in_service,
     journaled,
@@ -28,7 +29,6 @@ from fabflows.procedures.power_steps import (
     stop_keeping_records,
     wait_states,
 )
-from fabflows.procedures.resize_plan import WINDOW_ORDER, ResizeChange, ResizeRunbookPlan
 from fabflows.runtime.engine import Scope, Step
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.ec2_writes import (

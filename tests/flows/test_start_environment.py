@@ -9,7 +9,7 @@ import pytest
 from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
-from fabflows.procedures.power_steps import load_passphrase
+from fabflows.procedures.server_service import load_passphrase
 from fabflows.runbook import load_context
 from fabflows.testing.configs import moto_section, write_config
 
