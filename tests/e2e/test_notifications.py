@@ -160,7 +160,8 @@ def world(tmp_path_factory, pg_cluster) -> Iterator[dict]:
     probe_dir.mkdir()
     receiver = Receiver()
     # the server on PostgreSQL: under load SQLite answers "database is locked" and drops events
-    s = Stack(base, database_url=pg_cluster.create_database("prefect_notify"))
+    url = pg_cluster.create_database("prefect_notify")
+    s = Stack(base, database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
     release = base / "window.release"
     try:
         s.start_server()
