@@ -193,7 +193,9 @@ def _save_step(plan: PullServerSecretsPlan) -> Step:
         for n in sorted(pulled):
             block.set(n, pulled[n])
         block.save(name, overwrite=True)
-        getattr(scope, "details", {})["Names changed in the block"] = ", ".join(sorted(pulled)) or "none"
+        getattr(scope, "details", {})["Names changed in the block"] = (
+            ", ".join(sorted(pulled)) or "none"
+        )
         return {
             "block": name,
             "previous": backup if current is not None else None,
