@@ -248,7 +248,7 @@ class UpgradePackages(Runbook[UpgradePackagesParams, PackageFacts, UpgradePackag
         out = [
             Step(
                 ON_STEP,
-                lambda s: mode_on(s, FLOW_NAME, s.rc.config_path),
+                lambda s: mode_on(s, FLOW_NAME, s.rc.config_path, probe=True),
                 mode_undo,
                 site_down=True,
             )

@@ -20,10 +20,13 @@ from fabflows.procedures.upgrade_window import (
     enter_decision,
     gather_upgrade_status,
     load_upgrade_pages,
+    server_url,
     turn_off,
     turn_on,
 )
 from fabflows.runtime.engine import Scope
+from tasks.http.probe import HttpProbe
+from tasks.ssh.fleet import FleetHost
 
 ON_STEP = "upgrade-mode-on"
 OFF_STEP = "upgrade-mode-off"
@@ -42,13 +45,47 @@ def step_data(scope: Scope, step: str) -> dict[str, Any]:
     return {}
 
 
-def mode_on(scope: Scope, flow: str, config_file: str | None) -> dict[str, Any]:
-    """Enter upgrade mode (see the module docstring); returns the decision and what was done."""
+def start_probe(scope: Scope, status: UpgradeStatus) -> None:
+    """Poll what users get (the site URL, else the first web server) every 100 ms until the
+    window ends (``mode_off``) or the run does: the measured downtime in the run's details."""
+    hosts = [h for h in status.hosts if h.reachable]
+    url = scope.env.site_url or (
+        server_url(
+            scope.rc.config.fabflows.upgrade,
+            FleetHost(name=hosts[0].host, address=hosts[0].address, role="web"),
+        )
+        if hosts
+        else None
+    )
+    if not url or getattr(scope, "upgrade_probe", None) is not None:
+        return
+    probe = HttpProbe(url).start()
+    scope.upgrade_probe = probe  # type: ignore[attr-defined]
+    scope.on_close(lambda: stop_probe(scope))
+
+
+def stop_probe(scope: Scope) -> None:
+    probe = getattr(scope, "upgrade_probe", None)
+    if probe is None:
+        return
+    scope.upgrade_probe = None  # type: ignore[attr-defined]
+    summary = probe.stop()
+    scope.details["Probe"] = summary.describe()
+    scope.details["Probe downtime s"] = summary.total_downtime_s
+
+
+def mode_on(
+    scope: Scope, flow: str, config_file: str | None, *, probe: bool = False
+) -> dict[str, Any]:
+    """Enter upgrade mode (see the module docstring); returns the decision and what was done.
+    ``probe``: measure what users get until ``mode_off`` (a window inside one run)."""
     pages = load_upgrade_pages(scope.rc.config, config_file)
-    decision, _ = enter_decision(scope.rc, scope.pool, flow=flow)
+    decision, status = enter_decision(scope.rc, scope.pool, flow=flow)
     scope.record(mode=decision.mode, run=decision.record.run)
     if decision.mode != "fresh":
         scope.log("%s: %s", scope.env.label, decision.reason, level="warning")
+    if probe:
+        start_probe(scope, status)
     started = time.monotonic()
     on = turn_on(scope.rc, scope.pool, pages, decision.record, dry_run=False)
     seconds = round(time.monotonic() - started, 2)
@@ -101,6 +138,7 @@ def mode_off(scope: Scope) -> dict[str, Any]:
         return {"left_on": True, "summary": "left on: begin-upgrade holds it until end-upgrade"}
     started = time.monotonic()
     off = turn_off(scope.rc, scope.pool, dry_run=False)
+    stop_probe(scope)
     if off.problems:
         raise RuntimeError("upgrade mode not fully ended: " + "; ".join(off.problems))
     seconds = round(time.monotonic() - started, 2)

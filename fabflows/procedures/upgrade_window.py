@@ -36,7 +36,8 @@ begin-upgrade holds upgrade mode *joins* it: it makes sure every web server has 
 process is suspended, and leaves upgrade mode on at its exit for end-upgrade to end.
 
 Run windows while holding the environment's lock (``fabflows.lock.environment_lock``) so that no
-two runs change one environment at once.
+two runs change one environment at once. Runbooks on the engine use the same on/off as journaled
+steps (:mod:`fabflows.procedures.upgrade_steps`) instead of this context manager.
 """
 
 from __future__ import annotations
