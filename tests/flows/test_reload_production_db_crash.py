@@ -41,11 +41,21 @@ KILL_AT = [
 ]
 """Every step boundary of the apply phase ("copy-running": the copy started, not yet finished)."""
 
+MASKING = {
+    "statements": ["UPDATE auth_user SET email = 'user' || id || '@example.invalid'"],
+    "checks": ["SELECT count(*) FROM auth_user WHERE email NOT LIKE '%@example.invalid'"],
+}
+
 
 @pytest.fixture(scope="module")
 def stack(moto_server, test_network, tmp_path_factory, prefect_server) -> Iterator[Stack]:
     moto_server.reset()
-    s = build_stack(tmp_path_factory.mktemp("crash"), moto_server.endpoint, test_network)
+    s = build_stack(
+        tmp_path_factory.mktemp("crash"),
+        moto_server.endpoint,
+        test_network,
+        masking=MASKING,  # so that the mask step (and its boundary) is part of every run
+    )
     try:
         yield s
     finally:
@@ -87,13 +97,20 @@ def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
                 pytest.fail(f"the run never reached {step}")
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
         proc.wait()
     if step == "copy-running":  # the copy outlives the flow on the target: recovery must end it
         running = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
         assert running.strip(), "the copy had already ended: this case did not kill mid-copy"
     report = recover_environment(environment="staging", config=str(stack.config), dry_run=False)
     assert not report.left and not report.problems, report.render_text()
+    undone = [s.name for s in report.steps if s.state == "done"]
+    if step != "create-side":  # from the dead run's journal, not only from the markers
+        assert any(n.startswith("undo-") and n.endswith("-create-side") for n in undone), undone
+    # nothing is left for a second recover to do
+    again = recover_environment(environment="staging", config=str(stack.config))
+    assert again.outcome == "dry run: nothing to change", again.render_text()
     # no copy left running on the target database server
     copies = stack.hosts["db"].exec(["pgrep", "-f", "fabflows-reload"], check=False).stdout
     assert copies.strip() == ""
