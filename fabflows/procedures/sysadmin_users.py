@@ -28,7 +28,7 @@ from tasks.ssh.fleet import (
     server_label,
 )
 from tasks.ssh.remote import display
-from tasks.ssh.users import Change, HostFacts, SysadminUsersSpec, plan_host_users
+from tasks.ssh.users_plan import Change, HostFacts, SysadminUsersSpec, plan_host_users
 
 FLOW_NAME = "update-sysadmin-users"
 DESTRUCTIVE_ACTIONS = ("lock-account", "remove-account", "leave-group", "remove-keys")
