@@ -263,6 +263,8 @@ def test_resume_after_a_broken_package_skips_the_servers_already_upgraded(
     _back_to_version_1(lab, repo)
     cfg = str(lab.config_path)
     [db], [web] = lab.by_role("db-primary"), lab.web
+    for host in lab.all_hosts():  # no good copy of it in apt's cache from an earlier case
+        host.exec(["apt-get", "clean"])
     # a broken package in the repository: only the web server needs it (an app-server package)
     deb = repo.deb("fabflows-app-tools", "1.0")
     good = deb.read_bytes()
