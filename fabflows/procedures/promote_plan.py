@@ -53,6 +53,14 @@ class DbNode(BaseModel):
         return None if record.get("done") else record.get("promoted")
 
     @property
+    def promoted_id(self) -> str | None:
+        """On a fenced primary: the instance id promoted in its place (finished or not)."""
+        try:
+            return json.loads(self.tags.get(DECOMMISSIONED_TAG) or "{}").get("promoted")
+        except ValueError:
+            return None
+
+    @property
     def fenced_before(self) -> bool:
         return self.role == DECOMMISSIONED_ROLE and DECOMMISSIONED_TAG in self.tags
 
@@ -208,6 +216,16 @@ def plan_promote_replica(  # noqa: C901 - one decision table, read top to bottom
             return refused()
     else:
         answering = [r for r in facts.reach if r.answers]
+        finished = [
+            n for n in facts.nodes if n.fenced_before and n.promoted_id == old.server.instance_id
+        ]
+        if answering and finished and not comebacks and not replica and not primary_is_lost:
+            # the failover to this primary is finished (a resume after its last step)
+            return PromoteReplicaPlan(
+                title=title,
+                environment=env.label,
+                noops=[f"the failover from {finished[0].name} to {old.name} is done"],
+            )
         if answering and not primary_is_lost:
             if comebacks and not replica:
                 return PromoteReplicaPlan(
