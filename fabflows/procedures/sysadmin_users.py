@@ -308,7 +308,7 @@ def render_plan(plan: UpdateSysadminUsersPlan, *, markdown: bool = True) -> str:
         if plan.image_note:
             out.append(f"- {bold(plan.image_note)}")
     if len(plan.batches) > 1:
-        out += ["", f"Applied in {len(plan.batches)} step(s): " + ", ".join(
+        out += ["", f"Steps ({len(plan.batches)}, servers in each): " + ", ".join(
             f"{b.step} ({len(b.hosts)})" for b in plan.batches
         )]  # fmt: skip
     return "\n".join(out)
