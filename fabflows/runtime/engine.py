@@ -343,10 +343,12 @@ def window_gate(
     dry_run: bool,
     override_reason: str | None,
     now: Any = None,
+    required: bool | None = None,
 ) -> guard.WindowDecision:
     """Phase 3. Applying outside the window is refused (``guard.OutsideWindow``); a dry run only
-    gets the decision (its plan says the apply would be refused now)."""
-    if not runbook.window_required(env, params):
+    gets the decision (its plan says the apply would be refused now). ``required`` overrides what
+    the runbook declares (the engine passes True once a plan expects downtime)."""
+    if not (runbook.window_required(env, params) if required is None else required):
         return guard.WindowDecision(
             environment=env.label,
             allowed=True,
@@ -509,6 +511,27 @@ def execute(runbook: Runbook, args: dict[str, Any], *, resume_of: JournalEntry |
             run.problems = list(plan.problems)
             outcome = "refused: " + "; ".join(plan.problems)
             raise BadInput("; ".join(plan.problems))
+        if (
+            plan.changed
+            and plan.downtime is not None
+            and decision.unrestricted
+            and not runbook.read_only
+            and env.windows
+        ):
+            # the plan takes the site down although the parameters alone did not say so (e.g. a
+            # password rotation chosen from what was gathered): the window applies all the same
+            try:
+                decision = window_gate(
+                    runbook,
+                    env,
+                    params,
+                    dry_run=dry_run,
+                    override_reason=common.get("window_override_reason"),
+                    required=True,
+                )
+            except guard.OutsideWindow as exc:
+                outcome = f"refused: {exc}"
+                return Cancelled(message=f"the plan expects downtime: {exc}")
         steps = runbook.steps(plan, params)
         # 5. dry run
         if dry_run:

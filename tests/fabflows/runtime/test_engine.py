@@ -243,3 +243,22 @@ def test_prefects_retry_of_a_failed_run_resumes_it(lab: dict) -> None:
     assert kinds.count("open") == 1 and "reopen" in kinds  # the same journal, gone on with
     assert toy.read(lab["dir"]).data == ["a", "b"]  # 'a' once: write-data went on, not over
     assert toy.read(lab["dir"]).suspended == ["AZRebalance"]
+
+
+def test_a_plan_with_downtime_needs_the_window_even_if_the_params_did_not_say(
+    tmp_path: Path, lab: dict, monkeypatch
+) -> None:  # noqa: ANN001
+    monkeypatch.setattr(toy.Toy, "window_required", lambda self, env, params: False)
+    day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(datetime.now(UTC).weekday() + 3) % 7]
+    wdir = tmp_path / "windowed"
+    wdir.mkdir()
+    section = _section(lab)
+    section["environments"] = {
+        "staging": {"windows": [{"days": [day], "start": "02:00", "end": "03:00"}]}
+    }
+    cfg = str(write_config(wdir, section))
+    state = _run(lab, config=cfg, lines=["a"], take_site_down=True, dry_run=False)
+    assert state.is_cancelled() and "the plan expects downtime" in state.message
+    assert toy.read(lab["dir"]).data == []
+    # no downtime planned: the same runbook applies outside the window
+    assert _run(lab, config=cfg, lines=["a"], dry_run=False).result().steps
