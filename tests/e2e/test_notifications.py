@@ -30,6 +30,8 @@ from fabflows.testing.fake_slack import FakeSlack
 
 from .stack import Stack
 
+pytestmark = [pytest.mark.notifications_e2e]
+
 PROBES = {
     "notify-probe": "fabflows.testing.notify_probe:notify_probe",
     "hold-environment-lock": "fabflows.testing.lock_probe:hold_environment_lock",
