@@ -385,7 +385,10 @@ def run_until_paused(cfg: str, target: str, replica: str, marker: Path) -> None:
 
 @pytest.mark.hosts
 @pytest.mark.flow
-@pytest.mark.parametrize("kind", BOUNDARIES)
+@pytest.mark.parametrize(
+    "kind",
+    [k if k == "promote" else pytest.param(k, marks=pytest.mark.crash_matrix) for k in BOUNDARIES],
+)
 def test_sigkill_at_each_step_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
     """Primary killed; the run SIGKILLed at a step boundary; recover leaves a consistent cluster
     (at most one server takes writes, no upgrade page, the rest reported for resume); resume
@@ -479,6 +482,7 @@ def counts(host) -> tuple[str, str]:  # noqa: ANN001
 
 @pytest.mark.hosts
 @pytest.mark.flow
+@pytest.mark.preview
 def test_reset_replicas_rebuilds_a_broken_replica(stack) -> None:  # noqa: ANN001
     cfg = str(stack.config_path)
     (primary_iid,) = role_ids(stack, "db-primary")
@@ -521,6 +525,7 @@ RESET_BOUNDARIES = ["first", "second", "second:after"]
 
 @pytest.mark.hosts
 @pytest.mark.flow
+@pytest.mark.preview
 @pytest.mark.parametrize("kind", RESET_BOUNDARIES)
 def test_reset_replicas_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
     cfg = str(stack.config_path)
