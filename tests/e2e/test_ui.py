@@ -140,7 +140,11 @@ def test_run_from_the_ui_form_completes_with_artifacts(stack: dict) -> None:
 
             runs = _until(created, lambda: page.get_by_role("button", name="Submit").click())
             run = runs[0]
-            assert run.parameters == {"environment": "staging", "deployment": "myproject"}
+            assert run.parameters == {
+                "environment": "staging",
+                "deployment": "myproject",
+                "replication": True,  # the form sends the flow's defaults
+            }
             done = _wait_state(s, run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=90)
             assert done.state.type.value == "COMPLETED", done.state
             page.goto(f"{ui}/runs/flow-run/{run.id}", wait_until="networkidle")
