@@ -10,7 +10,7 @@ Measures, in one run and between the same two database servers:
 2. the flow's wall time at the large size (and the copy step alone), as a ratio of (1);
 3. user-visible downtime (upgrade mode on -> off, and an HTTP probe of the site every 100 ms for the
    whole run) at the small and the large size, and the migrations' time;
-4. the original's approach (procedures.md §2.7) on the same data: 503 page, app and pgbouncer
+4. the original's approach on the same data: 503 page, app and pgbouncer
    stopped, ``dropdb``/``createdb``, plain ``pg_dump | psql`` while down, migrate, start, page off.
 
 Prints a table and writes ``bench/results/reload_production_db.json``. Not a test: run it on a quiet

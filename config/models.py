@@ -32,7 +32,7 @@ LEGACY_ROLE_NAMES: dict[str, str] = {"db-master": "db-primary", "db-slave": "db-
 
 LEGACY_UNUSED_KEYS: frozenset[str] = frozenset(
     {
-        # Read by the original only, or not even by it (procedures.md §1 "Problems in the sample").
+        # Read by the original only, or not even by it.
         "run_upgrade",
         "database_host",
         "logstash_config",
@@ -204,7 +204,7 @@ DEFAULT_STATIC_CORS_RULES: tuple[CorsRule, ...] = (
         max_age_seconds=3000,
     ),
 )
-"""The rule the maintenance doc has operators click into the console (procedures.md §2.8)."""
+"""The rule the maintenance doc has operators click into the console."""
 
 
 NotificationEvent = Literal[
@@ -1015,7 +1015,7 @@ RESIZE_MINIMUM_MEMORY_MIB: dict[str, int] = {
     "worker": 3840,
 }
 """The original's documented minimum sizes: m1.small (1.7 GiB) everywhere, m1.medium (3.75 GiB)
-for workers (procedures.md §2.10)."""
+for workers."""
 
 
 class ResizeSettings(Strict):
@@ -1097,7 +1097,7 @@ class StaticHtml(Legacy):
 
 
 class FabulawsConfig(Legacy):
-    """The FabulAWS file (keys in procedures.md §1), plus the ``fabflows`` section."""
+    """The FabulAWS file, plus the ``fabflows`` section."""
 
     # environments and roles
     project: str = Field(pattern=r"^[A-Za-z0-9_]+$")

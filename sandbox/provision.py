@@ -1,6 +1,6 @@
 """Give isolated test hosts (sandbox/testhosts.py) the shape of FabulAWS servers.
 
-- :func:`provision_web`: nginx with FabulAWS's upgrade-mode logic (procedures.md §2.0) for an
+- :func:`provision_web`: nginx with FabulAWS's upgrade-mode logic for an
   environment's document root, proxying to an app on the environment's port, and a tiny app behind
   it (Python's http.server under supervisor, answering 200 for ``/`` and ``/healthcheck.html``).
   The reload-production-db work replaces that app with a real Django one.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 NGINX_SITE = """\
-# FabulAWS's nginx upgrade-mode logic (fabulaws templates/nginx.conf, procedures.md §2.0):
+# FabulAWS's nginx upgrade-mode logic (its templates/nginx.conf):
 # 1. a requested file that exists in the document root is served;
 # 2. else, if 503.html exists in the root, the answer is 503 with that page;
 # 3. else the request goes to the app.
@@ -172,7 +172,7 @@ def point_apt_at(host: Host, repo_url: str) -> None:
 # --------------------------------------------------------------------------- the Django app
 # (reload-production-db, issue 8): the web and worker hosts of an environment run the small Django
 # app in sandbox/app/ under supervisor, behind nginx (web) and through pgbouncer, as FabulAWS's
-# servers do (procedures.md §1): supervisor groups <env>-web (program <env>-server, gunicorn on
+# servers do: supervisor groups <env>-web (program <env>-server, gunicorn on
 # server_ports[env]), <env>-celery (a worker stand-in) and <env>-pgbouncer; the database password in
 # the deploy user's secret file <home>/database_password (mode 600).
 

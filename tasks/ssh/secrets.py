@@ -106,7 +106,7 @@ DEFAULT_FILES: tuple[SecretFileSettings, ...] = (
         kind="newrelic",
     ),
 )
-"""What FabulAWS renders with secrets (procedures.md §1 "Secrets"), as the sandbox's app lays it out:
+"""What FabulAWS renders with secrets, as the sandbox's app lays it out:
 pgbouncer's userlist (database_password), the New Relic agent files for web and celery, and the New
 Relic infrastructure agent's config (newrelic_license_key). The app itself reads its secrets from the
 secret files ``<home>/<name>``."""

@@ -1,6 +1,6 @@
 """Upgrade mode on the web servers: the 503 page and the health-check override in nginx's root.
 
-FabulAWS's nginx (procedures.md §2.0) serves a requested file if it exists in the document root
+FabulAWS's nginx serves a requested file if it exists in the document root
 (``<home>/services/nginx/html``); else, if ``503.html`` exists there, answers 503 with it; else
 proxies to the app. So upgrade mode is two files:
 
