@@ -145,8 +145,15 @@ def exec_command(
         chan.exec_command(command)
         if stdin:
             chan.settimeout(timeout)
-            chan.sendall(stdin)
-        chan.shutdown_write()
+            try:
+                chan.sendall(stdin)
+            except OSError:
+                # The command ended without reading all of its input (sudo refusing, say): its
+                # exit status and stderr say why, so read them instead of failing on the send.
+                if not (chan.closed or chan.exit_status_ready() or chan.eof_received):
+                    raise
+        if not chan.closed:
+            chan.shutdown_write()
         chan.settimeout(0.0)
         out: list[bytes] = []
         err: list[bytes] = []

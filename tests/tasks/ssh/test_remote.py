@@ -130,3 +130,15 @@ def test_batch_shares_stdin_and_stops_at_first_failure(remote) -> None:
 
 def _exists(host, path: str) -> bool:
     return host.exec(["test", "-e", path], check=False).returncode == 0
+
+
+@pytest.mark.hosts
+def test_a_command_that_ends_without_reading_its_input_reports_its_own_error(remote) -> None:
+    """sudo refusing (an unknown user, say) exits before reading stdin: the caller gets the exit
+    code and stderr every time, never a send error that depends on who was faster."""
+    _, r = remote
+    big = b"x" * (4 << 20)
+    for _ in range(3):
+        with pytest.raises(CommandError) as info:
+            r.read(["sh", "-c", "echo refused >&2; exit 3"], stdin=big)
+        assert info.value.exit_code == 3 and "refused" in str(info.value)
