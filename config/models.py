@@ -10,6 +10,7 @@ strict (``extra="forbid"``): a typo there is an error naming the key path.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import time
 from typing import Annotated, Any, Literal
@@ -1046,6 +1047,12 @@ class ResizeSettings(Strict):
         return out
 
 
+def default_state_dir() -> str:
+    """``$FABFLOWS_STATE_DIR`` or ``~/.local/state/fabflows``: where locks and journals live when
+    the config does not say."""
+    return os.environ.get("FABFLOWS_STATE_DIR") or "~/.local/state/fabflows"
+
+
 class FabflowsSection(Strict):
     """The ``fabflows:`` section of the config file."""
 
@@ -1053,7 +1060,9 @@ class FabflowsSection(Strict):
     ssh: SshSettings = Field(default_factory=SshSettings)
     environments: dict[str, EnvironmentSettings] = Field(default_factory=dict)
     state_dir: str = Field(
-        default="~/.local/state/fabflows", description="Where runs record local state."
+        default_factory=lambda: default_state_dir(),
+        description="Where runs record local state (locks, journals); default "
+        "$FABFLOWS_STATE_DIR or ~/.local/state/fabflows.",
     )
     lock: LockSettings = Field(default_factory=LockSettings)
     deploy: DeploySettings = Field(default_factory=DeploySettings)

@@ -48,7 +48,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig, FabulawsConfig
-from config.models import LockSettings, slug
+from config.models import LockSettings, default_state_dir, slug
 
 WAIT_LOG_SECONDS = 30.0
 """A waiting run logs who holds the lock this often (and whenever the holder changes)."""
@@ -325,7 +325,7 @@ class HeldLock:
 
 def _settings_of(config: FabulawsConfig | None) -> tuple[LockSettings, str]:
     if config is None:
-        return LockSettings(), "~/.local/state/fabflows"
+        return LockSettings(), default_state_dir()
     return config.fabflows.lock, config.fabflows.state_dir
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import FabulawsConfig
-from config.models import LockSettings, slug
+from config.models import LockSettings, default_state_dir, slug
 
 StepState = Literal["started", "done", "failed", "undone", "skipped"]
 RunState = Literal["running", "done", "failed", "undone", "recovered"]
@@ -288,7 +288,7 @@ class Journal:
     @classmethod
     def for_environment(cls, label: str, config: FabulawsConfig | None) -> Journal:
         settings = config.fabflows.lock if config else LockSettings()
-        state_dir = config.fabflows.state_dir if config else "~/.local/state/fabflows"
+        state_dir = config.fabflows.state_dir if config else default_state_dir()
         return cls(label, make_journal_backend(label, settings, state_dir))
 
     # ---------------------------------------------------------------- writing

@@ -8,6 +8,7 @@ About 8 s to install and 5 s to start.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -69,6 +70,14 @@ def ensure_debs() -> Path:
     """The directory holding the .debs, downloading the missing ones with ``apt-get download``."""
     directory = debs_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    # One download at a time (parallel test workers): another process never copies a half-written .deb.
+    with open(directory.parent / ".rabbitmq.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _download_missing(directory)
+    return directory
+
+
+def _download_missing(directory: Path) -> None:
     have = {p.name.split("_", 1)[0] for p in directory.glob("*.deb")}
     missing = [p for p in PACKAGES if p not in have]
     if missing:
@@ -83,7 +92,6 @@ def ensure_debs() -> Path:
             raise RabbitmqSetupError(
                 f"apt-get download {' '.join(missing)} failed: {proc.stderr.strip()[-500:]}"
             )
-    return directory
 
 
 def install_rabbitmq(host, users: dict[str, str] | None = None, timeout: float = 60) -> float:  # noqa: ANN001

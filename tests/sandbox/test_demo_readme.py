@@ -21,8 +21,9 @@ from fabflows.cli import DEMO_COMMANDS
 pytestmark = pytest.mark.hosts
 ROOT = Path(__file__).resolve().parents[2]
 FABFLOWS = str(Path(sys.executable).parent / "fabflows")
-PREFIX = os.environ.get("FABFLOWS_TEST_NET_PREFIX", "tdr")
-SUBNET = os.environ.get("FABFLOWS_TEST_NET_SUBNET", "10.207.0")
+# Its own network, apart from the test workers' (FABFLOWS_TEST_NET_*), so two checkouts can differ.
+PREFIX = os.environ.get("FABFLOWS_TEST_DEMO_PREFIX", "tdr")
+SUBNET = os.environ.get("FABFLOWS_TEST_DEMO_SUBNET", "10.207.0")
 
 
 def _free_port() -> int:

@@ -331,8 +331,10 @@ def test_other_process_drives_hosts_through_state_file(net, hosts):
 
 
 def test_make_hosts_fixture(make_hosts, test_network):
-    web, db = make_hosts(["fx-web", HostSpec("fx-db", "10.203.0.50", "db")])
-    assert web.ip.startswith("10.203.0.")
+    from fabflows.testing.hosts_fixtures import TEST_SUBNET
+
+    web, db = make_hosts(["fx-web", HostSpec("fx-db", f"{TEST_SUBNET}.50", "db")])
+    assert web.ip.startswith(f"{TEST_SUBNET}.")
     assert ssh(test_network, "fx-web", "hostname").stdout.strip() == "fx-web"
     assert db.exec(["hostname"]).stdout.strip() == "fx-db"
 
