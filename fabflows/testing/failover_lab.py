@@ -4,18 +4,37 @@
 :func:`rebuild_old_primary`: after a failover, the old primary's host started again, rebuilt as a
 replica of the new primary and tagged ``db-replica`` (what ``reset-replicas`` does for a fenced
 primary), so the next round can kill the primary again.
+:func:`break_replication`: a replica that cannot catch up any more (its WAL receiver stopped, its
+slot dropped, the WAL it needs removed from the primary).
+:func:`replicas_caught_up`: every replica streaming (``pg_stat_replication``), zero lag, and the
+same row counts as the primary.
+:func:`run_until_paused`: a runbook run from the CLI in a subprocess, SIGKILLed at a step boundary.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import boto3
 import requests
+from prefect.settings import PREFECT_API_URL
+from psycopg import sql
 
+from fabflows.testing import faults
 from fabflows.testing.app_env import AppEnv, InstanceFollower, build_app_env
-from sandbox.replication import build_replica, setup_primary, wait_for_postgres
+from sandbox.replication import (
+    build_replica,
+    receiver_status,
+    setup_primary,
+    stop_wal_receiver,
+    wait_for_postgres,
+)
 from sandbox.testhosts import TestHost, TestNetwork
 
 DECOMMISSIONED_TAG = "fabflows:decommissioned"
@@ -111,8 +130,6 @@ def rebuild_old_primary(env: AppEnv, old_iid: str, new_iid: str) -> None:
 
 def post_ok(url: str, timeout: float = 30, interval: float = 0.3) -> bool:
     """POST the app's write-check page until it answers 200 (True) or ``timeout`` passes."""
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -122,3 +139,149 @@ def post_ok(url: str, timeout: float = 30, interval: float = 0.3) -> bool:
             pass
         time.sleep(interval)
     return False
+
+
+def name_of(env: AppEnv, iid: str) -> str:
+    """The instance's Name tag (its id when it has none)."""
+    return tags_of(env, iid).get("Name") or iid
+
+
+def cluster(env: AppEnv) -> dict[str, str]:
+    """instance id -> role tag, for the db servers (decommissioned ones included)."""
+    out = {}
+    for iid in env.hosts:
+        role = tags_of(env, iid).get("role", "")
+        if role.startswith("db-") or role == "decommissioned":
+            out[iid] = role
+    return out
+
+
+def web_urls(env: AppEnv, path: str = "write-check") -> list[str]:
+    return [f"http://{h.ip}/{path}" for h in env.by_role("web")]
+
+
+def row_counts(host: TestHost) -> tuple[str, str]:
+    """(orders, site notes) on ``host``: the seeded table and the one the app writes."""
+    return (
+        psql(host, "SELECT count(*) FROM shop_order;"),
+        psql(host, "SELECT count(*) FROM shop_sitenote;"),
+    )
+
+
+def streaming_replicas(primary: TestHost) -> dict[str, int]:
+    """The primary's ``pg_stat_replication``: replica address -> bytes of WAL it has not replayed,
+    for the senders in state ``streaming``."""
+    out = psql(
+        primary,
+        "SELECT host(client_addr), pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint "
+        "FROM pg_stat_replication WHERE state = 'streaming';",
+        "postgres",
+    )
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {address: int(lag or -1) for address, lag in rows}
+
+
+def replicas_caught_up(env: AppEnv, timeout: float = 60) -> list[str]:
+    """Wait until every db-replica streams from the db-primary (its ``pg_stat_replication``) with
+    zero lag and the same row counts; returns what is still wrong after ``timeout`` (empty: all
+    caught up)."""
+    (primary_iid,) = role_ids(env, "db-primary")
+    primary = env.hosts[primary_iid]
+    replicas = [env.hosts[i] for i in role_ids(env, "db-replica")]
+    deadline = time.monotonic() + timeout
+    while True:
+        streaming = streaming_replicas(primary)
+        wrong = []
+        for r in replicas:
+            if r.ip not in streaming:
+                wrong.append(f"{r.name} does not stream from {primary.name}")
+            elif streaming[r.ip] != 0:
+                wrong.append(f"{r.name} is {streaming[r.ip]} bytes behind {primary.name}")
+            elif row_counts(r) != row_counts(primary):
+                wrong.append(
+                    f"{r.name} has {row_counts(r)} rows, {primary.name} {row_counts(primary)}"
+                )
+        if not wrong or time.monotonic() > deadline:
+            return wrong
+        time.sleep(0.3)
+
+
+def break_replication(env: AppEnv, replica_iid: str) -> str:
+    """Break a replica for good: its WAL receiver stopped, its slot dropped on the primary, the
+    primary made to remove the WAL segment the replica needs next (switch, checkpoint, until the
+    segment is gone from its ``pg_wal``), then the receiver's conninfo given back: it connects
+    and is refused (that WAL is gone), so it never streams again. Returns the removed segment."""
+    replica = env.hosts[replica_iid]
+    (primary_iid,) = role_ids(env, "db-primary")
+    primary = env.hosts[primary_iid]
+    conninfo = stop_wal_receiver(replica)
+    slot = psql(replica, "SHOW primary_slot_name;", "postgres")
+    received = psql(replica, "SELECT pg_last_wal_receive_lsn();", "postgres")
+    drop = sql.SQL(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {};"
+    ).format(sql.Literal(slot))
+    psql(primary, drop.as_string(None), "postgres")
+    needed = psql(
+        primary,
+        sql.SQL("SELECT pg_walfile_name({}::pg_lsn);")
+        .format(sql.Literal(received))
+        .as_string(None),
+        "postgres",
+    )
+    present = sql.SQL("SELECT count(*) FROM pg_ls_waldir() WHERE name = {};").format(
+        sql.Literal(needed)
+    )
+    for _ in range(20):
+        if psql(primary, present.as_string(None), "postgres") == "0":
+            break
+        psql(primary, "INSERT INTO shop_sitenote (text, created) VALUES ('gap', now());")
+        psql(primary, "SELECT pg_switch_wal();", "postgres")
+        psql(primary, "CHECKPOINT;", "postgres")
+    else:
+        raise AssertionError(f"{primary.name} still has WAL segment {needed}")
+    give_back = sql.SQL("ALTER SYSTEM SET primary_conninfo = {};").format(sql.Literal(conninfo))
+    psql(replica, give_back.as_string(None), "postgres")
+    psql(replica, "SELECT pg_reload_conf();", "postgres")
+    # the receiver retries every 5 s (wal_retrieve_retry_interval): it must never stream
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        if receiver_status(replica) == "streaming" or replica.ip in streaming_replicas(primary):
+            raise AssertionError(f"{replica.name} streams again: replication is not broken")
+        time.sleep(0.2)
+    return needed
+
+
+def run_until_paused(
+    flow: str, target: str, cli_args: list[str], marker: Path, timeout: float = 180
+) -> None:
+    """``fabflows run FLOW CLI_ARGS`` in a subprocess (the fault-injecting CLI), SIGKILLed (its
+    whole process group) once it pauses at the step boundary ``target``."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=f"{flow}/{target}",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    argv = [sys.executable, "-c", faults.CLI_CODE, "run", flow, *cli_args]
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                assert proc.stderr is not None
+                raise AssertionError(
+                    f"{flow} ended before {target}: " + proc.stderr.read().decode()[-3000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{flow} never reached {target} in {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

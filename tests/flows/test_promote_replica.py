@@ -11,17 +11,11 @@ next can kill the primary again.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL
-from psycopg import sql
 
 from config import load_config, resolve_environment
 from fabflows.errors import BadInput
@@ -34,29 +28,25 @@ from fabflows.procedures.promote_plan import (
 )
 from fabflows.runbook import RunContext
 from fabflows.runtime.journal import Journal
-from fabflows.testing import faults
 from fabflows.testing.app_env import AppEnv
 from fabflows.testing.failover_lab import (
     build_failover_env,
+    cluster,
+    name_of,
     post_ok,
     psql,
     rebuild_old_primary,
     role_ids,
+    run_until_paused,
     tags_of,
+    web_urls,
     writable,
 )
 from fabflows.testing.moto_server import MotoServer
 from flows.promote_replica import RUNBOOK, PromoteReplicaParams, promote_replica
 from flows.recover_environment import recover_environment
-from flows.reset_replicas import (
-    ReplicaTarget,
-    ResetFacts,
-    ResetReplicasParams,
-    plan_reset_replicas,
-    reset_replicas,
-)
 from flows.resume_run import resume_run
-from sandbox.replication import stop_wal_receiver, wait_for_postgres
+from sandbox.replication import wait_for_postgres
 from tasks.postgres.failover import Reachability, StandbyState
 from tasks.postgres.server import DbServer
 from tasks.ssh.fleet import FleetHost
@@ -202,20 +192,6 @@ def stack(test_network, tmp_path_factory, prefect_server):  # noqa: ANN001, ANN2
         moto.stop()
 
 
-def cluster(env: AppEnv) -> dict[str, str]:
-    """instance id -> role tag, for the db servers."""
-    out = {}
-    for iid in env.hosts:
-        role = tags_of(env, iid).get("role", "")
-        if role.startswith("db-") or role == "decommissioned":
-            out[iid] = role
-    return out
-
-
-def web_urls(env: AppEnv, path: str = "write-check") -> list[str]:
-    return [f"http://{h.ip}/{path}" for h in env.by_role("web")]
-
-
 def assert_failed_over(env: AppEnv, old_iid: str) -> str:
     """One primary (tagged and writable), the old one fenced, every replica streaming from the
     new one, the app writing through every web server. Returns the new primary's instance id."""
@@ -269,7 +245,7 @@ def test_primary_killed_then_promoted_and_the_site_writes(stack) -> None:  # noq
     old = stack.hosts[old_iid]
     stack.net.stop(old.name, graceful=False)
     before = cluster(stack)
-    web_name = old_name(stack, role_ids(stack, "web")[0])
+    web_name = name_of(stack, role_ids(stack, "web")[0])
     # bad input with the primary really gone: still refused before any change
     for replica, message in [
         ("no-such-server", "unknown replica"),
@@ -297,18 +273,14 @@ def test_primary_killed_then_promoted_and_the_site_writes(stack) -> None:  # noq
     assert psql(old, "SELECT count(*) FROM shop_sitenote;") == notes_old
     assert int(psql(new, "SELECT count(*) FROM shop_sitenote;")) == int(notes_new) + 2
     dry = promote_replica(environment="staging", config=cfg)
-    assert f"fence-{old_name(stack, old_iid)}" in dry.plan_text, dry.plan_text
+    assert f"fence-{name_of(stack, old_iid)}" in dry.plan_text, dry.plan_text
     assert "answers again and takes writes" in dry.plan_text
     again = promote_replica(environment="staging", config=cfg, dry_run=False)
-    assert [s.name for s in again.steps] == [f"fence-{old_name(stack, old_iid)}"]
+    assert [s.name for s in again.steps] == [f"fence-{name_of(stack, old_iid)}"]
     old.exec(["supervisorctl", "start", "postgresql"])
     wait_for_postgres(old, 60)
     assert not writable(old)  # started again, it comes up read-only
     rebuild_old_primary(stack, old_iid, new_iid)
-
-
-def old_name(env: AppEnv, iid: str) -> str:
-    return tags_of(env, iid).get("Name") or iid
 
 
 # --------------------------------------------------------------------------- SIGKILL at each step
@@ -354,35 +326,6 @@ def page_on(env: AppEnv) -> list[str]:
     ]
 
 
-def run_until_paused(cfg: str, target: str, replica: str, marker: Path) -> None:
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT=f"promote-replica/{target}",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
-    )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "promote-replica", "-e", "staging"]
-    argv += ["-c", cfg, "--replica", replica, "--apply"]
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-3000:])
-            assert time.monotonic() < deadline, "the run never reached " + target
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.hosts
 @pytest.mark.flow
 @pytest.mark.parametrize(
@@ -397,13 +340,18 @@ def test_sigkill_at_each_step_then_recover(stack, kind, tmp_path: Path) -> None:
     (old_iid,) = role_ids(stack, "db-primary")
     old = stack.hosts[old_iid]
     new_iid = role_ids(stack, "db-replica")[0]
-    new_name = old_name(stack, new_iid)
+    new_name = name_of(stack, new_iid)
     stack.net.stop(old.name, graceful=False)
     before = cluster(stack)
     dry = promote_replica(environment="staging", config=cfg, replica=new_name)
     steps = [s for s in STEP_RE.findall(dry.plan_text) if s != "promote-replica"]  # the title
     target = resolve_boundary(kind, steps)
-    run_until_paused(cfg, target, new_name, tmp_path / "paused")
+    run_until_paused(
+        "promote-replica",
+        target,
+        ["-e", "staging", "-c", cfg, "--replica", new_name, "--apply"],
+        tmp_path / "paused",
+    )
     journal = Journal.for_environment("myproject/staging", load_config(cfg))
     # a run killed before its first step applied nothing: its journal needs no attention
     entries = [e for e in journal.open_entries() if e.flow == "promote-replica"]
@@ -439,190 +387,6 @@ def test_sigkill_at_each_step_then_recover(stack, kind, tmp_path: Path) -> None:
         assert cluster(stack) == before and not writers
         report = promote_replica(environment="staging", config=cfg, dry_run=False, replica=new_name)
         how = "run again"
-    assert all(s.state in ("done", "skipped") for s in report.steps), report.render_text()
+    assert all(s.state in ("done", "skipped") for s in report.steps), (how, report.render_text())
     assert assert_failed_over(stack, old_iid) == new_iid
-    KK.append(f"promote-replica {kind} ({target}): {len(applied)} applied -> recovered, {how}")
     rebuild_old_primary(stack, old_iid, new_iid)
-
-
-KK: list[str] = []
-
-
-# --------------------------------------------------------------------------- reset-replicas
-
-
-def break_replication(env: AppEnv, replica_iid: str) -> None:
-    """Stop the replica's WAL receiver, drop its slot and let the primary recycle the WAL it
-    needs; then give the receiver its conninfo back: it cannot stream any more."""
-    replica = env.hosts[replica_iid]
-    (primary_iid,) = role_ids(env, "db-primary")
-    primary = env.hosts[primary_iid]
-    conninfo = stop_wal_receiver(replica)
-    slot = psql(replica, "SHOW primary_slot_name;", "postgres")
-    drop = sql.SQL("SELECT pg_drop_replication_slot({});").format(sql.Literal(slot))
-    psql(primary, drop.as_string(None), "postgres")
-    for _ in range(4):
-        psql(primary, "INSERT INTO shop_sitenote (text, created) VALUES ('gap', now());")
-        psql(primary, "SELECT pg_switch_wal();", "postgres")
-        psql(primary, "CHECKPOINT;", "postgres")
-    give_back = sql.SQL("ALTER SYSTEM SET primary_conninfo = {};").format(sql.Literal(conninfo))
-    psql(replica, give_back.as_string(None), "postgres")
-    psql(replica, "SELECT pg_reload_conf();", "postgres")
-    time.sleep(3)
-    status = psql(replica, "SELECT status FROM pg_stat_wal_receiver;", "postgres")
-    assert status != "streaming", "replication should be broken"
-
-
-def counts(host) -> tuple[str, str]:  # noqa: ANN001
-    return (
-        psql(host, "SELECT count(*) FROM shop_order;"),
-        psql(host, "SELECT count(*) FROM shop_sitenote;"),
-    )
-
-
-@pytest.mark.hosts
-@pytest.mark.flow
-@pytest.mark.preview
-def test_reset_replicas_rebuilds_a_broken_replica(stack) -> None:  # noqa: ANN001
-    cfg = str(stack.config_path)
-    (primary_iid,) = role_ids(stack, "db-primary")
-    broken_iid, healthy_iid = role_ids(stack, "db-replica")[:2]
-    break_replication(stack, broken_iid)
-    name = old_name(stack, broken_iid)
-    for bad, message in [
-        ("no-such-server", "unknown replica"),
-        (old_name(stack, primary_iid), "is a db-primary server, not a db-replica"),
-    ]:
-        with pytest.raises(BadInput, match=message):
-            reset_replicas(environment="staging", config=cfg, dry_run=False, replicas=[bad])
-    dry = reset_replicas(environment="staging", config=cfg, replicas=[name])
-    assert "not streaming" in dry.plan_text and f"rebuild-{name}" in dry.plan_text
-    healthy_pid = psql(
-        stack.hosts[healthy_iid], "SELECT pid FROM pg_stat_wal_receiver;", "postgres"
-    )
-    for url in web_urls(stack):  # the site keeps writing while the replica is rebuilt
-        assert post_ok(url)
-    report = reset_replicas(environment="staging", config=cfg, dry_run=False, replicas=[name])
-    assert [s.name for s in report.steps] == [f"rebuild-{name}"], report.render_text()
-    assert "rebuilt from" in report.steps[0].summary
-    for url in web_urls(stack):
-        assert post_ok(url)
-    primary, broken = stack.hosts[primary_iid], stack.hosts[broken_iid]
-    deadline = time.monotonic() + 30
-    while counts(broken) != counts(primary):
-        assert time.monotonic() < deadline, (counts(broken), counts(primary))
-        time.sleep(0.3)
-    assert psql(broken, "SELECT status FROM pg_stat_wal_receiver;", "postgres") == "streaming"
-    # the other replica was left alone
-    assert (
-        psql(stack.hosts[healthy_iid], "SELECT pid FROM pg_stat_wal_receiver;", "postgres")
-        == healthy_pid
-    )
-
-
-RESET_BOUNDARIES = ["first", "second", "second:after"]
-
-
-@pytest.mark.hosts
-@pytest.mark.flow
-@pytest.mark.preview
-@pytest.mark.parametrize("kind", RESET_BOUNDARIES)
-def test_reset_replicas_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
-    cfg = str(stack.config_path)
-    (primary_iid,) = role_ids(stack, "db-primary")
-    replicas = role_ids(stack, "db-replica")
-    names = [old_name(stack, i) for i in replicas]
-    dry = reset_replicas(environment="staging", config=cfg)
-    steps = re.findall(r"^(rebuild-\S+)\s", dry.plan_text, re.M)
-    assert len(steps) == len(replicas) >= 2
-    target = {"first": steps[0], "second": steps[1], "second:after": steps[-1] + ":after"}[kind]
-    marker = tmp_path / "paused"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT=f"reset-replicas/{target}",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
-    )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "reset-replicas", "-e", "staging"]
-    argv += ["-c", cfg, "--apply"]
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-3000:])
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    journal = Journal.for_environment("myproject/staging", load_config(cfg))
-    entries = [e for e in journal.open_entries() if e.flow == "reset-replicas"]
-    assert len(entries) == (0 if kind == "first" else 1)
-    run_id = entries[0].run_id if entries else ""
-    applied = [s.name for s in entries[0].applied] if entries else []
-    found = recover_environment(environment="staging", config=cfg, dry_run=False)
-    primary = stack.hosts[primary_iid]
-    assert writable(primary)
-    assert [i for i in cluster(stack).values() if i == "db-primary"] == ["db-primary"]
-    for iid, name in zip(replicas, names, strict=True):
-        host = stack.hosts[iid]
-        status = psql(host, "SELECT status FROM pg_stat_wal_receiver;", "postgres")
-        assert not writable(host)
-        assert status == "streaming" or f"rebuild-{name}" in found.plan_text
-    if applied:
-        assert f"fabflows resume {run_id}" in found.plan_text
-        report = resume_run(environment="staging", run_id=run_id, config=cfg, dry_run=False)
-    else:  # killed before its first step: nothing was applied, run it again
-        report = reset_replicas(environment="staging", config=cfg, dry_run=False)
-    assert all(s.state in ("done", "skipped") for s in report.steps), report.render_text()
-    skipped = [s.name for s in report.steps if s.state == "skipped"]
-    assert skipped == applied
-    for iid in replicas:
-        deadline = time.monotonic() + 30
-        while counts(stack.hosts[iid]) != counts(primary):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-    KK.append(f"reset-replicas {kind} ({target}): {len(applied)} applied -> recovered, resumed")
-
-
-def _target(name: str, state: str = "streaming") -> ReplicaTarget:
-    return ReplicaTarget(
-        server=DbServer(name=name, address=name, db_address=name, instance_id=f"i-{name}"),
-        slot=f"replica_{name}",
-        data_directory="/var/lib/postgresql/15/main",
-        state=state,
-    )
-
-
-@pytest.mark.parametrize(
-    ("wanted", "primaries", "steps", "problem"),
-    [
-        (None, 1, ["rebuild-r1", "rebuild-r2"], None),
-        (["r2"], 1, ["rebuild-r2"], None),
-        (["i-r1"], 1, ["rebuild-r1"], None),
-        (["w1"], 1, [], "w1 is a web server, not a db-replica"),
-        (["nope"], 1, [], "unknown replica 'nope'"),
-        (None, 0, [], "0 running db-primary servers"),
-    ],
-)
-def test_reset_plan(staging_env, wanted, primaries, steps, problem) -> None:  # noqa: ANN001
-    primary = DbServer(name="p", address="p", db_address="p", instance_id="i-p")
-    facts = ResetFacts(
-        primaries=[primary] * primaries,
-        replicas=[_target("r1", "not streaming"), _target("r2")],
-        others={"w1": "web", "p": "db-primary"},
-    )
-    plan = plan_reset_replicas(facts, ResetReplicasParams(replicas=wanted), staging_env)
-    assert [c.step for c in plan.changes] == steps
-    if problem:
-        assert any(problem in p for p in plan.problems), plan.problems
-    else:
-        assert not plan.problems and plan.downtime_seconds is None and plan.destructive
