@@ -13,8 +13,10 @@ from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
 from fabflows.runtime.recovery import DeadRun, StepToUndo, dead_runs
 from fabflows.upgrade_mode import current_run
+from tasks.ssh.staged_secrets import StagedLeftovers
 
 FLOW_NAME = "recover-environment"
+STAGED_STEP = "remove-staged-secret-files"
 
 
 class RecoverParams(BaseModel):
@@ -31,6 +33,8 @@ class RecoverFacts(BaseModel):
     alive: list[str] = Field(default_factory=list)
     reload: Any = None
     reload_note: str | None = None
+    staged: list[StagedLeftovers] = Field(default_factory=list)
+    staged_notes: list[str] = Field(default_factory=list)
 
 
 class RecoverPlan(RunbookPlan):
@@ -39,6 +43,9 @@ class RecoverPlan(RunbookPlan):
     dead: list[DeadRun] = Field(default_factory=list)
     dead_recovers: list[str] = Field(default_factory=list)
     reload_repairs: list[str] = Field(default_factory=list)
+    staged: list[StagedLeftovers] = Field(
+        default_factory=list, description="Secret-file rollout leftovers no journal claims."
+    )
 
 
 def plan_recover_environment(facts: RecoverFacts, env: EnvironmentConfig) -> RecoverPlan:
@@ -66,8 +73,18 @@ def plan_recover_environment(facts: RecoverFacts, env: EnvironmentConfig) -> Rec
                 step="repair-reload",
             )
         )
+    for server in facts.staged:
+        changes.append(
+            Change(
+                target=server.host,
+                action="remove secret-file rollout leftovers no journal claims (none is live)",
+                detail=", ".join(server.paths),
+                step=STAGED_STEP,
+            )
+        )
     if facts.reload_note:
         notes.append(facts.reload_note)
+    notes += facts.staged_notes
     if facts.dead_recovers and changes:
         notes.append(f"closes the journals of {len(facts.dead_recovers)} dead recover run(s)")
     return RecoverPlan(
@@ -79,6 +96,7 @@ def plan_recover_environment(facts: RecoverFacts, env: EnvironmentConfig) -> Rec
         dead=facts.dead,
         dead_recovers=facts.dead_recovers,
         reload_repairs=repairs,
+        staged=facts.staged,
     )
 
 
@@ -126,6 +144,7 @@ class RecoverEnvironment(Runbook[RecoverParams, RecoverFacts, RecoverPlan]):
         )
         facts = RecoverFacts(dead=dead, dead_recovers=[e.run_id for e in recovers], alive=alive)
         facts.reload, facts.reload_note = _reload_leftovers(scope)
+        facts.staged, facts.staged_notes = _staged_leftovers(scope)
         return facts
 
     def plan(
@@ -138,6 +157,14 @@ class RecoverEnvironment(Runbook[RecoverParams, RecoverFacts, RecoverPlan]):
         if plan.reload_repairs:
             out.append(
                 Step("repair-reload", _apply_reload_repairs, no_undo="a repair puts things back")
+            )
+        if plan.staged:
+            out.append(
+                Step(
+                    STAGED_STEP,
+                    _remove_staged,
+                    no_undo="removes copies that are not live: the live files stay as they are",
+                )
             )
         if plan.dead_recovers and out:
             ids = list(plan.dead_recovers)
@@ -171,6 +198,44 @@ def _reload_leftovers(scope: Scope) -> tuple[Any, str | None]:
     run, _ = current_run()
     _, target_db, _, _, app, upgrade = state
     return reload_recovery.recovery_for(scope.rc, target_db, app, upgrade, run), None
+
+
+def _staged_leftovers(scope: Scope) -> tuple[list[StagedLeftovers], list[str]]:
+    """Secret-file rollout leftovers that no open journal claims (the journaled undos take care of
+    the rest); not judged while another run holds the environment (they may be its own)."""
+    from fabflows import lock
+    from fabflows.procedures.staged_secrets import gather_staged_leftovers
+    from fabflows.runtime.engine import current_run_id
+
+    holder = lock.read_holder(scope.env, scope.rc.config)
+    if holder is not None and holder.flow_run_id not in (scope.run_id, current_run_id()):
+        return [], [f"staged secret files not checked: {holder.describe()} holds the environment"]
+    assert scope.journal is not None
+    try:
+        found, unread = gather_staged_leftovers(
+            scope.rc, scope.pool, scope.journal.open_entries(exclude=scope.run_id)
+        )
+    except BadInput as exc:
+        return [], [f"staged secret files not checked: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - the journaled undo must not wait on the servers
+        return [], [f"staged secret files could not be checked ({type(exc).__name__}: {exc})"]
+    return found, [f"staged secret files not checked on {u}" for u in unread]
+
+
+def _remove_staged(scope: Scope) -> dict[str, Any]:
+    """Remove what is still left now (the undos before may have removed some of it)."""
+    from tasks.ssh.fleet import FleetHost
+    from tasks.ssh.staged_secrets import remove_staged_secret_files
+
+    found, _ = _staged_leftovers(scope)
+    if not found:
+        return {"summary": "no staged secret files left"}
+    hosts = [FleetHost(name=s.host, address=s.address) for s in found]
+    paths = {s.address: s.paths for s in found}
+    result = remove_staged_secret_files(scope.pool, hosts, paths, dry_run=False)
+    result.raise_for_errors()
+    count = sum(len(p) for p in paths.values())
+    return {"summary": f"removed {count} staged secret file(s) on {len(hosts)} server(s)"}
 
 
 def _apply_reload_repairs(scope: Scope) -> dict[str, Any]:
@@ -207,13 +272,16 @@ def recover_environment(
     **What it finds:** every run whose journal (kept beside the environment's lock, outside the
     worker) says it applied steps and never finished or undid them, and whose run no longer holds
     the lock. A run still holding it is left alone. Also what a dead reload-production-db left on
-    the systems themselves (a copy still running, side databases, a half-done swap, a stopped app).
+    the systems themselves (a copy still running, side databases, a half-done swap, a stopped app),
+    and secret files a rollout staged or kept on the servers that no journal accounts for
+    (`<path>.fabflows-next`, `.fabflows-prev`, `.fabflows-absent`, `~/.fabflows-stage-*`).
 
     **What it does,** newest step first, run by run: each applied step that has an undo is undone
     from the data the run journaled before changing anything (the autoscaling processes exactly as
     they were, the upgrade page off, programs started again, staged files removed). A step that
     has no undo (upgrading packages, a data copy) is left and named, with the `fabflows resume
-    RUN_ID` that finishes it.
+    RUN_ID` that finishes it. Staged secret files no journal claims are removed (none is live: the
+    servers keep the files they run with).
 
     **Blast radius:** only what the dead runs changed.
 

@@ -26,7 +26,9 @@ class Finding(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = Field(description="upgrade-page, autoscaling-suspended, reload-leftovers, ...")
+    kind: str = Field(
+        description="upgrade-page, autoscaling-suspended, reload-leftovers, staged-secret-files, ..."
+    )
     what: str = Field(description="What was found, where (stable between runs: the notice key).")
     detail: str = ""
     recovery: Recovery = Field(default="", description="What recovers it ('' : by hand).")
@@ -185,6 +187,27 @@ def _reload_leftovers(scope: Scope, facts: WatchdogFacts) -> None:
         )
 
 
+def _staged_secret_files(scope: Scope, facts: WatchdogFacts) -> None:
+    """Files a secret-file rollout staged or kept, on any server, that no open journal claims."""
+    from fabflows.procedures.staged_secrets import gather_staged_leftovers
+    from fabflows.runtime.journal import Journal
+
+    journal = Journal.for_environment(scope.env.label, scope.rc.config)
+    found, unread = gather_staged_leftovers(scope.rc, scope.pool, journal.open_entries())
+    facts.notes += [f"staged secret files not checked on {u}" for u in unread]
+    if found:
+        facts.findings.append(
+            Finding(
+                kind="staged-secret-files",
+                what=f"secret-file rollout leftovers on {len(found)} server(s) with no run: "
+                + "; ".join(s.describe() for s in found),
+                detail="staged (.fabflows-next), kept (.fabflows-prev/-absent) or uploaded files "
+                "no journal accounts for; none is live",
+                recovery="recover-environment",
+            )
+        )
+
+
 def _stopped_past_start(scope: Scope, facts: WatchdogFacts) -> None:
     """Every server stopped although the environment's start-environment schedule has fired."""
     from datetime import UTC, datetime, timedelta
@@ -222,7 +245,13 @@ class Watchdog(Runbook[WatchdogParams, WatchdogFacts, WatchdogPlan]):
 
     def gather(self, scope: Scope, params: WatchdogParams) -> WatchdogFacts:
         facts = WatchdogFacts()
-        checks = [_dead_runs, _upgrade_and_groups, _reload_leftovers, _stopped_past_start]
+        checks = [
+            _dead_runs,
+            _upgrade_and_groups,
+            _reload_leftovers,
+            _staged_secret_files,
+            _stopped_past_start,
+        ]
         live = _lock(scope, facts)
         if live:  # a live run holds the environment: what it changed is its own
             checks = [_dead_runs]
@@ -319,14 +348,16 @@ def watchdog(
     **What it finds:** the upgrade page on with no holder (or a holder that should have ended it),
     autoscaling processes suspended by no run, a reload-production-db's side or previous databases
     and half-done swaps, a lock held by a run that has ended, journals of dead runs with steps
-    applied, an environment still stopped after its start-environment schedule fired. When a live
+    applied, staged secret files (`.fabflows-next`, kept `.fabflows-prev`/`-absent` copies,
+    upload directories) that no run's journal accounts for, an environment still stopped after its
+    start-environment schedule fired. When a live
     run holds the environment's lock it judges only the journals: the rest is that run's.
 
     **What it does:** publishes the findings (the plan artifact), notifies each one once through the
     environment's notification block (again only if it goes away and comes back), and, where
     `fabflows.environments.<env>.watchdog_recover` is true, starts the recovery: end-upgrade for the
-    page, resuming exactly the processes it found suspended, recover-environment for dead runs and
-    reload leftovers. Itself it only reads.
+    page, resuming exactly the processes it found suspended, recover-environment for dead runs,
+    reload leftovers and staged secret files. Itself it only reads.
 
     **Blast radius:** none without watchdog_recover; with it, the recoveries' own.
 

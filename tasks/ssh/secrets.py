@@ -49,6 +49,8 @@ NEXT_SUFFIX = ".fabflows-next"
 PREV_SUFFIX = ".fabflows-prev"
 ABSENT_SUFFIX = ".fabflows-absent"
 BACKUP_SUFFIXES = (NEXT_SUFFIX, PREV_SUFFIX, ABSENT_SUFFIX)
+STAGE_DIR_PREFIX = ".fabflows-stage-"
+"""The private upload directories (in the SSH user's home) of :func:`stage_files`."""
 
 ALL_ROLES = ["cache", "db-primary", "db-replica", "web", "worker"]
 
@@ -488,7 +490,7 @@ def stage_files(remote: Remote, files: Sequence[StagedFile]) -> None:
     for f in files:
         check_remote_path(f.path)
     token = pysecrets.token_hex(8)
-    staging = f".fabflows-stage-{token}"
+    staging = f"{STAGE_DIR_PREFIX}{token}"
     args: list[str] = []
     for i, f in enumerate(files):
         args += [str(i), f.path, f.owner, f"{f.mode:04o}"]
