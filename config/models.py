@@ -321,6 +321,15 @@ class EnvironmentSettings(Strict):
         "maintenance state (upgrade page, suspended processes, stopped programs). Data-changing "
         "steps are always left for `fabflows recover` / `fabflows resume`.",
     )
+    recover_on_crash: bool = Field(
+        default=True,
+        description="When a run that applied steps ends CRASHED (SIGKILL, lost worker: the zombie "
+        "automation), start recover-environment with maintenance_only at once: it undoes the steps "
+        "that hold maintenance state (upgrade page off only if the site verifies, autoscaling "
+        "processes restored exactly, side databases and staged files removed) and publishes the "
+        "plan of the data-changing steps it leaves for `fabflows recover` / `fabflows resume`. "
+        "Needs `fabflows deploy` (its automation and the recover-environment deployment).",
+    )
     notifications: NotificationSettings = Field(
         default_factory=NotificationSettings,
         description="Run notifications for this environment (which events, which block).",

@@ -5,7 +5,9 @@ Prefect OSS automations match the state-change events of every run tagged as a f
 ``fabflows``) and run the ``fabflows-notify`` deployment with the run's id:
 
 - "fabflows: notify run ended": FAILED, CRASHED (also the zombie automation's), CANCELLED, and
-  COMPLETED when an environment asks for success messages of scheduled runs;
+  COMPLETED when an environment asks for success messages of scheduled runs. CRASHED is matched
+  whenever some environment has ``recover_on_crash`` (the default), notification block or not: the
+  notifier starts the crashed run's recovery (``fabflows.notify.notifier.start_recovery``);
 - "fabflows: notify approval pending": PAUSED (a runbook waiting for approval);
 - "fabflows: notify approval reminder": still PAUSED half the approval timeout later (a proactive
   trigger: no RUNNING or final state within that time);
@@ -13,8 +15,8 @@ Prefect OSS automations match the state-change events of every run tagged as a f
 
 The notifier runs on the fabflows work pool like every runbook, so what it sends comes from the
 same config, journal and blocks the runs use. No automation exists when no environment names a
-notification block. (Prefect's webhooks are Cloud-only; automations with a run-deployment action
-are OSS.)
+notification block and none recovers on crash. (Prefect's webhooks are Cloud-only; automations
+with a run-deployment action are OSS.)
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def events_wanted(config: FabulawsConfig) -> set[str]:
         if s.notifications.block:
             out |= set(s.notifications.events)
     return out
+
+
+def recovers_on_crash(config: FabulawsConfig) -> bool:
+    """Does some environment start a recovery when a run crashes (``recover_on_crash``)?"""
+    return any(s.recover_on_crash for s in _settings(config))
 
 
 def notifier_spec(config: FabulawsConfig, job_variables: dict[str, Any], work_pool: str) -> Any:
@@ -105,7 +112,8 @@ def _run_notifier(deployment_id: Any, kind: str) -> Any:
 
 
 def automations(config: FabulawsConfig, deployment_id: Any) -> list[Any]:
-    """The automations for what the environments want (empty: no notification block anywhere)."""
+    """The automations for what the environments want (empty: no notification block anywhere
+    and no recovery on crash)."""
     from prefect.automations import AutomationCore
     from prefect.events.schemas.automations import Posture
 
@@ -116,6 +124,8 @@ def automations(config: FabulawsConfig, deployment_id: Any) -> list[Any]:
         for e, s in (("failed", "Failed"), ("crashed", "Crashed"), ("cancelled", "Cancelled"))
         if e in wanted or (e == "cancelled" and "approval" in wanted)
     }
+    if recovers_on_crash(config):
+        ended.add("prefect.flow-run.Crashed")
     if "success" in wanted:
         ended.add("prefect.flow-run.Completed")
     if ended:
@@ -123,7 +133,8 @@ def automations(config: FabulawsConfig, deployment_id: Any) -> list[Any]:
             AutomationCore(
                 name=PREFIX + "run ended",
                 description="A fabflows run failed, crashed or was cancelled (or a scheduled run "
-                "completed): tell the environment's notification block.",
+                "completed): tell the environment's notification block; a crashed run that applied "
+                "steps gets its maintenance state undone (recover_on_crash).",
                 trigger=_trigger(ended, RUN_TAGS),
                 actions=[_run_notifier(deployment_id, "ended")],
             )

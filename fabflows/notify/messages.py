@@ -32,6 +32,11 @@ class RunFacts(BaseModel):
     failing_step: str | None = None
     left: list[str] = Field(default_factory=list, description="The journal's open steps.")
     journal_state: str | None = None
+    recovery: str | None = Field(
+        default=None,
+        description="What was done about a crashed run's maintenance state (recover_on_crash): "
+        "the recovery run started, or how to start it by hand.",
+    )
 
 
 class Notice(BaseModel):
@@ -82,6 +87,8 @@ def ended_notice(f: RunFacts) -> Notice | None:
     else:
         left = ", ".join(f.left) if f.left else "nothing"
     lines.append(("Left behind", left))
+    if f.recovery:
+        lines.append(("Recovery", f.recovery))
     if f.left:
         lines.append(("To recover", f"fabflows recover -e {f.environment.split('/')[-1]}"))
     lines.append(("Run", f"{f.run_name} {f.link}"))

@@ -12,6 +12,12 @@ deployment with the triggering run's id and what happened (``kind``):
   step guard keeps per flow and environment);
 - ``check-window`` / ``check-slow``: say so if the run is still at it then.
 
+A run that ended CRASHED (SIGKILL, lost worker: the zombie automation) after applying steps gets
+its maintenance state undone at once, unless its environment sets ``recover_on_crash: false``: the
+notifier starts the environment's ``recover-environment`` deployment with ``maintenance_only``
+(``start_recovery``) and the crash notice links that run. Read-only flows and recover-environment
+itself never start one (a crashed recovery is taken over by the next recover run).
+
 Every message goes through the environment's notification block once (``fabflows.notify.send``).
 """
 
@@ -26,6 +32,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from config import ConfigError, EnvironmentConfig, FabulawsConfig, load_config, resolve_environment
+from config.models import EnvironmentSettings
 from fabflows.notify import messages
 from fabflows.notify.send import send_notice, settings_for, wanted
 
@@ -33,6 +40,11 @@ FLOW_NAME = "fabflows-notify"
 DEPLOYMENT_NAME = "all-environments"
 NOTIFY_TAG = "fabflows-notify"
 FOR_TAG = "notify-for:"
+RECOVER_FLOW = "recover-environment"
+RECOVERY_STARTER = "recover-on-crash"
+"""The recovery run's ``started-by:automation:`` name, and its idempotency key's prefix."""
+RECOVERS_TAG = "recovers:"
+"""Tag of a recovery run started for a crashed run: ``recovers:<crashed run id>``."""
 Kind = Literal["ended", "paused", "reminder", "started", "check-window", "check-slow"]
 
 
@@ -205,6 +217,76 @@ def _read_only(flow_name: str) -> bool:
         return False
 
 
+def recovery_skipped(config: FabulawsConfig, env: EnvironmentConfig, facts: Any) -> str | None:
+    """Why a crashed run gets no automatic recovery (None: start one)."""
+    settings = config.fabflows.environments.get(env.environment) or EnvironmentSettings()
+    if not settings.recover_on_crash:
+        return f"recover_on_crash is off for {env.environment}"
+    if facts.flow == RECOVER_FLOW:
+        return "a recover-environment run: the next recover run takes its journal over"
+    if _read_only(facts.flow):
+        return f"{facts.flow} is read-only"
+    if not facts.left:
+        return "its journal holds no applied step left open"
+    return None
+
+
+def recover_by_hand(config: FabulawsConfig, env: EnvironmentConfig) -> str:
+    """The command that starts the same recovery from a terminal."""
+    command = f"fabflows recover -e {env.environment}"
+    if env.deployment != (config.default_deployment or config.deployments[0]):
+        command += f" -d {env.deployment}"
+    return command + " --maintenance-only --apply"
+
+
+def start_recovery(
+    config: FabulawsConfig, run: Any, env: EnvironmentConfig
+) -> tuple[str, str, Exception | None]:
+    """Start ``recover-environment/<deployment>-<environment>`` with ``maintenance_only`` for the
+    crashed ``run`` (once per run: the crashed run's id is the idempotency key).
+
+    Returns (what was done, for the log; the notice's Recovery line; the error that kept it from
+    starting, if any other than the deployment missing).
+    """
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from fabflows import audit
+    from fabflows.chatops.notify import ui_link
+
+    name = f"{RECOVER_FLOW}/{env.deployment}-{env.environment}"
+    by_hand = recover_by_hand(config, env)
+    try:
+        started = run_deployment(
+            name,
+            parameters={
+                "environment": env.environment,
+                "deployment": env.deployment,
+                "maintenance_only": True,
+                "dry_run": False,
+            },
+            timeout=0,
+            as_subflow=False,
+            tags=[
+                *audit.started_by_tags("automation", RECOVERY_STARTER),
+                RECOVERS_TAG + str(run.id),
+            ],
+            idempotency_key=f"{RECOVERY_STARTER}-{run.id}",
+        )
+    except ObjectNotFound:
+        line = (
+            f"not started: no deployment {name} (fabflows deploy registers it); "
+            f"start it by hand: {by_hand}"
+        )
+        return f"no recovery: deployment {name} not found", line, None
+    except Exception as exc:  # noqa: BLE001 - the crash notice still goes out; the run fails after
+        line = f"not started ({type(exc).__name__}: {exc}); start it by hand: {by_hand}"
+        return f"recovery not started: {type(exc).__name__}: {exc}", line, exc
+    link = ui_link(config, started.id)
+    line = f"started: {started.name} {link} (recover-environment, maintenance state only)"
+    return f"recovery started: {name} run {started.name} ({started.id})", line, None
+
+
 def _started(client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConfig) -> str:
     from fabflows import guard
 
@@ -262,8 +344,6 @@ def handle(
     due: str = "",
 ) -> str:
     """Do what ``kind`` asks for the run ``run_id``; returns what was done (for the log)."""
-    from fabflows import lock
-
     if kind.startswith("check-"):
         wait_until(due)
     run = client.read_flow_run(run_id)
@@ -275,6 +355,34 @@ def handle(
     if kind == "ended":
         cancel_checks(client, run.id)
     facts = run_facts(client, config, run, env)
+    recovery, failure = "", None
+    if kind == "ended" and facts.state == "CRASHED":
+        skipped = recovery_skipped(config, env, facts)
+        if skipped is None:
+            recovery, line, failure = start_recovery(config, run, env)
+            facts = facts.model_copy(update={"recovery": line})
+        else:
+            recovery = f"no recovery: {skipped}"
+    said = _notify(client, config, env, kind, run, facts, since, window_end)
+    said = f"{said}; {recovery}" if recovery else said
+    if failure is not None:
+        raise RuntimeError(said) from failure
+    return said
+
+
+def _notify(
+    client: Any,
+    config: FabulawsConfig,
+    env: EnvironmentConfig,
+    kind: str,
+    run: Any,
+    facts: messages.RunFacts,
+    since: str,
+    window_end: str,
+) -> str:
+    """Send the notice ``kind`` asks for, if any; returns what was done."""
+    from fabflows import lock
+
     notice: messages.Notice | None = None
     if kind == "ended":
         if facts.state == "COMPLETED":

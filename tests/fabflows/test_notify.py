@@ -95,8 +95,13 @@ def test_run_id_from_an_event_resource() -> None:
 
 
 def test_automations_follow_the_config(tmp_path: Path) -> None:
-    none = load_config(write_config(tmp_path, fabflows={}))
-    assert automations(none, uuid.uuid4()) == []  # no block anywhere: nothing registered
+    off = {e: {"recover_on_crash": False} for e in ("staging", "production", "testing")}
+    none = load_config(write_config(tmp_path, fabflows={"environments": off}))
+    assert automations(none, uuid.uuid4()) == []  # no block, no crash recovery: nothing registered
+    default = load_config(write_config(tmp_path, fabflows={}))
+    (crashed,) = automations(default, uuid.uuid4())  # recover_on_crash (default), no block
+    assert crashed.name == "fabflows: notify run ended"
+    assert crashed.trigger.expect == {"prefect.flow-run.Crashed"}
     some = load_config(
         write_config(
             tmp_path,
@@ -114,6 +119,7 @@ def test_automations_follow_the_config(tmp_path: Path) -> None:
     assert set(made) == {"run ended", "approval pending", "approval reminder", "run started"}
     assert made["run ended"].trigger.expect == {
         "prefect.flow-run.Failed",
+        "prefect.flow-run.Crashed",  # not notified here, but recovered (recover_on_crash)
         "prefect.flow-run.Cancelled",  # an approval timeout ends the run CANCELLED
     }
     assert made["approval reminder"].trigger.within == timedelta(minutes=15)
@@ -143,3 +149,16 @@ def test_watchdog_report_lists_findings(tmp_path: Path) -> None:
     assert plan.notes == ["FOUND upgrade-page: page on web-1 -> end-upgrade"]
     assert not plan.changed
     assert plan_watchdog(WatchdogFacts(), env).noops == ["no maintenance state left behind"]
+
+
+def test_crash_notice_names_the_recovery_it_started() -> None:
+    started = (
+        "started: calm-fox http://ui/runs/flow-run/r2 (recover-environment, maintenance state)"
+    )
+    crashed = FACTS.model_copy(update={"state": "CRASHED", "recovery": started})
+    lines = messages.ended_notice(crashed).render().splitlines()
+    assert f"Recovery: {started}" in lines
+    assert "To recover: fabflows recover -e staging" in lines  # the data steps it leaves
+    assert not any(
+        x.startswith("Recovery:") for x in messages.ended_notice(FACTS).render().split("\n")
+    )
