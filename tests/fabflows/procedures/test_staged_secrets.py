@@ -86,3 +86,34 @@ def test_orphans(found, entries, left) -> None:  # noqa: ANN001
 )
 def test_only_a_rollouts_own_names_can_be_removed(path: str, ok: bool) -> None:
     assert is_leftover_path(path) is ok
+
+
+def test_recover_plan_removes_each_servers_leftovers() -> None:
+    import yaml
+
+    from config import resolve_environment
+    from config.models import FabulawsConfig
+    from fabflows.testing.configs import SAMPLE
+    from flows.recover_environment import (
+        RUNBOOK,
+        STAGED_STEP,
+        RecoverFacts,
+        RecoverParams,
+        plan_recover_environment,
+    )
+
+    data = yaml.safe_load(SAMPLE.read_text())
+    data.update(deploy_user="deploy")
+    env = resolve_environment(FabulawsConfig.model_validate(data), "staging")
+    web = _server(staged=[PW + ".fabflows-next"], uploads=["/home/deploy/.fabflows-stage-ab"])
+    worker = _server("10.0.0.6", backups=[PW + ".fabflows-prev"])
+    facts = RecoverFacts(staged=[web, worker], staged_notes=["not checked on cache-1: timeout"])
+    plan = plan_recover_environment(facts, env)
+    assert [(c.target, c.step, c.detail) for c in plan.changes] == [
+        (web.host, STAGED_STEP, f"{PW}.fabflows-next, /home/deploy/.fabflows-stage-ab"),
+        (worker.host, STAGED_STEP, f"{PW}.fabflows-prev"),
+    ]
+    assert "not checked on cache-1: timeout" in plan.notes
+    assert [s.name for s in RUNBOOK.steps(plan, RecoverParams())] == [STAGED_STEP]
+    nothing = plan_recover_environment(RecoverFacts(), env)
+    assert nothing.changes == [] and RUNBOOK.steps(nothing, RecoverParams()) == []
