@@ -129,7 +129,7 @@ def test_crashed_applying_run_starts_a_maintenance_only_recovery(world: dict[str
     text = _notice(world, run)
     assert f"Recovery: started: {recovery.name} " in text and str(recovery.id) in text, text
     assert "Left behind: begin-upgrade (done)" in text
-    assert "(maintenance state only)" in text
+    assert "(recover-environment, maintenance state only)" in text
 
     again = _ended(world, run)  # the automation firing twice starts no second recovery
     assert "recovery started" in again
