@@ -350,8 +350,8 @@ def watchdog(
     and half-done swaps, a lock held by a run that has ended, journals of dead runs with steps
     applied, staged secret files (`.fabflows-next`, kept `.fabflows-prev`/`-absent` copies,
     upload directories) that no run's journal accounts for, an environment still stopped after its
-    start-environment schedule fired. When a live
-    run holds the environment's lock it judges only the journals: the rest is that run's.
+    start-environment schedule fired. When a live run holds the environment's lock it judges only
+    the journals: the rest is that run's.
 
     **What it does:** publishes the findings (the plan artifact), notifies each one once through the
     environment's notification block (again only if it goes away and comes back), and, where
