@@ -243,8 +243,8 @@ def reset_replicas(
     again (tag it db-replica first).
 
     **What it does:** per replica, one step: on the primary, a `pg_hba.conf` replication line
-    for it and its slot dropped if inactive; on the replica, PostgreSQL stopped, the data
-    directory emptied, `pg_basebackup -R -X stream -C -S <slot> -c fast` from the primary (run
+    for it; on the replica, PostgreSQL stopped, the data directory emptied, its slot dropped on
+    the primary (inactive once the replica is stopped), `pg_basebackup -R -X stream -C -S <slot> -c fast` from the primary (run
     detached on the replica, its progress shown as bytes copied against the primary's size, with
     the time left), PostgreSQL started as a standby. Verify: each rebuilt replica streams from
     the primary with zero lag (bytes behind the primary's current LSN).

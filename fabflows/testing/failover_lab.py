@@ -14,6 +14,7 @@ same row counts as the primary.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,13 +222,17 @@ def break_replication(env: AppEnv, replica_iid: str) -> str:
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {};"
     ).format(sql.Literal(slot))
     psql(primary, drop.as_string(None), "postgres")
+    # the segment holding the next byte it needs (+ 1: an LSN on a segment's first byte names
+    # the segment before it)
     needed = psql(
         primary,
-        sql.SQL("SELECT pg_walfile_name({}::pg_lsn);")
+        sql.SQL("SELECT pg_walfile_name({}::pg_lsn + 1);")
         .format(sql.Literal(received))
         .as_string(None),
         "postgres",
     )
+    if not re.fullmatch(r"[0-9A-F]{24}", needed):
+        raise AssertionError(f"no WAL segment for {received!r} on {primary.name}: {needed!r}")
     present = sql.SQL("SELECT count(*) FROM pg_ls_waldir() WHERE name = {};").format(
         sql.Literal(needed)
     )
@@ -283,5 +288,8 @@ def run_until_paused(
                 raise AssertionError(f"{flow} never reached {target} in {timeout:.0f} s")
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended on its own: its error is the one to show
+            pass
         proc.wait()

@@ -2,9 +2,11 @@
 
 - :func:`prepare_primary_for`: on the primary, the replica's ``pg_hba.conf`` replication line and
   its slot dropped when inactive (``pg_basebackup -C`` makes it again);
-- :func:`rebuild_replica`: on the replica, PostgreSQL stopped, its data directory emptied, a base
-  backup of the primary taken (``-R -X stream -C -S <slot> -c fast``), PostgreSQL started as a
-  standby. The copy runs detached on the replica (its output in a log file under the data
+- :func:`rebuild_replica`: on the replica, PostgreSQL stopped, its data directory emptied, its slot
+  dropped on the primary over a replication connection (``pg_receivewal --drop-slot``: only once
+  the replica is stopped is the slot of a streaming replica inactive, and ``-C`` needs it gone), a
+  base backup of the primary taken (``-R -X stream -C -S <slot> -c fast``), PostgreSQL started as
+  a standby. The copy runs detached on the replica (its output in a log file under the data
   directory's parent), so a lost SSH session does not kill it; progress is the data directory's
   size against the primary's databases' size, polled every second.
 
@@ -42,6 +44,11 @@ fi
 find "$data" -mindepth 1 -delete
 cd "$state"
 nohup runuser -u postgres -- sh -c '
+    for i in $(seq 60); do
+        out=$(pg_receivewal --no-password -h "$1" -p "$2" -U "$3" -S "$5" --drop-slot 2>&1) && break
+        case "$out" in *"does not exist"*) break ;; esac
+        sleep 0.5
+    done
     pg_basebackup --no-password -h "$1" -p "$2" -U "$3" -D "$4" -R -X stream -C -S "$5" -c fast \
         > "$6/log" 2>&1
     echo $? > "$6/rc"' pgbb "$host" "$port" "$role" "$data" "$slot" "$state" \
