@@ -282,7 +282,9 @@ def resize_runbook_plan(
     for c in plan.changes:
         step = step_of(c)
         if not step:
-            notes.append(f"web {c.name}: {c.current_type} -> {c.wanted_type}: {c.note}")
+            notes.append(
+                f"web {c.name} ({c.instance_id}): {c.current_type} -> {c.wanted_type}: {c.note}"
+            )
             continue
         if step == "resize-window" and not any(x.step == "upgrade-mode-on" for x in changes):
             changes.append(

@@ -559,7 +559,8 @@ def execute(runbook: Runbook, args: dict[str, Any], *, resume_of: JournalEntry |
                 outcome = f"refused: {exc}"
                 return exc.as_state()
             run.details["Approved by"] = f"{decision_.approver} (plan {approved_digest})"
-        # 7. lock, gather again, refuse a changed plan
+        # 7. lock, gather again, refuse a changed plan (observers see the run just before)
+        boundaries.reached(runbook.name, "lock", "before")
         try:
             lock_cm = lock.environment_lock(env, rc.config)
             held = lock_cm.__enter__()

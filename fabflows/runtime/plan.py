@@ -104,13 +104,26 @@ class RunbookPlan(BaseModel):
 
 
 def diff_lines(before: str, after: str) -> list[str]:
-    """What changed between two rendered plans, as unified diff lines (for a refusal message)."""
+    """What changed between two rendered plans, as unified diff lines (for a refusal message).
+
+    Lines are compared with their runs of blanks collapsed and tables' rules shortened (a table
+    whose columns widen does not turn every row into a change), and without the digest (it always
+    differs; the refusal gives both).
+    """
     import difflib
+    import re
+
+    def lines(text: str) -> list[str]:
+        out = []
+        for line in text.splitlines():
+            line = " ".join(re.sub(r"; digest [0-9a-f]+$", "", line).split())
+            out.append("---" if line and set(line) <= {"-", " "} else line)
+        return out
 
     return [
         line
         for line in difflib.unified_diff(
-            before.splitlines(), after.splitlines(), "approved plan", "plan now", lineterm="", n=0
+            lines(before), lines(after), "approved plan", "plan now", lineterm="", n=0
         )
         if not line.startswith("@@")
     ]

@@ -5,18 +5,25 @@ the shared upgrade window with its 100 ms probe)."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
 
 from config import load_config
+from fabflows import boundaries
 from fabflows.errors import BadInput
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
-from fabflows.testing.power_lab import build_power_lab, celery_state, psql
+from fabflows.testing.power_lab import SEED_TYPES, build_power_lab, celery_state, psql
 from flows.resize_environment import plan_resize_environment, resize_environment
 from sandbox.aws_seed import seed
 from sandbox.testhosts import TestHost
@@ -268,3 +275,205 @@ def test_bad_types_are_refused_before_any_change(prefect_server, aws, tmp_path: 
     with pytest.raises(BadInput, match="bogus.huge.*not an instance type.*t3.micro has 1024 MiB"):
         resize_environment("staging", config=str(path), dry_run=False)
     assert boto_client(aws, "ec2").describe_instances()["Reservations"] == before
+
+
+# --------------------------------------------------------------------------- stale approval
+# A protected environment (approval needed), moto only: resize-environment gathers from AWS
+# alone, so the refusal needs no host, and an apply that went on anyway would show in moto (types,
+# states, resize tags, template versions, suspended processes). The environment changes after the
+# approval, before the lock (the engine's "lock" boundary), as a colleague's console click would.
+
+WEB_TAGS = ("Name", "deployment", "environment", "role")
+
+
+@dataclass
+class Protected:
+    config: str
+    aws: object
+
+    def client(self, service: str):  # noqa: ANN201
+        return boto_client(self.aws, service)
+
+    def instances(self) -> dict[str, dict]:
+        out = {}
+        for r in self.client("ec2").describe_instances()["Reservations"]:
+            for i in r["Instances"]:
+                out[i["InstanceId"]] = i
+        return out
+
+    def snapshot(self) -> dict[str, object]:
+        """What an apply would change: types, states, resize tags, template versions, group."""
+        group = self.client("autoscaling").describe_auto_scaling_groups(
+            AutoScalingGroupNames=["myproject-staging-ag"]
+        )["AutoScalingGroups"][0]
+        versions = self.client("ec2").describe_launch_template_versions(
+            LaunchTemplateName="myproject-staging-web"
+        )["LaunchTemplateVersions"]
+        return {
+            "instances": {
+                iid: (
+                    i["InstanceType"],
+                    i["State"]["Name"],
+                    sorted(t["Key"] for t in i.get("Tags", [])),
+                )
+                for iid, i in self.instances().items()
+            },
+            "template": sorted(
+                (v["VersionNumber"], v["LaunchTemplateData"]["InstanceType"]) for v in versions
+            ),
+            "suspended": group["SuspendedProcesses"],
+            "sizes": (group["MinSize"], group["DesiredCapacity"], group["MaxSize"]),
+        }
+
+
+@pytest.fixture
+def protected(aws, tmp_path: Path) -> Protected:
+    """Staging seeded with the power lab's types, protected, asked to resize to NEW_TYPES."""
+    section = moto_section(aws.endpoint, staging={"protected": True})
+    section["approval"] = {"poll_seconds": 1, "timeout_minutes": 2}
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    seed_cfg = write_config(seed_dir, fabflows=section, instance_types={"staging": SEED_TYPES})
+    seed(
+        aws.endpoint,
+        load_config(seed_cfg),
+        ["staging"],
+        "10.250.0.0/24",
+        (f"10.250.0.{i}" for i in range(10, 20)),
+    )
+    path = write_config(tmp_path, fabflows=section, instance_types={"staging": NEW_TYPES})
+    return Protected(str(path), aws)
+
+
+def _approve_when_paused(approver: str) -> tuple[threading.Thread, list[str]]:
+    """An approver in the UI: waits for the paused run and approves the plan it shows."""
+    approved: list[str] = []
+
+    def approve() -> None:
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                paused = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.PAUSED])
+                        )
+                    )
+                )
+                if paused:
+                    run_input = {"approve": True, "approver": approver, "reason": "agreed"}
+                    resume_flow_run(paused[0].id, run_input=run_input)
+                    approved.append(str(paused[0].id))
+                    return
+                time.sleep(0.2)
+
+    t = threading.Thread(target=approve, daemon=True)
+    t.start()
+    return t, approved
+
+
+def _refused_after_a_change(env: Protected, change) -> tuple[object, object]:  # noqa: ANN001
+    """Apply with approval; ``change()`` runs between the approval and the lock. Returns the
+    final state and what the environment looked like right after the change."""
+    seen: dict[str, object] = {}
+
+    def observer(flow: str, step: str, when: str) -> None:
+        if flow == "resize-environment" and step == "lock" and when == "before":
+            change()
+            seen["after change"] = env.snapshot()
+
+    boundaries.observe(observer)
+    t, approved = _approve_when_paused("alice")
+    try:
+        state = resize_environment("staging", config=env.config, dry_run=False, return_state=True)
+    finally:
+        boundaries.forget(observer)
+        t.join(10)
+    assert approved, "the run never waited for approval"
+    assert "after change" in seen, "the run never reached the lock"
+    return state, seen["after change"]
+
+
+def _web_tags(env: Protected) -> list[dict[str, str]]:
+    web = next(i for i in env.instances().values() if _tag(i, "role") == "web")
+    return [t for t in web["Tags"] if t["Key"] in WEB_TAGS]
+
+
+def _tag(instance: dict, key: str) -> str:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}.get(key, "")
+
+
+def _group_instances(env: Protected) -> set[str]:
+    group = env.client("autoscaling").describe_auto_scaling_groups(
+        AutoScalingGroupNames=["myproject-staging-ag"]
+    )["AutoScalingGroups"][0]
+    return {i["InstanceId"] for i in group["Instances"]}
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("launched_by", ["hand", "group"])
+def test_one_more_web_server_after_the_approval_is_refused(
+    prefect_server, protected: Protected, launched_by: str
+) -> None:
+    env = protected
+    ec2 = env.client("ec2")
+    new: list[str] = []
+
+    def launch_web_server() -> None:
+        if launched_by == "hand":  # with the others' tags, outside the group
+            subnet = next(iter(env.instances().values()))["SubnetId"]
+            res = ec2.run_instances(
+                ImageId="ami-12345678",
+                MinCount=1,
+                MaxCount=1,
+                InstanceType="m1.small",
+                SubnetId=subnet,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": _web_tags(env)}],
+            )
+            new.append(res["Instances"][0]["InstanceId"])
+        else:  # the group scaled out: it launches one from its template, with its tags
+            before = _group_instances(env)
+            env.client("autoscaling").set_desired_capacity(
+                AutoScalingGroupName="myproject-staging-ag", DesiredCapacity=len(before) + 1
+            )
+            new.extend(_group_instances(env) - before)
+        ec2.get_waiter("instance_running").wait(
+            InstanceIds=new, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+        )
+
+    state, after = _refused_after_a_change(env, launch_web_server)
+    assert state.is_cancelled(), state
+    message = state.message
+    assert "the plan changed since it was made and approved" in message, message
+    assert "nothing was applied" in message
+    [iid] = new
+    assert f"({iid})" in message and "m1.small -> m5.large" in message, message  # named
+    assert env.snapshot() == after  # nothing applied: no type, state, template or group changed
+
+
+@pytest.mark.flow
+def test_an_instance_type_changed_after_the_approval_is_refused(
+    prefect_server, protected: Protected
+) -> None:
+    env = protected
+    ec2 = env.client("ec2")
+    worker = next(iid for iid, i in env.instances().items() if _tag(i, "role") == "worker")
+
+    def change_worker_type() -> None:  # as in the console: stop, change the type, start
+        ec2.stop_instances(InstanceIds=[worker])
+        ec2.get_waiter("instance_stopped").wait(
+            InstanceIds=[worker], WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+        )
+        ec2.modify_instance_attribute(InstanceId=worker, InstanceType={"Value": "m3.xlarge"})
+        ec2.start_instances(InstanceIds=[worker])
+        ec2.get_waiter("instance_running").wait(
+            InstanceIds=[worker], WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+        )
+
+    state, after = _refused_after_a_change(env, change_worker_type)
+    assert state.is_cancelled(), state
+    message = state.message
+    assert "the plan changed since it was made and approved" in message, message
+    assert f"({worker})" in message and "m3.xlarge -> m5.xlarge" in message, message
+    assert after["instances"][worker][:2] == ("m3.xlarge", "running")
+    assert env.snapshot() == after  # nothing applied
