@@ -180,7 +180,15 @@ KILL_AT = ["download-sdists", "download-sdists:after", "remove-old-sdists:after"
 
 
 @pytest.mark.flow
-@pytest.mark.parametrize("boundary", KILL_AT)
+@pytest.mark.parametrize(
+    "boundary",
+    # make test keeps the kill point with old sdists removed and nothing committed; make
+    # crash-matrix runs them all
+    [
+        b if b == "remove-old-sdists:after" else pytest.param(b, marks=pytest.mark.crash_matrix)
+        for b in KILL_AT
+    ],
+)
 def test_sigkill_at_every_boundary_then_recover(
     prefect_server, index, repo, tmp_path: Path, boundary: str
 ) -> None:

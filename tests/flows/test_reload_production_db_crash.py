@@ -84,10 +84,7 @@ def _run_until(stack: Stack, step: str, marker: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize(
     "step",
-    [
-        s if s in ("copy-running", "swap") else pytest.param(s, marks=pytest.mark.crash_matrix)
-        for s in KILL_AT
-    ],
+    [s if s == "swap" else pytest.param(s, marks=pytest.mark.crash_matrix) for s in KILL_AT],
 )
 def test_sigkill_then_recover(stack: Stack, tmp_path: Path, step: str) -> None:
     generation = KILL_AT.index(step) + 100
