@@ -1,6 +1,6 @@
 """No secret value in Prefect logs, artifacts, flow parameters, states or exceptions, in the run
-journals, nor in any test host's process list, while every flow of the secrets work runs against
-real peers.
+journals, in the notifications the notifier would send about the runs, nor in any test host's
+process list, while every flow of the secrets work runs against real peers.
 
 The values are distinctive (quotes, ``$``, backticks, spaces and a per-run tag), so a hit cannot be
 a coincidence. The process lists of every host are sampled every 50 ms during the runs (``ps`` inside
@@ -171,6 +171,37 @@ def _everything_prefect_stored(run_ids: list) -> str:
     return asyncio.run(collect())
 
 
+def _notices(config_path: str, run_ids: list) -> list[str]:
+    """Every notice the notifier could send about each run (ended or success, approval pending and
+    its reminder, window closing, slow), built from the run's facts as the notifier reads them from
+    the Prefect server and the journal: what a notification block would be given."""
+    from datetime import UTC, datetime, timedelta
+
+    from config import load_config
+    from fabflows.notify import messages, notifier
+
+    cfg = load_config(config_path)
+    now = datetime.now(UTC)
+    texts: list[str] = []
+    with get_client(sync_client=True) as client:
+        for run_id in run_ids:
+            run = client.read_flow_run(run_id)
+            env = notifier.environment_of(cfg, run)
+            assert env is not None, run.parameters
+            facts = notifier.run_facts(client, cfg, run, env)
+            approval = notifier.approval_facts(client, run)
+            notices = [
+                messages.ended_notice(facts),
+                messages.success_notice(facts),
+                messages.approval_notice(facts, approval, reminder=False),
+                messages.approval_notice(facts, approval, reminder=True),
+                messages.window_notice(facts, now + timedelta(minutes=9), now),
+                messages.slow_notice(facts, timedelta(seconds=40), timedelta(seconds=90), 1.5),
+            ]
+            texts += [f"{n.subject}\n{n.render()}" for n in notices if n is not None]
+    return texts
+
+
 def _save(values: dict[str, str]) -> None:
     block = ServerSecrets()
     for name, value in values.items():
@@ -253,8 +284,16 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
     assert "refuses dbuser with both" in states[6].message
     assert ps.samples > 50
 
-    stored = _everything_prefect_stored([s.state_details.flow_run_id for s in states])
+    run_ids = [s.state_details.flow_run_id for s in states]
+    stored = _everything_prefect_stored(run_ids)
     assert len(stored) > 10_000  # logs, artifacts and states were really read
+    notices = _notices(config, run_ids)
+    failed = [n for n in notices if n.startswith("fabflows: push-server-secrets on ")]
+    # the failed rotation's notice carries its state message, failing step and journal facts
+    assert any("refuses dbuser with both" in n and "Failing step:" in n for n in failed), failed
+    # per run: success, approval pending and reminder, window, slow; and the failed run's ended
+    assert len(notices) == 5 * len(run_ids) + 1, [n.splitlines()[0] for n in notices]
+    messages = "\n\n".join(notices)
     processes = "\n".join(sorted(ps.lines))
     journal_dir = env.config_path.parent / "state" / "journal"
     journal = "\n".join(p.read_text() for p in sorted(journal_dir.rglob("*")) if p.is_file())
@@ -272,6 +311,7 @@ def test_no_secret_anywhere(prefect_server, stack) -> None:
             ("process lists", processes),
             ("commands sent over SSH", commands),
             ("run journals", journal),
+            ("notification messages", messages),
         )
         if form in text
     ]
