@@ -219,7 +219,7 @@ def _staged_leftovers(scope: Scope) -> tuple[list[StagedLeftovers], list[str]]:
         return [], [f"staged secret files not checked: {exc}"]
     except Exception as exc:  # noqa: BLE001 - the journaled undo must not wait on the servers
         return [], [f"staged secret files could not be checked ({type(exc).__name__}: {exc})"]
-    return found, [f"staged secret files not checked on {u}" for u in unread]
+    return found, [f"staged secret files not checked on {u}: it could not be read" for u in unread]
 
 
 def _remove_staged(scope: Scope) -> dict[str, Any]:

@@ -194,7 +194,7 @@ def _staged_secret_files(scope: Scope, facts: WatchdogFacts) -> None:
 
     journal = Journal.for_environment(scope.env.label, scope.rc.config)
     found, unread = gather_staged_leftovers(scope.rc, scope.pool, journal.open_entries())
-    facts.notes += [f"staged secret files not checked on {u}" for u in unread]
+    facts.notes += [f"staged secret files not checked on {u}: it could not be read" for u in unread]
     if found:
         facts.findings.append(
             Finding(
