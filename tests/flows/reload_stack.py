@@ -202,6 +202,11 @@ def build_stack(
     stack.asg_client().suspend_processes(
         AutoScalingGroupName=stack.asg, ScalingProcesses=PRE_SUSPENDED
     )
+    # the roles with no test host (cache, replicas) are stopped: every running server is one a
+    # runbook can reach (the watchdog and recover-environment read every server's staged files)
+    hostless = [i for i, ip in ips.items() if ip not in {ip for ip, _ in want.values()}]
+    if hostless:
+        ec2.stop_instances(InstanceIds=hostless)
     return stack
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
@@ -26,37 +25,9 @@ def stack(moto_server, test_network, tmp_path_factory, prefect_server) -> Iterat
     moto_server.reset()
     s = build_stack(tmp_path_factory.mktemp("watchdog"), moto_server.endpoint, test_network)
     try:
-        _stop_servers_without_host(s)
         yield s
     finally:
         destroy_stack(s)
-
-
-def _stop_servers_without_host(stack: Stack) -> None:
-    """Staging's cache and replica have no test host: stopped, so that every running server is
-    one the watchdog can reach (it reads every server's staged secret files)."""
-    ec2 = boto3.client(
-        "ec2",
-        endpoint_url=stack.endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    ips = {h.ip for h in stack.hosts.values()}
-    found = ec2.describe_instances(
-        Filters=[
-            {"Name": "tag:environment", "Values": ["staging"]},
-            {"Name": "instance-state-name", "Values": ["running"]},
-        ]
-    )
-    ids = [
-        i["InstanceId"]
-        for r in found["Reservations"]
-        for i in r["Instances"]
-        if i.get("PrivateIpAddress") not in ips
-    ]
-    if ids:
-        ec2.stop_instances(InstanceIds=ids)
 
 
 def _configure(path: Path, recover: bool) -> None:
