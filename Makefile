@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Exact versions of everything installed (`make lock` regenerates it from pyproject's ranges).
 LOCK := requirements.lock
 
-.PHONY: demo test crash-matrix e2e-notifications preview-tests system venv lock lint bench sandbox-down clean
+.PHONY: demo test crash-matrix e2e-notifications system venv lock lint bench sandbox-down clean
 
 system:
 	bash .ci/install-system
@@ -29,16 +29,13 @@ demo: system venv
 test: system venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not crash_matrix and not notifications_e2e and not preview"
+	$(VENV)/bin/pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not crash_matrix and not notifications_e2e"
 
 crash-matrix: system venv
 	$(VENV)/bin/pytest -m crash_matrix
 
 e2e-notifications: system venv
 	$(VENV)/bin/pytest -m notifications_e2e
-
-preview-tests: system venv
-	$(VENV)/bin/pytest -m preview
 
 lock:
 	bash .ci/lock

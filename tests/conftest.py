@@ -34,6 +34,7 @@ pytest_plugins = [
 # unlisted modules keep their order after these.
 _MODULE_SECONDS = {
     "tests/flows/test_promote_replica.py": 187,
+    "tests/flows/test_reset_replicas.py": 150,
     "tests/flows/test_no_secret_leaks.py": 160,
     "tests/e2e/test_ui.py": 151,
     "tests/flows/test_environment_power_crash.py": 131,
@@ -54,7 +55,7 @@ _MODULE_SECONDS = {
     "tests/flows/test_deploy_serial.py": 52,
     "tests/flows/test_refresh_sdists.py": 40,
     "tests/sandbox/test_daemon.py": 41,
-    "tests/flows/test_watchdog.py": 37,
+    "tests/flows/test_watchdog.py": 45,
     "tests/flows/test_pull_server_secrets.py": 36,
     "tests/flows/test_restart_app.py": 35,
     "tests/flows/test_upgrade_begin_end.py": 35,
