@@ -29,7 +29,7 @@ demo: system venv
 test: system venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not crash_matrix and not notifications_e2e"
+	$(VENV)/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not crash_matrix and not notifications_e2e"
 
 crash-matrix: system venv
 	$(VENV)/bin/pytest -m crash_matrix

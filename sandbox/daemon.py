@@ -373,7 +373,11 @@ class Sandbox:
             log.exception("could not point apt at the sandbox's repository on %s", host.name)
 
     def _save_map(self) -> None:
-        (self.state_dir / "instances.json").write_text(json.dumps(self.instance_hosts, indent=1))
+        # atomically: `fabflows sandbox` commands and tests read it while the daemon runs
+        path = self.state_dir / "instances.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.instance_hosts, indent=1))
+        tmp.replace(path)
 
     def _status(self, status: str) -> None:
         data = {

@@ -1256,7 +1256,13 @@ class TestNetwork:
                 if st and st[1] == "sshd":
                     _kill(pid, sig)
                     killed.append(pid)
-            return killed
+        if sig == signal.SIGKILL:
+            # Gone, not only signalled: until the listener exits, a connection can still be
+            # accepted and then reset instead of refused.
+            deadline = time.monotonic() + 10
+            while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return killed
 
     def start_sshd(self, name: str) -> None:
         """Start sshd again inside a running host (after :meth:`kill_sshd`)."""

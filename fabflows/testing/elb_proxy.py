@@ -55,6 +55,8 @@ class ElbProxy:
         self._ips: dict[str, str] = {}
         self._cycle = itertools.cycle([None])
         self._lock = threading.Lock()
+        self._confirm_lock = threading.Lock()
+        self._confirm_clients: tuple[Any, Any] | None = None
         self._stop = threading.Event()
         self._server = ThreadingHTTPServer((bind, 0), self._handler())
         self._server.daemon_threads = True
@@ -123,6 +125,17 @@ class ElbProxy:
             except Exception:  # noqa: BLE001 - keep the last known backends; retry next tick
                 continue
 
+    def taken_out(self, backend: str) -> bool:
+        """Re-read the ELB now: is ``backend`` no longer one of its InService instances?"""
+        with self._confirm_lock:
+            if self._confirm_clients is None:
+                self._confirm_clients = self._clients()
+            try:
+                backends = self.refresh_backends(*self._confirm_clients)
+            except Exception:  # noqa: BLE001 - moto unreachable: answer as the last view says
+                return False
+        return backend not in backends
+
     def next_backend(self) -> str | None:
         with self._lock:
             return next(self._cycle)
@@ -148,19 +161,32 @@ class ElbProxy:
             def do_GET(self) -> None:  # noqa: N802
                 proxy.requests += 1
                 backend = proxy.next_backend()
-                if backend is None:
-                    proxy.errors += 1
-                    self._answer(503, b"no healthy backend\n")
-                    return
-                try:
-                    conn = http.client.HTTPConnection(
-                        backend, proxy.backend_port, timeout=proxy.timeout
-                    )
-                    conn.request("GET", self.path, headers={"Host": self.headers.get("Host", "")})
-                    resp = conn.getresponse()
-                    body = resp.read()
-                    conn.close()
-                except OSError:
+                for _ in range(3):
+                    if backend is None:
+                        proxy.errors += 1
+                        self._answer(503, b"no healthy backend\n")
+                        return
+                    try:
+                        conn = http.client.HTTPConnection(
+                            backend, proxy.backend_port, timeout=proxy.timeout
+                        )
+                        conn.request(
+                            "GET", self.path, headers={"Host": self.headers.get("Host", "")}
+                        )
+                        resp = conn.getresponse()
+                        body = resp.read()
+                        conn.close()
+                        break
+                    except OSError:
+                        # An ELB never sends a request to an instance it has already taken out;
+                        # this proxy only learns that every `refresh` seconds (later on a loaded
+                        # machine). Ask now: gone -> the next backend; still InService -> 502.
+                        if not proxy.taken_out(backend):
+                            proxy.errors += 1
+                            self._answer(502, b"bad gateway\n")
+                            return
+                        backend = proxy.next_backend()
+                else:
                     proxy.errors += 1
                     self._answer(502, b"bad gateway\n")
                     return

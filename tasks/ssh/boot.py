@@ -56,6 +56,10 @@ def _read(host: FleetHost, opts: SshOptions) -> BootState:
         code, out, err = exec_command(conn, f"sh -c {shlex.quote(BOOT_SCRIPT)}", timeout=30)
     finally:
         conn.close()
+    if code == -1:
+        # the session ended without an exit status: the server went down under it (a reboot
+        # starting or its sshd being stopped), which a wait for the reboot keeps waiting through
+        raise ConnectionError(f"{host.name}: the connection ended before the boot was read")
     if code != 0:
         raise RuntimeError(f"{host.name}: reading the boot failed ({code}): {err.decode()[-300:]}")
     return parse_boot(host.name, out.decode())
