@@ -295,7 +295,7 @@ def recover_environment(
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Only show what would be undone (default). Set false (CLI --apply) to recover.
         maintenance_only: Undo only maintenance state (upgrade page, suspended processes,
-            stopped programs, staged files) and leave data-changing steps: what the watchdog's
-            automatic recovery of a crashed run does.
+            stopped programs, staged files) and leave data-changing steps: what the automatic
+            recovery of a crashed run does (recover_on_crash, and the watchdog's).
     """
     return execute(RUNBOOK, locals())
