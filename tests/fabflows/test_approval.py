@@ -68,11 +68,17 @@ def _paused_run(run_name: str, timeout: float = 30):
 
 
 def _resume(run_id, run_input: dict) -> dict:
-    response = httpx.post(
-        f"{PREFECT_API_URL.value()}/flow_runs/{run_id}/resume",
-        json={"run_input": run_input},
-        timeout=10,
-    )
+    """POST the resume as any API caller would; a 503 (the server's database busy under load)
+    is retried, as Prefect's own client does."""
+    for attempt in range(6):
+        response = httpx.post(
+            f"{PREFECT_API_URL.value()}/flow_runs/{run_id}/resume",
+            json={"run_input": run_input},
+            timeout=10,
+        )
+        if response.status_code != 503:
+            break
+        time.sleep(0.5 * (attempt + 1))
     response.raise_for_status()
     return response.json()
 
