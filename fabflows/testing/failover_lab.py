@@ -8,26 +8,19 @@ primary), so the next round can kill the primary again.
 slot dropped, the WAL it needs removed from the primary).
 :func:`replicas_caught_up`: every replica streaming (``pg_stat_replication``), zero lag, and the
 same row counts as the primary.
-:func:`run_until_paused`: a runbook run from the CLI in a subprocess, SIGKILLed at a step boundary.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import boto3
 import requests
-from prefect.settings import PREFECT_API_URL
 from psycopg import sql
 
-from fabflows.testing import faults
 from fabflows.testing.app_env import AppEnv, InstanceFollower, build_app_env
 from sandbox.replication import (
     build_replica,
@@ -254,42 +247,3 @@ def break_replication(env: AppEnv, replica_iid: str) -> str:
             raise AssertionError(f"{replica.name} streams again: replication is not broken")
         time.sleep(0.2)
     return needed
-
-
-def run_until_paused(
-    flow: str, target: str, cli_args: list[str], marker: Path, timeout: float = 180
-) -> None:
-    """``fabflows run FLOW CLI_ARGS`` in a subprocess (the fault-injecting CLI), SIGKILLed (its
-    whole process group) once it pauses at the step boundary ``target``."""
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT=f"{flow}/{target}",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
-    )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", flow, *cli_args]
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                assert proc.stderr is not None
-                raise AssertionError(
-                    f"{flow} ended before {target}: " + proc.stderr.read().decode()[-3000:]
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{flow} never reached {target} in {timeout:.0f} s")
-            time.sleep(0.05)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended on its own: its error is the one to show
-            pass
-        proc.wait()

@@ -12,7 +12,11 @@ A crash test starts the run in a subprocess as::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,3 +54,47 @@ def _pause(flow: str, step: str, when: str) -> None:
 
 def install() -> None:
     boundaries.observe(_pause)
+
+
+def run_until_paused(
+    flow: str,
+    target: str,
+    cli_args: list[str],
+    marker: Path,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> None:
+    """``fabflows run FLOW CLI_ARGS`` in a subprocess (the CLI with the pause observer), SIGKILLed
+    (its whole process group) once it pauses at the step boundary ``target``. ``env`` adds to the
+    environment; the Prefect API is the caller's."""
+    from prefect.settings import PREFECT_API_URL
+
+    environ = dict(os.environ) | (env or {})
+    environ.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        FABFLOWS_TEST_PAUSE_AT=f"{flow}/{target}",
+        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLI_CODE, "run", flow, *cli_args],
+        env=environ,
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                assert proc.stderr is not None
+                raise AssertionError(
+                    f"{flow} ended before {target}: " + proc.stderr.read().decode()[-3000:]
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{flow} never reached {target} in {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # ended on its own: its error is shown
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -37,11 +37,11 @@ from fabflows.testing.failover_lab import (
     psql,
     rebuild_old_primary,
     role_ids,
-    run_until_paused,
     tags_of,
     web_urls,
     writable,
 )
+from fabflows.testing.faults import run_until_paused
 from fabflows.testing.moto_server import MotoServer
 from flows.promote_replica import RUNBOOK, PromoteReplicaParams, promote_replica
 from flows.recover_environment import recover_environment

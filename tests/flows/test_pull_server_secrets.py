@@ -128,14 +128,6 @@ def test_bad_password_names_fail_before_reading(prefect_server, env, tmp_path: P
 def test_sigkill_after_saving_the_block_then_recover(prefect_server, env, tmp_path: Path) -> None:
     """Kill point: the block is written, the run not closed; recover puts its previous version
     back. The journal names the block documents, never a value."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from prefect.settings import PREFECT_API_URL
-
     from fabflows.testing import faults
     from flows.recover_environment import recover_environment
 
@@ -144,32 +136,12 @@ def test_sigkill_after_saving_the_block_then_recover(prefect_server, env, tmp_pa
         block.set(name, value)
     block.set("secret_key", "before-the-kill")
     block.save(BLOCK, overwrite=True)
-    marker = tmp_path / "paused"
-    penv = dict(os.environ)
-    penv.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT="pull-server-secrets/save-block:after",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
+    faults.run_until_paused(
+        "pull-server-secrets",
+        "save-block:after",
+        ["-e", "staging", "-c", str(env.config_path), "--apply"],
+        tmp_path / "paused",
     )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "pull-server-secrets", "-e", "staging"]
-    proc = subprocess.Popen(
-        [*argv, "-c", str(env.config_path), "--apply"],
-        env=penv,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-3000:])
-            assert time.monotonic() < deadline, "never reached save-block:after"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own child's process group, started above
-        proc.wait()
     pulled = default_secrets()["secret_key"]
     assert ServerSecrets.load(BLOCK).get("secret_key").get_secret_value() == pulled
     report = recover_environment(environment="staging", config=str(env.config_path), dry_run=False)

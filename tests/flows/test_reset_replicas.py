@@ -29,11 +29,11 @@ from fabflows.testing.failover_lab import (
     psql,
     replicas_caught_up,
     role_ids,
-    run_until_paused,
     streaming_replicas,
     web_urls,
     writable,
 )
+from fabflows.testing.faults import run_until_paused
 from fabflows.testing.moto_server import MotoServer
 from flows.recover_environment import recover_environment
 from flows.reset_replicas import (

@@ -3,15 +3,9 @@ and resumed, on real test hosts behind a moto server."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL
 
 from config import load_config, resolve_environment
 from fabflows.runtime.journal import Journal
@@ -163,34 +157,14 @@ def test_rolling_web_restart_and_a_stuck_celery_killed(stack) -> None:  # noqa: 
 def test_sigkill_mid_run_then_recover_and_resume(stack, tmp_path: Path) -> None:  # noqa: ANN001
     cfg = str(stack.config_path)
     web = stack.by_role("web")
-    marker = tmp_path / "paused"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT="restart-app/restart-web-2",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
-    )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "restart-app", "-e", "staging"]
-    argv += ["-c", cfg, "--roles", "web", "--apply"]
     before = {h.name: _pid(h, "staging-web:staging-server") for h in web}
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
+    faults.run_until_paused(
+        "restart-app",
+        "restart-web-2",
+        ["-e", "staging", "-c", cfg, "--roles", "web", "--apply"],
+        tmp_path / "paused",
+        timeout=120,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(proc.stderr.read().decode()[-3000:])
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     journal = Journal.for_environment("myproject/staging", load_config(cfg))
     (entry,) = journal.open_entries()
     assert entry.step("restart-web-1").state == "done"

@@ -9,18 +9,11 @@ each run changes the users directory, so "before" and "planned" differ on every 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from prefect.logging import disable_run_logger
-from prefect.settings import PREFECT_API_URL
 
 from config import load_config
 from fabflows.runbook import load_context
@@ -80,37 +73,15 @@ def _snapshot(hosts) -> list[str]:
 def _kill_at(path: Path, users: Path, where: str, tmp_path: Path) -> None:
     """Run update-sysadmin-users (applying, one server at a time) in a process of its own and
     SIGKILL it at ``where``."""
-    marker = tmp_path / f"paused-{where.replace(':', '-')}"
-    env = dict(os.environ)
-    env.update(
-        PREFECT_API_URL=str(PREFECT_API_URL.value()),
-        FABFLOWS_TEST_PAUSE_AT=f"update-sysadmin-users/{where}",
-        FABFLOWS_TEST_PAUSE_MARKER=str(marker),
-        FABFLOWS_PROGRESS_BAR="0",
+    faults.run_until_paused(
+        "update-sysadmin-users",
+        where,
+        ["-e", "staging", "-c", str(path), "--apply", "--users-dir", str(users)]
+        + ["--max-concurrency", "1"],
+        tmp_path / f"paused-{where.replace(':', '-')}",
+        timeout=300,
+        env={"FABFLOWS_PROGRESS_BAR": "0"},
     )
-    argv = [sys.executable, "-c", faults.CLI_CODE, "run", "update-sysadmin-users"]
-    argv += ["-e", "staging", "-c", str(path), "--apply", "--users-dir", str(users)]
-    argv += ["--max-concurrency", "1"]
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before {where}: {proc.stderr.read()[-3000:]}")
-            assert time.monotonic() < deadline, f"the run never reached {where}"
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # our own child's group, started above
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_killed_between_servers_each_server_is_old_or_new_then_resume_finishes(
