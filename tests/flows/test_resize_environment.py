@@ -5,21 +5,16 @@ the shared upgrade window with its 100 ms probe)."""
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import StateType
-from prefect.flow_runs import resume_flow_run
 
 from config import load_config
 from fabflows import boundaries
 from fabflows.errors import BadInput
+from fabflows.testing.approver import resume_when_paused
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
@@ -345,31 +340,9 @@ def protected(aws, tmp_path: Path) -> Protected:
     return Protected(str(path), aws)
 
 
-def _approve_when_paused(approver: str) -> tuple[threading.Thread, list[str]]:
+def _approve_when_paused(approver: str):
     """An approver in the UI: waits for the paused run and approves the plan it shows."""
-    approved: list[str] = []
-
-    def approve() -> None:
-        deadline = time.monotonic() + 60
-        with get_client(sync_client=True) as client:
-            while time.monotonic() < deadline:
-                paused = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(
-                        state=FlowRunFilterState(
-                            type=FlowRunFilterStateType(any_=[StateType.PAUSED])
-                        )
-                    )
-                )
-                if paused:
-                    run_input = {"approve": True, "approver": approver, "reason": "agreed"}
-                    resume_flow_run(paused[0].id, run_input=run_input)
-                    approved.append(str(paused[0].id))
-                    return
-                time.sleep(0.2)
-
-    t = threading.Thread(target=approve, daemon=True)
-    t.start()
-    return t, approved
+    return resume_when_paused({"approve": True, "approver": approver, "reason": "agreed"})
 
 
 def _refused_after_a_change(env: Protected, change) -> tuple[object, object]:  # noqa: ANN001

@@ -10,21 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.flow_runs import resume_flow_run
 
 from config import load_config, resolve_environment
 from config.models import UpgradeSettings
@@ -39,6 +30,7 @@ from fabflows.procedures.package_upgrade import (
 from fabflows.runbook import load_context
 from fabflows.runtime.engine import Scope
 from fabflows.runtime.journal import Journal
+from fabflows.testing.approver import resume_when_paused
 from fabflows.testing.aws_fixtures import boto_client
 from fabflows.testing.configs import SAMPLE
 from fabflows.testing.ec2_hosts import Ec2HostMirror
@@ -409,28 +401,9 @@ def test_dry_run_then_broken_package_stops_the_rollout_and_upgrade_mode_ends(
     _assert_restored(lab, aws, before)
 
 
-def _resume_when_paused(run_input: dict, timeout: float = 60) -> threading.Thread:
+def _resume_when_paused(run_input: dict, timeout: float = 60):
     """Like an approver in the UI: wait for the paused run, then resume it with a decision."""
-
-    def approve() -> None:
-        deadline = time.monotonic() + timeout
-        with get_client(sync_client=True) as client:
-            while time.monotonic() < deadline:
-                paused = client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(
-                        state=FlowRunFilterState(
-                            type=FlowRunFilterStateType(any_=[StateType.PAUSED])
-                        )
-                    )
-                )
-                if paused:
-                    resume_flow_run(paused[0].id, run_input=run_input)
-                    return
-                time.sleep(0.3)
-
-    t = threading.Thread(target=approve, daemon=True)
-    t.start()
-    return t
+    return resume_when_paused(run_input, timeout)[0]
 
 
 @pytest.mark.hosts
