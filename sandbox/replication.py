@@ -189,18 +189,17 @@ def build_replica(
 
     Its own cluster is discarded: PostgreSQL stops, the data directory is emptied, ``pg_basebackup
     -R -X stream -C -S <slot> -c fast`` copies the primary (a slot of that name left by an earlier
-    build is dropped first), PostgreSQL starts as a standby, and this waits until it streams.
+    build is dropped first, once the replica is stopped: the slot of a replica that was streaming
+    is active until then), PostgreSQL starts as a standby, and this waits until it streams.
     ``timeout`` bounds the base backup (it grows with the database).
     """
     slot = slot_name(replica.name)
     configure_server(replica)
     _write(replica, PGPASS, pgpass_line(role, password), mode="0600")
-    drop = sql.SQL(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-        "WHERE slot_name = {} AND NOT active;"
-    ).format(sql.Literal(slot))
-    _psql(primary, drop.as_string(None))
     replica.exec(["supervisorctl", "stop", "postgresql"], timeout=60)
+    # only now is the slot of a replica that was streaming inactive (its WAL sender ends once the
+    # replica is stopped), and ``-C`` needs it gone
+    drop_slot(primary, slot)
     replica.exec(["find", DATA_DIR, "-mindepth", "1", "-delete"])
     backup = replica.exec(
         [
@@ -236,6 +235,24 @@ def build_replica(
     wait_for_postgres(replica)
     wait_streaming(replica)
     return slot
+
+
+def drop_slot(primary: Host, slot: str, timeout: float = 30) -> None:
+    """Drop ``slot`` on ``primary`` (gone already: nothing to do), waiting until it is inactive:
+    the WAL sender of a replica that was just stopped can take a moment to end."""
+    exists = sql.SQL("SELECT count(*) FROM pg_replication_slots WHERE slot_name = {};").format(
+        sql.Literal(slot)
+    )
+    drop = sql.SQL(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE slot_name = {} AND NOT active;"
+    ).format(sql.Literal(slot))
+
+    def dropped() -> bool:
+        _psql(primary, drop.as_string(None))
+        return _psql(primary, exists.as_string(None)).strip() == "0"
+
+    _wait(f"the slot {slot} on {primary.name} is still active", dropped, timeout)
 
 
 def receiver_status(replica: Host) -> str:
