@@ -39,6 +39,9 @@ from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.upgrade_mode import load_upgrade_pages
 from tasks.aws.ec2 import describe_servers
 from tasks.postgres.copy import SourceUnavailable, describe_source_database
+from tasks.postgres.migrations import list_source_migrations
+from tasks.ssh.app import list_code_migrations, showmigrations_command
+from tasks.ssh.pgbouncer import get_pgbouncer_state
 
 
 class ReloadProductionDbParams(BaseModel):
@@ -115,6 +118,19 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
         except SourceUnavailable as exc:
             raise BadInput(str(exc)) from None
         load_upgrade_pages(rc.config, params.config_file)  # a bad page fails now, not in the window
+        code_root = code_root_of(rc)
+        code_migrations = source_migrations = None
+        pgbouncer = []
+        if settings.swap == "auto":  # what decides between the pgbouncer pause and the page
+            show = showmigrations_command(settings.migrate_command)
+            if show is not None and workers:
+                code_migrations = list_code_migrations(workers[0], pool, show, code_root)
+            source_migrations = list_source_migrations(
+                pool, target, source, src.env.database_name, src.env.database_user, password
+            )
+            pgbouncer = get_pgbouncer_state(
+                web + workers, pool, env.home, env.environment, env.database_name
+            )
         facts = ReloadFacts(
             target=target,
             source=source,
@@ -124,6 +140,9 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
             workers=workers,
             app=app,
             upgrade=upgrade,
+            code_migrations=code_migrations,
+            source_migrations=source_migrations,
+            pgbouncer=pgbouncer,
         )
         request = ReloadRequest(
             environment=env.environment,
@@ -136,7 +155,7 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
             request=request,
             settings=settings,
             recovery=recovery_for(rc, target_db, app, upgrade, scope.run_id),
-            code_root=code_root_of(rc),
+            code_root=code_root,
         )
 
     def plan(
@@ -164,6 +183,7 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
             scope.details["probe_non_200"] = summary.non_200
             scope.details["probe_downtime_seconds"] = summary.total_downtime_s
             scope.details["probe_longest_request_seconds"] = summary.latency_max_s
+        scope.details["swap_path"] = plan.swap_path
         return []
 
 
@@ -181,23 +201,44 @@ def reload_production_db(
     probe: bool = False,
     window_override_reason: str | None = None,
 ) -> RunbookReport:
-    """Replace a staging (or testing) database with a copy of production, with seconds of downtime.
+    """Replace a staging (or testing) database with a copy of production, with seconds of downtime
+    at most (none when pgbouncer can hold the app's requests during the swap).
 
     **What it does.** Copies the source database (production by default) into a *side* database
     on the target's db-primary while the target stays up: a plain `pg_dump | psql` stream
     (stopping at the first error) runs on the target server, reading the source over the network,
     so the data never passes through the machine running the flow (no password on any command
     line). Optional masking SQL from config runs on the copy and is checked. The row counts of the
-    largest tables must equal the counts in the dump's own snapshot. Then a short window: upgrade
-    mode (the web group's processes suspended and recorded, the 503 page and health-check override
-    on every web server), the app stopped, the side database swapped in by rename (one
-    transaction), migrations run on the first worker, the app started, upgrade mode off. The
-    previous database is dropped only after all that succeeded (or the last N are kept:
-    `fabflows.reload_production_db.keep_previous`).
+    largest tables must equal the counts in the dump's own snapshot. Then a short window, one of two:
+
+    - **pgbouncer pause** (no error page): every app server's pgbouncer PAUSEs the database (running
+      transactions end, new queries wait, nothing is refused), the side database is swapped in by
+      rename (one transaction), pgbouncer RESUMEs and the held requests go on, on the new database;
+      then the migrations run (nothing is pending: they confirm the copy) with the site up.
+    - **upgrade page**: upgrade mode (the web group's processes suspended and recorded, the 503
+      page and health-check override on every web server), the app stopped, the swap, migrations
+      on the first worker, the app started, upgrade mode off.
+
+    **Which window, decided in the plan (and said there, with why):** the pause only when
+    `fabflows.reload_production_db.swap` is `auto` (the default) and all of: the code's
+    migrations are known (`manage.py showmigrations --plan` on the first worker, derived from
+    `migrate_command`) and so are the source's (its `django_migrations`, read over the copy's
+    path); the copy will have every migration the code has (none pending: the running code works on
+    it as it is) and none the code does not know (a schema ahead of the code); every app server's
+    pgbouncer has its admin console (`unix_socket_dir`, the `pgbouncer` user from pgbouncer's own
+    UID, no password), transaction or statement pooling (in session pooling PAUSE waits for every
+    client to disconnect), an alias for the live database, and is not paused already. Anything
+    else, or anything unknown, takes the upgrade page. Just before pausing, the side database's
+    migrations are checked to be the ones the plan decided on (else the run stops, nothing paused).
+    A pause is bounded: PAUSE must complete within `pause_wait_seconds` (else RESUME at once and
+    the run fails before the swap), and each pgbouncer RESUMEs by itself `pause_hold_seconds` after
+    its PAUSE whatever happens to the run. The previous database is dropped only after all that
+    succeeded (or the last N are kept: `fabflows.reload_production_db.keep_previous`).
 
     **Steps** (each journaled, named in the plan): recover (only when a dead run left something),
-    create-side, copy, verify-copy, mask (when configured), analyze, upgrade-mode-on, stop-app,
-    swap, migrate, start-app, upgrade-mode-off, verify, cleanup.
+    create-side, copy, verify-copy, mask (when configured), analyze, then either pgbouncer-pause,
+    swap, pgbouncer-resume, migrate, or upgrade-mode-on, stop-app, swap, migrate, start-app,
+    upgrade-mode-off; then verify, cleanup.
 
     **When to run:** whenever staging/testing needs fresh production data (the original's
     `fab staging reload_production_db`). It takes the site down for seconds, so it runs only in
@@ -209,9 +250,10 @@ def reload_production_db(
     can read it; the target has room for a second copy (`room_factor` × the source's size). The
     plan is made again under the environment's lock and the run refuses if it changed.
 
-    **Blast radius:** the target environment only. Its site shows the 503 page for the swap and
-    the migrations (seconds plus migration time, whatever the database size). The source is only
-    read (one snapshot).
+    **Blast radius:** the target environment only. Under the pause its requests wait for the swap
+    (about a second); behind the page its site shows the 503 page for the swap and the migrations
+    (seconds plus migration time, whatever the database size). The source is only read (one
+    snapshot).
 
     **Approval:** an environment marked `protected` in config pauses for approval of the plan
     (bound to its digest) before anything changes (staging and testing are not protected by
@@ -221,13 +263,14 @@ def reload_production_db(
     source over the path the copy will take, leftovers of dead runs) and publishes the plan.
 
     **Rolls back:** a failure undoes, newest first, what holds maintenance state: the swap (the
-    previous database back while the migrations are not confirmed), the app started again,
-    upgrade mode off with exactly the recorded processes resumed, the copy killed and the side
-    database dropped. A failed migration therefore leaves the old database live. Migrations that
+    previous database back while the migrations are not confirmed), pgbouncer RESUMEd, the app
+    started again, upgrade mode off with exactly the recorded processes resumed, the copy killed
+    and the side database dropped. A failed migration therefore leaves the old database live. Migrations that
     succeeded and dropped previous databases are never undone. The target serves its old
     database or the complete new one, never none. A killed run leaves its journal (beside the
     lock) and markers on the databases and app servers: `fabflows recover -e ENV`
-    (recover-environment) undoes it, and the next reload repairs it first.
+    (recover-environment) undoes it (a pgbouncer left paused is RESUMEd: the pause is journaled
+    before it starts), and the next reload repairs it first.
 
     Args:
         environment: Target environment (staging, testing); never a production environment.

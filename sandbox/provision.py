@@ -254,11 +254,15 @@ PGBOUNCER_INI = """\
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {pgbouncer_port}
-unix_socket_dir =
+; the admin console: the user pgbouncer, over this private socket, from pgbouncer's own UID only
+unix_socket_dir = {services}/pgbouncer/socket
+unix_socket_mode = 0700
+admin_users = pgbouncer
 auth_type = md5
 auth_file = {services}/pgbouncer/userlist-{env}.txt
-pool_mode = session
-server_reset_query = DISCARD ALL
+; transaction pooling: PAUSE completes once running transactions end (the app keeps its
+; connections, CONN_MAX_AGE), so a reload swaps the database under a held, not refused, app
+pool_mode = transaction
 server_login_retry = 1
 server_connect_timeout = 3
 ignore_startup_parameters = extra_float_digits
@@ -369,6 +373,7 @@ def provision_app(
             "sh",
             "-c",
             "set -e; rm -f /etc/supervisor/conf.d/50-app.conf; "
+            f"mkdir -p -m 0700 {shlex.quote(services)}/pgbouncer/socket; "
             f"chown -R {shlex.quote(owner)}: {shlex.quote(home + '/www')} {shlex.quote(services)}/pgbouncer; "
             "supervisorctl reread >/dev/null; supervisorctl update >/dev/null",
         ]

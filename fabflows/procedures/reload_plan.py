@@ -7,7 +7,7 @@ table-driven without any peer, and the journal can rebuild the run's steps from 
 from __future__ import annotations
 
 import shlex
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,7 @@ from tasks.postgres.names import check_names, previous_of, side_name
 from tasks.postgres.server import DbServer
 from tasks.ssh.app import HostAppState
 from tasks.ssh.fleet import FleetHost
+from tasks.ssh.pgbouncer import PgbouncerState
 
 FLOW_NAME = "reload-production-db"
 
@@ -52,12 +53,95 @@ class ReloadFacts(BaseModel):
     workers: list[FleetHost]
     app: list[HostAppState]
     upgrade: UpgradeStatus
+    code_migrations: list[str] | None = Field(
+        default=None, description="Migrations the deployed code has (None: unknown)."
+    )
+    source_migrations: list[str] | None = Field(
+        default=None, description="Migrations the source database has applied (None: unknown)."
+    )
+    pgbouncer: list[PgbouncerState] = Field(
+        default_factory=list, description="Each app server's pgbouncer (empty: not read)."
+    )
+
+
+SwapPath = Literal["pause", "upgrade-page"]
+
+
+class SwapDecision(BaseModel):
+    """How the copy goes live, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: SwapPath
+    reasons: list[str]
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def decide_swap(facts: ReloadFacts, settings: ReloadProductionDbSettings) -> SwapDecision:
+    """Pure: swap under pgbouncer PAUSE/RESUME (requests held) or behind the upgrade page.
+
+    The copy's migrations are the source's (the copy is the source's snapshot). Pause only when
+    all of these hold, else the upgrade page (the reasons say which did not):
+
+    - ``swap`` is ``auto`` in config;
+    - the code's migrations are known (``manage.py showmigrations --plan`` on the first worker)
+      and so are the source's (its ``django_migrations``);
+    - no migration is pending: the copy has every migration the code has, so the running code
+      works on it as it is and ``migrate`` has nothing to do;
+    - the copy has no migration the code does not know (a schema ahead of the code, which the
+      running code may not survive);
+    - every app server's pgbouncer can be paused: admin console reachable, transaction or
+      statement pooling, an alias for the live database, not paused already.
+    """
+    if settings.swap == "upgrade-page":
+        return SwapDecision(path="upgrade-page", reasons=["config says swap: upgrade-page"])
+    unsafe: list[str] = []
+    code, source = facts.code_migrations, facts.source_migrations
+    if code is None:
+        unsafe.append("the code's migrations are unknown (showmigrations failed or no Django)")
+    if source is None:
+        unsafe.append(f"{facts.source_db.database} has no django_migrations table")
+    if code is not None and source is not None:
+        pending = sorted(set(code) - set(source))
+        ahead = sorted(set(source) - set(code))
+        if pending:
+            unsafe.append(
+                f"{len(pending)} migration(s) pending on the copy ({_names(pending)}): the running "
+                "code needs them, so the app waits behind the page until they ran"
+            )
+        if ahead:
+            unsafe.append(
+                f"the copy has {len(ahead)} migration(s) the code does not know ({_names(ahead)}): "
+                "its schema is ahead of the running code"
+            )
+    if not facts.pgbouncer:
+        unsafe.append("no app server's pgbouncer was read")
+    for state in facts.pgbouncer:
+        unsafe += state.pause_blockers()
+    if unsafe:
+        return SwapDecision(path="upgrade-page", reasons=unsafe)
+    return SwapDecision(
+        path="pause",
+        reasons=[
+            f"no migration pending: the copy has all {len(code or [])} of the code's migrations "
+            "and none it does not know",
+            f"every app server's pgbouncer can be paused ({len(facts.pgbouncer)} server(s), "
+            "transaction pooling, admin console)",
+        ],
+    )
 
 
 class ReloadChange(Change):
     """One step of the reload: where, what, whether users are kept out, how it is undone."""
 
     downtime: bool = Field(default=False, description="Runs while users are kept out.")
+    held: bool = Field(
+        default=False, description="Runs while users' requests are held (pgbouncer paused)."
+    )
     compensation: str = Field(default="", description="How it is undone if a later step fails.")
 
 
@@ -87,6 +171,11 @@ class ReloadPlan(RunbookPlan):
     migrate_command: str
     keep_previous: int
     recovery: RecoveryPlan
+    swap_path: SwapPath = "upgrade-page"
+    swap_reasons: list[str] = Field(default_factory=list)
+    source_migrations: list[str] | None = None
+    pause_wait_seconds: float = 5.0
+    pause_hold_seconds: float = 30.0
 
     @property
     def step_names(self) -> list[str]:
@@ -98,7 +187,7 @@ class ReloadPlan(RunbookPlan):
                 "step": c.step,
                 "target": c.target,
                 "action": c.action,
-                "users": "kept out" if c.downtime else "",
+                "users": "held" if c.held else "kept out" if c.downtime else "",
                 "undo": c.compensation,
             }
             for c in self.changes
@@ -108,8 +197,17 @@ class ReloadPlan(RunbookPlan):
         head = (
             f"copy: {self.source_database} ({_mb(self.source_bytes)}) -> {self.side}, then swapped "
             f"in as {self.live}; room: {_mb(self.free_bytes)} free, {_mb(self.needed_bytes)} needed"
+            f"\nswap: {self.swap_label()}"
         )
         return head + "\n" + super().render_text()
+
+    def swap_label(self) -> str:
+        how = (
+            "under pgbouncer PAUSE/RESUME (requests held, not refused)"
+            if self.swap_path == "pause"
+            else "behind the upgrade page"
+        )
+        return f"{how}: " + "; ".join(self.swap_reasons)
 
     def render_markdown(self) -> str:
         out = [
@@ -120,6 +218,7 @@ class ReloadPlan(RunbookPlan):
             f"- **room:** {_mb(self.free_bytes)} free on the target, {_mb(self.needed_bytes)} needed",
             f"- **verified tables:** {', '.join(self.tables) or 'none'}",
             f"- **masking:** {self.masking_statements} statement(s)",
+            f"- **swap:** {self.swap_label()}",
             f"- **migrations:** `{self.migrate_command}`",
             "- **previous database:** "
             + (
@@ -175,6 +274,10 @@ def plan_reload_production_db(
     code_root: str,
 ) -> ReloadPlan:
     """Pure: the plan, or a clear refusal (the source is missing, the target has no room...).
+
+    The window is either the upgrade page (upgrade-mode-on, stop-app, swap, migrate, start-app,
+    upgrade-mode-off) or, when :func:`decide_swap` allows it, a pgbouncer pause (pgbouncer-pause,
+    swap, pgbouncer-resume, then migrate with the site up: nothing is pending).
 
     Raises:
         BadInput: no worker to migrate on, or the target lacks room for a second copy.
@@ -253,48 +356,82 @@ def plan_reload_production_db(
             compensation=side_undo,
         )
     )
+    decision = decide_swap(facts, settings)
+    pause = decision.path == "pause"
     swap = ReloadChange(
         step="swap",
         target=t,
         action=f"refuse connections, terminate sessions; rename {live} → {live}__prev_<time>, {side} → {live} in one transaction",
-        downtime=True,
+        downtime=not pause,
+        held=pause,
         compensation="rename back (from the databases' markers) until the migrations are confirmed",
     )
-    changes += [
-        ReloadChange(
-            step="upgrade-mode-on",
-            target=target_env.label,
-            action="suspend the web group's processes (recorded), 503 page and health-check override on every web server",
-            downtime=True,
-            compensation="pages off, resume exactly the recorded processes",
-        ),
-        ReloadChange(
-            step="stop-app",
-            target=app_hosts,
-            action="supervisorctl stop the web and celery groups (marker first; pgbouncer stays up)",
-            downtime=True,
-            compensation="supervisorctl start",
-        ),
-        swap,
-        ReloadChange(
-            step="migrate",
-            target=facts.workers[0].name,
-            action=migrate,
-            downtime=True,
-            compensation="the swap's undo puts the previous database back until confirmed",
-        ),
-        ReloadChange(
-            step="start-app",
-            target=app_hosts,
-            action="supervisorctl start web and celery (pgbouncer checked running)",
-            downtime=True,
-        ),
-        ReloadChange(
-            step="upgrade-mode-off",
-            target=target_env.label,
-            action="pages off, resume the recorded processes, check every web server answers 200",
-        ),
-    ]
+    if pause:
+        changes += [
+            ReloadChange(
+                step="pgbouncer-pause",
+                target=app_hosts,
+                action=f"the copy's migrations checked unchanged; PAUSE {live} on every app "
+                f"server's pgbouncer (completes within {settings.pause_wait_seconds:g} s or "
+                f"RESUMEs and fails; each pgbouncer RESUMEs by itself after "
+                f"{settings.pause_hold_seconds:g} s whatever happens)",
+                held=True,
+                compensation="RESUME (and the auto-resume cancelled)",
+            ),
+            swap,
+            ReloadChange(
+                step="pgbouncer-resume",
+                target=app_hosts,
+                action=f"RESUME {live} on every app server's pgbouncer (held requests go on, on "
+                "the new database)",
+                held=True,
+            ),
+            ReloadChange(
+                step="migrate",
+                target=facts.workers[0].name,
+                action=f"{migrate} (nothing pending: confirms the copy; the site is up)",
+                compensation="the swap's undo puts the previous database back until confirmed",
+            ),
+        ]
+    changes += (
+        []
+        if pause
+        else [
+            ReloadChange(
+                step="upgrade-mode-on",
+                target=target_env.label,
+                action="suspend the web group's processes (recorded), 503 page and health-check override on every web server",
+                downtime=True,
+                compensation="pages off, resume exactly the recorded processes",
+            ),
+            ReloadChange(
+                step="stop-app",
+                target=app_hosts,
+                action="supervisorctl stop the web and celery groups (marker first; pgbouncer stays up)",
+                downtime=True,
+                compensation="supervisorctl start",
+            ),
+            swap,
+            ReloadChange(
+                step="migrate",
+                target=facts.workers[0].name,
+                action=migrate,
+                downtime=True,
+                compensation="the swap's undo puts the previous database back until confirmed",
+            ),
+            ReloadChange(
+                step="start-app",
+                target=app_hosts,
+                action="supervisorctl start web and celery (pgbouncer checked running)",
+                downtime=True,
+            ),
+            ReloadChange(
+                step="upgrade-mode-off",
+                target=target_env.label,
+                action="pages off, resume the recorded processes, check every web server answers 200",
+            ),
+        ]
+    )
     changes += [
         ReloadChange(
             step="verify",
@@ -311,7 +448,7 @@ def plan_reload_production_db(
             ),
         ),
     ]
-    notes = []
+    notes = [f"swap {decision.path}: " + "; ".join(decision.reasons)]
     if recovery.needed:
         notes.append("a dead run's leftovers are repaired first: " + "; ".join(recovery.lines()))
     return ReloadPlan(
@@ -320,7 +457,7 @@ def plan_reload_production_db(
         environment=target_env.label,
         changes=changes,
         destructive=True,
-        downtime_seconds=15.0,
+        downtime_seconds=2.0 if pause else 15.0,
         notes=notes,
         target=target_env.label,
         source=f"{params.source_deployment}/{params.source_environment}",
@@ -341,6 +478,11 @@ def plan_reload_production_db(
         migrate_command=migrate,
         keep_previous=settings.keep_previous,
         recovery=recovery,
+        swap_path=decision.path,
+        swap_reasons=decision.reasons,
+        source_migrations=facts.source_migrations,
+        pause_wait_seconds=settings.pause_wait_seconds,
+        pause_hold_seconds=settings.pause_hold_seconds,
     )
 
 

@@ -10,7 +10,11 @@ is right after a partial apply and safe to run twice:
 - upgrade-mode-on: pages off and the recorded processes resumed, if this run still holds it;
 - stop-app: the app started again (the app's stop marker says where);
 - swap: the previous database put back, while the live one is this run's and its migrations are
-  not confirmed (marker ``swapped``); once ``migrated`` the new database stays.
+  not confirmed (marker ``swapped``); once ``migrated`` the new database stays;
+- pgbouncer-pause (the pause path): RESUME on every app server (a no-op where not paused). The
+  pause is journaled (the hosts recorded) before it starts, so recover-environment RESUMEs a
+  pgbouncer a killed run left paused; each pgbouncer also RESUMEs by itself after
+  ``pause_hold_seconds``.
 
 Migrations and the drop of previous databases change data: they are never undone automatically.
 """
@@ -58,10 +62,12 @@ from tasks.postgres.databases import (
     swap_databases,
 )
 from tasks.postgres.masking import check_masking, mask_database
+from tasks.postgres.migrations import list_applied_migrations
 from tasks.postgres.names import Marker, now_text, previous_name, previous_of
 from tasks.postgres.server import DbServer
 from tasks.ssh.app import AppStopRecord, run_migrations, start_app, stop_app
 from tasks.ssh.connection import ConnectionPool
+from tasks.ssh.pgbouncer import pause_pgbouncer, resume_pgbouncer
 
 SIDE_UNDO = "it only changes the side database, which create-side's undo drops"
 
@@ -356,6 +362,43 @@ class ReloadSteps:
         )
         return {"previous": previous, "swapped": r.swapped, "summary": r.summary}
 
+    def pgbouncer_pause(self, scope: Scope) -> dict[str, Any]:
+        """The copy's migrations checked against the plan's, then PAUSE on every app server."""
+        p = self.plan
+        applied = list_applied_migrations(scope.pool, p.target_server, p.side)
+        if applied != p.source_migrations:
+            raise RuntimeError(
+                f"the migrations of {p.side} differ from those the plan decided on (the source "
+                "was migrated during the copy?): nothing paused; run again, the plan will decide anew"
+            )
+        env = scope.env
+        scope.record(hosts=[h.name for h in self.app_hosts], database=p.live)
+        started = time.monotonic()
+        paused = pause_pgbouncer(
+            self.app_hosts,
+            scope.pool,
+            env.home,
+            env.environment,
+            p.live,
+            dry_run=False,
+            wait=p.pause_wait_seconds,
+            hold=p.pause_hold_seconds,
+        )
+        if not paused.ok:
+            self.pgbouncer_resume(scope)
+            paused.raise_for_errors()
+        seconds = time.monotonic() - started
+        scope.details["pause_seconds"] = round(seconds, 2)
+        return {"summary": f"{len(paused.results)} pgbouncer(s) paused in {seconds:.2f} s"}
+
+    def pgbouncer_resume(self, scope: Scope, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        env = scope.env
+        resumed = resume_pgbouncer(
+            self.app_hosts, scope.pool, env.home, env.environment, self.plan.live, dry_run=False
+        )
+        resumed.raise_for_errors()
+        return {"summary": resumed.summary()}
+
     def undo_swap(self, scope: Scope, data: dict[str, Any]) -> None:
         if undo_swap(scope.pool, self.plan.target_server, self.plan.live, scope.run_id):
             scope.log("put the previous database back as %s", self.plan.live, level="warning")
@@ -448,13 +491,22 @@ class ReloadSteps:
                 "upgrade-mode-on", self.upgrade_mode_on, self.upgrade_mode_undo, site_down=True
             ),
             "stop-app": Step("stop-app", self.stop_app, self.start_app, site_down=True),
+            "pgbouncer-pause": Step(
+                "pgbouncer-pause", self.pgbouncer_pause, self.pgbouncer_resume, site_down=True
+            ),
             "swap": Step("swap", self.swap, self.undo_swap, site_down=True),
+            "pgbouncer-resume": Step(
+                "pgbouncer-resume",
+                self.pgbouncer_resume,
+                no_undo="it is pgbouncer-pause's undo",
+                site_down=True,
+            ),
             "migrate": Step(
                 "migrate",
                 self.migrate,
                 no_undo="migrations change data; until they are confirmed the swap's undo puts "
                 "the previous database back",
-                site_down=True,
+                site_down=self.plan.swap_path != "pause",
                 auto_undo=False,
             ),
             "start-app": Step(

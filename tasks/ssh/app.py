@@ -425,3 +425,52 @@ def run_migrations(
 
 def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def showmigrations_command(migrate_command: Sequence[str]) -> list[str] | None:
+    """Pure: the ``showmigrations --plan`` argv beside a ``manage.py migrate`` command (None: the
+    migrate command is not Django's ``migrate``, so which migrations the code has is unknown)."""
+    argv = list(migrate_command)
+    if "migrate" not in argv:
+        return None
+    return [*argv[: argv.index("migrate")], "showmigrations", "--plan"]
+
+
+_PLAN_LINE = re.compile(r"^\s*\[[ X]\]\s+(?P<name>[A-Za-z0-9_]+\.[A-Za-z0-9_]+)\s*$")
+
+
+def parse_showmigrations(text: str) -> list[str]:
+    """Pure: ``showmigrations --plan`` output -> every migration the code has (``app.name``)."""
+    return sorted({m.group("name") for ln in text.splitlines() if (m := _PLAN_LINE.match(ln))})
+
+
+@task(
+    name="list-code-migrations",
+    task_run_name="list-code-migrations-{host.name}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=2,
+)
+def list_code_migrations(
+    host: FleetHost,
+    pool: ConnectionPool,
+    command: list[str],
+    directory: str,
+    timeout: float = 120,
+) -> list[str] | None:
+    """The migrations the deployed code has (``app.name``), from ``command`` (``showmigrations
+    --plan``) run on one worker like the migrations. None when the command fails (unknown)."""
+    remote = Remote(
+        conn=pool.get(host.address),
+        host=host.name,
+        dry_run=True,
+        command_timeout=timeout,
+        channel_timeout=pool.opts.connect_timeout,
+    )
+    try:
+        result = remote.read(sh_argv(MIGRATE_SCRIPT, directory, *command), timeout=timeout)
+    except CommandError as exc:
+        get_run_logger().warning("could not list the code's migrations on %s: %s", host.name, exc)
+        return None
+    names = parse_showmigrations(result.stdout)
+    return names or None
