@@ -5,6 +5,11 @@ import tempfile
 # (tests/fabflows/test_warm.py starts its own and clears this for its calls).
 os.environ["FABFLOWS_NO_WARM"] = "1"
 
+# Machines that set PYTHONDONTWRITEBYTECODE (CI's does) make every Python subprocess of the suite
+# (the `fabflows` CLI, flows run to be killed, the sandbox daemon) compile the project's modules
+# again: about a second of CPU each. The suite lets them cache their bytecode.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 # Locks and journals of configs that name no state_dir go to this session's own directory, never
 # to the operator's ~/.local/state/fabflows (a dead test run there would be "recovered" by the next).
 # Parallel workers (pytest -n) inherit the controller's and each take a subdirectory of it.
