@@ -22,5 +22,6 @@ FLOWS: dict[str, str] = {
     "update-newrelic-keys": "flows.update_newrelic_keys:update_newrelic_keys",
     "promote-replica": "flows.promote_replica:promote_replica",
     "reset-replicas": "flows.reset_replicas:reset_replicas",
+    "add-replica": "flows.add_replica:add_replica",
     "watchdog": "flows.watchdog:watchdog",
 }

@@ -348,7 +348,7 @@ class InstanceFollower:
                     "app"
                     if role in ("web", "worker")
                     else "db"
-                    if role in ("db-primary", "db-replica")
+                    if role.removesuffix("-PENDING") in ("db-primary", "db-replica")
                     else "base"
                 )
                 (host,) = self.env.net.start(
