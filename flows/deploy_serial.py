@@ -167,6 +167,8 @@ def _create_image(plan: DeploySerialPlan):  # noqa: ANN202
             no_reboot=not settings.reboot_for_image,
             dry_run=False,
         )
+        # the image exists, the journal does not name it yet: the undo finds it by its name
+        boundaries.reached(FLOW_NAME, IMAGE_STEP, "created")
         scope.record(image_name=plan.image_name, image_id=made.image_id)
         wait_for_image(
             rc.creds,
@@ -331,10 +333,12 @@ def _surge(plan: DeploySerialPlan, index: int, old: Replacement):  # noqa: ANN20
 def _prune(plan: DeploySerialPlan):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, Any]:
         rc = scope.rc
-        pruned = []
-        for image in plan.prune_images:
-            if deregister_image(rc.creds, image.image_id, dry_run=False).changed:
-                pruned.append(image.name)
+        pruned = [
+            image.name
+            for image in plan.prune_images
+            if deregister_image(rc.creds, image.image_id, dry_run=False).changed
+        ]
+        boundaries.reached(FLOW_NAME, PRUNE_STEP, "images-pruned")  # the versions still to go
         if plan.prune_versions:
             have = {v.number for v in describe_launch_template_versions(rc.creds, plan.template)}
             gone = [v for v in plan.prune_versions if v in have]
@@ -344,7 +348,28 @@ def _prune(plan: DeploySerialPlan):  # noqa: ANN202
         scope.details["pruned"] = ", ".join(pruned) or "none"
         return {"summary": "pruned " + (", ".join(pruned) or "nothing")}
 
-    return apply
+    def finish(scope: Scope, data: dict[str, Any]) -> None:
+        """What is deleted cannot come back, so a half-done prune is finished instead: the
+        planned images no instance of the group runs, the planned versions the group and the
+        template's default do not use (checked again now: recovery may come much later)."""
+        rc = scope.rc
+        group = describe_auto_scaling_group(rc.creds, plan.auto_scaling_group)
+        assert group is not None
+        for image in plan.prune_images:
+            if _runs_image(rc, plan.auto_scaling_group, image.image_id):
+                scope.log("not pruning %s: instances run it", image.image_id, level="warning")
+                continue
+            deregister_image(rc.creds, image.image_id, dry_run=False)
+        versions = describe_launch_template_versions(rc.creds, plan.template)
+        used = {v.number for v in versions if v.default}
+        if group.launch_template_version and group.launch_template_version.isdigit():
+            used.add(int(group.launch_template_version))
+        have = {v.number for v in versions}
+        gone = [v for v in plan.prune_versions if v in have and v not in used]
+        if gone:
+            delete_launch_template_versions(rc.creds, plan.template, gone, dry_run=False)
+
+    return apply, finish
 
 
 class DeploySerial(Runbook[DeploySerialParams, GroupFacts, DeploySerialPlan]):
@@ -401,14 +426,10 @@ class DeploySerial(Runbook[DeploySerialParams, GroupFacts, DeploySerialPlan]):
             apply, undo = _surge(plan, index, old)
             out.append(Step(surge_step(old.old_instance_id), apply, undo))
         if plan.prune_images or plan.prune_versions:
-            out.append(
-                Step(
-                    PRUNE_STEP,
-                    _prune(plan),
-                    no_undo="deleted images and launch template versions cannot be brought back",
-                    auto_undo=False,
-                )
-            )
+            prune_apply, prune_finish = _prune(plan)
+            # deleted images and versions cannot be brought back: recovery finishes the prune
+            # (as planned) instead; never automatically (it changes data)
+            out.append(Step(PRUNE_STEP, prune_apply, prune_finish, auto_undo=False))
         return out
 
     def verify(self, scope: Scope, plan: DeploySerialPlan, params: DeploySerialParams) -> list[str]:
@@ -487,7 +508,10 @@ def deploy_serial(
     to their previous template version, the new version is deleted and the image deregistered.
     The run fails with the list of which instance runs which image; instances already replaced
     stay on the new image (they served). A run killed outright is undone the same way by
-    `fabflows recover` (recover-environment) from its journal. Pruning has no undo.
+    `fabflows recover` (recover-environment) from its journal: a run killed while it made the
+    image leaves no image behind (found by its name if the journal does not have its id yet).
+    Pruning has no undo: what is deleted is gone, so `fabflows recover` finishes a half-done prune
+    (images no instance runs, versions the group does not use), leaving the group as planned.
 
     Args:
         environment: Environment (e.g. staging).

@@ -3,7 +3,8 @@ service, the old one still too: desired capacity one above), run recover-environ
 on the real peers (moto, a test host per instance behind the load balancer proxy) that the group
 is at its desired capacity with every instance in service and answering, each instance either one
 of the group's before or on the new image (a finished surge stays), and the launch template as
-before unless an instance already runs the new image.
+before unless an instance already runs the new image. A run killed while it made the image leaves
+no image behind; one killed half-way through the prune is finished by recover (as planned).
 
 One app stack serves the module; the cases run in order, each from where the previous left it.
 """
@@ -91,9 +92,11 @@ def _answers(address: str) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _kill_at(env, follower: InstanceFollower, where: str, tmp_path: Path) -> None:
-    """Run deploy-serial (applying) in a process of its own, following the instances it launches
-    with test hosts, and SIGKILL it at ``where``."""
+def _kill_at(
+    env, follower: InstanceFollower, where: str, tmp_path: Path, options: list[str]
+) -> None:
+    """Run deploy-serial (applying, with ``options``) in a process of its own, following the
+    instances it launches with test hosts, and SIGKILL it at ``where``."""
     marker = tmp_path / "paused"
     penv = dict(os.environ)
     penv.update(
@@ -103,7 +106,7 @@ def _kill_at(env, follower: InstanceFollower, where: str, tmp_path: Path) -> Non
         FABFLOWS_PROGRESS_BAR="0",
     )
     argv = [sys.executable, "-c", faults.CLI_CODE, "run", "deploy-serial", "-e", "staging"]
-    argv += ["-c", str(env.config_path), "--apply"]
+    argv += ["-c", str(env.config_path), "--apply", *options]
     proc = subprocess.Popen(
         argv,
         env=penv,
@@ -131,17 +134,23 @@ def _kill_at(env, follower: InstanceFollower, where: str, tmp_path: Path) -> Non
 
 
 matrix = pytest.mark.crash_matrix
+KEEP_ONE = ["--keep-images", "1"]  # everything older than this run's image and version is pruned
 CASES = [
-    pytest.param("surge-{0}:surged", "before", id="mid-first-surge"),  # new and old both serve
-    pytest.param("surge-{1}:surged", "one replaced", id="mid-second-surge", marks=matrix),
-    pytest.param("new-template-version:after", "before", id="after-template", marks=matrix),
+    pytest.param("surge-{0}:surged", "before", [], id="mid-first-surge"),  # new and old serve
+    pytest.param("surge-{1}:surged", "one replaced", [], id="mid-second-surge", marks=matrix),
+    pytest.param("new-template-version:after", "before", [], id="after-template", marks=matrix),
+    # the image made, its id not journaled yet: recover finds it by its name
+    pytest.param("create-image:created", "before", [], id="mid-create-image", marks=matrix),
+    pytest.param("create-image:after", "before", [], id="after-create-image", marks=matrix),
+    # every instance replaced, the images pruned, the template versions not yet
+    pytest.param("prune:images-pruned", "planned", KEEP_ONE, id="mid-prune", marks=matrix),
 ]
 """Mid-surge runs in ``make test``; the other kill points in ``make crash-matrix``."""
 
 
-@pytest.mark.parametrize(("where", "expect"), CASES)
+@pytest.mark.parametrize(("where", "expect", "options"), CASES)
 def test_killed_then_recovered_is_at_capacity_as_before_or_as_planned(
-    prefect_server, stack, tmp_path: Path, where: str, expect: str
+    prefect_server, stack, tmp_path: Path, where: str, expect: str, options: list[str]
 ) -> None:
     env = stack
     ec2, _ = _clients(env)
@@ -156,7 +165,7 @@ def test_killed_then_recovered_is_at_capacity_as_before_or_as_planned(
         ]
     )
     follower = InstanceFollower(env, prefix="dk")
-    _kill_at(env, follower, where.format(*old), tmp_path)
+    _kill_at(env, follower, where.format(*old), tmp_path, options)
     killed = _group(env)
     if "surged" in where:
         assert killed["DesiredCapacity"] == 3, "killed mid-surge: one instance above desired"
@@ -195,6 +204,19 @@ def test_killed_then_recovered_is_at_capacity_as_before_or_as_planned(
         assert after["LaunchTemplate"]["Version"] == version_before
         assert max(v["VersionNumber"] for v in versions) == newest_before
         assert mine == []
+    elif expect == "planned":  # every surge finished, the prune finished by recover
+        assert not set(now) & set(old)
+        (image,) = mine
+        assert {img for img, _ in images.values()} == {image}
+        left = [
+            i["ImageId"]
+            for i in ec2.describe_images(Owners=["self"])["Images"]
+            if i["Name"].startswith("myproject_staging_web_")
+        ]
+        assert left == [image], "the older images pruned: this run's is the only one left"
+        (current,) = versions  # the older versions pruned
+        assert after["LaunchTemplate"]["Version"] == str(current["VersionNumber"])
+        assert current["LaunchTemplateData"]["ImageId"] == image
     else:  # the first surge finished (as planned), the second undone (as before)
         assert old[0] not in now and old[1] in now
         (new,) = [i for i in now if i != old[0] and i != old[1]]
