@@ -224,7 +224,8 @@ def reload_production_db(
     migrations are known (`manage.py showmigrations --plan` on the first worker, derived from
     `migrate_command`) and so are the source's (its `django_migrations`, read over the copy's
     path); the copy will have every migration the code has (none pending: the running code works on
-    it as it is) and none the code does not know (a schema ahead of the code); every app server's
+    it as it is; migrations the copy has and the code does not know are reported, but the page
+    would not undo them either, so they do not decide); every app server's
     pgbouncer has its admin console (`unix_socket_dir`, the `pgbouncer` user from pgbouncer's own
     UID, no password), transaction or statement pooling (in session pooling PAUSE waits for every
     client to disconnect), an alias for the live database, and is not paused already. Anything

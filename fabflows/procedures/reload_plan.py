@@ -92,14 +92,16 @@ def decide_swap(facts: ReloadFacts, settings: ReloadProductionDbSettings) -> Swa
       and so are the source's (its ``django_migrations``);
     - no migration is pending: the copy has every migration the code has, so the running code
       works on it as it is and ``migrate`` has nothing to do;
-    - the copy has no migration the code does not know (a schema ahead of the code, which the
-      running code may not survive);
     - every app server's pgbouncer can be paused: admin console reachable, transaction or
       statement pooling, an alias for the live database, not paused already.
+
+    Migrations the copy has and the code does not know (the source's schema ahead of the code) are
+    reported but do not decide: ``migrate`` never unapplies them, so the page would not help.
     """
     if settings.swap == "upgrade-page":
         return SwapDecision(path="upgrade-page", reasons=["config says swap: upgrade-page"])
     unsafe: list[str] = []
+    notes: list[str] = []
     code, source = facts.code_migrations, facts.source_migrations
     if code is None:
         unsafe.append("the code's migrations are unknown (showmigrations failed or no Django)")
@@ -113,24 +115,24 @@ def decide_swap(facts: ReloadFacts, settings: ReloadProductionDbSettings) -> Swa
                 f"{len(pending)} migration(s) pending on the copy ({_names(pending)}): the running "
                 "code needs them, so the app waits behind the page until they ran"
             )
-        if ahead:
-            unsafe.append(
-                f"the copy has {len(ahead)} migration(s) the code does not know ({_names(ahead)}): "
-                "its schema is ahead of the running code"
+        if ahead:  # the page would not help: migrate never unapplies them
+            notes.append(
+                f"the copy also has {len(ahead)} migration(s) the code does not know "
+                f"({_names(ahead)}); no swap undoes them, the page no more than the pause"
             )
     if not facts.pgbouncer:
         unsafe.append("no app server's pgbouncer was read")
     for state in facts.pgbouncer:
         unsafe += state.pause_blockers()
     if unsafe:
-        return SwapDecision(path="upgrade-page", reasons=unsafe)
+        return SwapDecision(path="upgrade-page", reasons=unsafe + notes)
     return SwapDecision(
         path="pause",
         reasons=[
-            f"no migration pending: the copy has all {len(code or [])} of the code's migrations "
-            "and none it does not know",
+            f"no migration pending: the copy has all {len(code or [])} of the code's migrations",
             f"every app server's pgbouncer can be paused ({len(facts.pgbouncer)} server(s), "
             "transaction pooling, admin console)",
+            *notes,
         ],
     )
 

@@ -48,6 +48,11 @@ def test_dry_run_then_apply(stack: Stack) -> None:
     assert dry.dry_run and dry.outcome.startswith("dry run") and "MB) -> " in dry.plan_text
     assert stack.count("db", stack.live) == before
     assert "reload" in stack.site().text or stack.site().status_code == 200
+    # production lacks the code's shop.0002_sitenote (the home page reads its table): the page
+    assert (
+        "swap: behind the upgrade page: 1 migration(s) pending on the copy (shop.0002_sitenote)"
+        in (dry.plan_text)
+    ), dry.plan_text
 
     report = reload_production_db(
         environment="staging", config=str(stack.config), dry_run=False, probe=True
@@ -60,6 +65,7 @@ def test_dry_run_then_apply(stack: Stack) -> None:
     )
     assert report.downtime_seconds is not None and report.downtime_seconds < 30
     assert report.details["probe_non_200"] > 0
+    assert report.details["swap_path"] == "upgrade-page"
     assert [s.name for s in report.steps if s.site_down] == [
         "upgrade-mode-on",
         "stop-app",
@@ -210,4 +216,105 @@ def test_masking_applied_and_checked(stack: Stack, tmp_path) -> None:
     kept = report.details["kept"][0]
     drop = sql.SQL("DROP DATABASE {} WITH (FORCE);").format(sql.Identifier(kept))
     psql(stack.hosts["db"], drop.as_string(None))
+    _invariants(stack)
+
+
+# --------------------------------------------------------------------------- the pgbouncer pause
+# The stack's production lacks the app's migration shop.0002_sitenote (the home page reads its
+# table), so test_dry_run_then_apply above takes the upgrade page. Here production gets it, so
+# nothing is pending and the swap goes under pgbouncer PAUSE/RESUME.
+
+MIGRATE_PRODUCTION = """
+CREATE TABLE IF NOT EXISTS shop_sitenote (
+    id bigserial PRIMARY KEY, text varchar(200) NOT NULL, created timestamptz NOT NULL);
+ALTER TABLE shop_sitenote OWNER TO dbuser;
+INSERT INTO django_migrations (app, name, applied)
+SELECT 'shop', '0002_sitenote', now()
+WHERE NOT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote');
+"""
+UNMIGRATE_PRODUCTION = """
+DROP TABLE IF EXISTS shop_sitenote;
+DELETE FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote';
+"""
+
+
+@pytest.fixture
+def production_migrated(stack: Stack) -> Iterator[None]:
+    psql(stack.hosts["proddb"], MIGRATE_PRODUCTION, database=stack.source)
+    try:
+        yield
+    finally:
+        psql(stack.hosts["proddb"], UNMIGRATE_PRODUCTION, database=stack.source)
+
+
+def _paused(stack: Stack) -> dict[str, bool]:
+    """Each app server's pgbouncer: is the live database paused (read on its admin console)."""
+    from tasks.ssh.pgbouncer import STATE_SCRIPT, parse_show_databases
+
+    socket_dir = "/home/deploy/services/pgbouncer/socket"
+    out = {}
+    for name in ("web", "worker"):
+        text = stack.hosts[name].exec(["sh", "-c", STATE_SCRIPT, "sh", socket_dir, "5432"]).stdout
+        out[name] = parse_show_databases(text)[stack.live]
+    return out
+
+
+def test_swap_under_pgbouncer_pause_refuses_nothing(stack: Stack, production_migrated) -> None:
+    """Nothing pending: the plan takes the pause, and a probe through the load balancer every
+    100 ms sees only 200s while the copy goes live."""
+    from fabflows.testing.elb_proxy import ElbProxy
+    from tasks.http.probe import HttpProbe
+
+    dry = reload_production_db(environment="staging", config=str(stack.config))
+    assert "swap: under pgbouncer PAUSE/RESUME" in dry.plan_text, dry.plan_text
+    proxy = ElbProxy(stack.endpoint, "myproject-staging-lb").start()
+    try:
+        probe = HttpProbe(proxy.url + "/").start()
+        report = reload_production_db(
+            environment="staging", config=str(stack.config), dry_run=False
+        )
+        summary = probe.stop()
+    finally:
+        proxy.stop()
+    print(report.render_text(), summary.describe(), sep="\n")
+    assert report.outcome.startswith("applied"), report.outcome
+    assert report.details["swap_path"] == "pause"
+    assert [s.name for s in report.steps if s.site_down] == [
+        "pgbouncer-pause",
+        "swap",
+        "pgbouncer-resume",
+    ]
+    assert summary.samples > 20 and summary.non_200 == 0, summary.describe()
+    assert summary.latency_max_s is not None and summary.latency_max_s <= 3.0, summary.describe()
+    assert _paused(stack) == {"web": False, "worker": False}
+    assert stack.count("db", stack.live) == stack.count("proddb", stack.source)
+    _invariants(stack)
+
+
+def test_sigkill_while_paused_then_recover_resumes(
+    stack: Stack, production_migrated, tmp_path
+) -> None:
+    """Killed with every pgbouncer paused (before the swap): recover-environment RESUMEs them from
+    the dead run's journal (well before their own auto-resume), and the old database stays."""
+    from fabflows.testing.faults import run_until_paused
+    from flows.recover_environment import recover_environment
+
+    _generation(stack, 21)
+    config = _config_with(
+        stack, tmp_path, **{"fabflows.reload_production_db.pause_hold_seconds": 300}
+    )
+    run_until_paused(
+        "reload-production-db",
+        "swap",
+        ["-e", "staging", "-c", config, "--apply"],
+        tmp_path / "paused",
+        env={"FABFLOWS_PROGRESS_BAR": "0"},
+    )
+    assert _paused(stack) == {"web": True, "worker": True}
+    report = recover_environment(environment="staging", config=config, dry_run=False)
+    assert not report.left and not report.problems, report.render_text()
+    undone = [s.name for s in report.steps if s.state == "done"]
+    assert any(n.endswith("-pgbouncer-pause") for n in undone), undone
+    assert _paused(stack) == {"web": False, "worker": False}
+    assert _live_is(stack) == "old:21"
     _invariants(stack)
