@@ -11,6 +11,7 @@ from fabflows.procedures.reload_plan import (
     ReloadFacts,
     ReloadRequest,
     check_request,
+    decide_swap,
     plan_reload_production_db,
     previous_to_drop,
 )
@@ -21,8 +22,14 @@ from tasks.postgres.copy import SourceFacts
 from tasks.postgres.databases import DatabaseInfo, DatabaseServerFacts
 from tasks.postgres.names import Marker, now_text
 from tasks.postgres.server import DbServer
-from tasks.ssh.app import AppStopRecord, HostAppState
+from tasks.ssh.app import (
+    AppStopRecord,
+    HostAppState,
+    parse_showmigrations,
+    showmigrations_command,
+)
 from tasks.ssh.fleet import FleetHost
+from tasks.ssh.pgbouncer import PgbouncerConfig, PgbouncerState, parse_ini, parse_show_databases
 
 LIVE = "myproject_staging"
 
@@ -282,3 +289,165 @@ def test_plan_round_trips_through_the_journal(envs) -> None:
         PARAMS, envs["staging"], bigger, ReloadProductionDbSettings(), recovery, "/c"
     )
     assert moved.digest() == plan.digest()
+
+
+# --------------------------------------------------------------------------- pause or page
+
+CODE = ["shop.0001_initial", "shop.0002_sitenote"]
+
+
+def _pgbouncer(host: str = "web1", **changes) -> PgbouncerState:
+    state = PgbouncerState(
+        host=host,
+        config=PgbouncerConfig(
+            port=5432,
+            socket_dir="/home/deploy/services/pgbouncer/socket",
+            pool_mode="transaction",
+            databases={LIVE: LIVE},
+        ),
+        aliases=[LIVE],
+        console=True,
+    )
+    return state.model_copy(update=changes)
+
+
+def _swap_facts(code=CODE, source=CODE, pgbouncer=None) -> ReloadFacts:  # noqa: ANN001
+    pgbouncer = [_pgbouncer()] if pgbouncer is None else pgbouncer
+    return _reload_facts().model_copy(
+        update={"code_migrations": code, "source_migrations": source, "pgbouncer": pgbouncer}
+    )
+
+
+@pytest.mark.parametrize(
+    ("facts", "settings", "path", "reason"),
+    [
+        (_swap_facts(), {}, "pause", "no migration pending: the copy has all 2"),
+        (
+            _swap_facts(source=[*CODE, "auth.0001_initial"]),
+            {},
+            "pause",
+            "1 migration(s) the code does not know (auth.0001_initial)",
+        ),
+        (_swap_facts(), {"swap": "upgrade-page"}, "upgrade-page", "config says"),
+        (
+            _swap_facts(source=CODE[:1]),
+            {},
+            "upgrade-page",
+            "1 migration(s) pending on the copy (shop.0002_sitenote)",
+        ),
+        (_swap_facts(code=None), {}, "upgrade-page", "the code's migrations are unknown"),
+        (_swap_facts(source=None), {}, "upgrade-page", "has no django_migrations table"),
+        (_swap_facts(pgbouncer=[]), {}, "upgrade-page", "no app server's pgbouncer was read"),
+        (
+            _swap_facts(pgbouncer=[_pgbouncer(), _pgbouncer("w0", console=False)]),
+            {},
+            "upgrade-page",
+            "w0: pgbouncer's admin console did not answer",
+        ),
+        (
+            _swap_facts(
+                pgbouncer=[
+                    _pgbouncer(
+                        config=PgbouncerConfig(socket_dir="", databases={LIVE: LIVE}),
+                        console=False,
+                    )
+                ]
+            ),
+            {},
+            "upgrade-page",
+            "pool_mode = session",
+        ),
+        (
+            _swap_facts(pgbouncer=[_pgbouncer(paused=[LIVE])]),
+            {},
+            "upgrade-page",
+            "already paused",
+        ),
+        (
+            _swap_facts(pgbouncer=[_pgbouncer(aliases=[])]),
+            {},
+            "upgrade-page",
+            "no pgbouncer database points at the live database",
+        ),
+        (
+            _swap_facts(pgbouncer=[_pgbouncer(error="unreachable")]),
+            {},
+            "upgrade-page",
+            "web1: unreachable",
+        ),
+    ],
+)
+def test_decide_swap(facts, settings, path, reason) -> None:  # noqa: ANN001
+    decision = decide_swap(facts, ReloadProductionDbSettings(**settings))
+    assert decision.path == path
+    assert any(reason in r for r in decision.reasons), decision.reasons
+
+
+def test_plan_under_pause(envs) -> None:
+    plan = plan_reload_production_db(
+        PARAMS, envs["staging"], _swap_facts(), ReloadProductionDbSettings(), RecoveryPlan(), "/c"
+    )
+    assert plan.swap_path == "pause" and plan.source_migrations == CODE
+    assert plan.step_names == [
+        "create-side",
+        "copy",
+        "verify-copy",
+        "analyze",
+        "pgbouncer-pause",
+        "swap",
+        "pgbouncer-resume",
+        "migrate",
+        "verify",
+        "cleanup",
+    ]
+    assert not [c.step for c in plan.changes if c.downtime]
+    assert [c.step for c in plan.changes if c.held] == [
+        "pgbouncer-pause",
+        "swap",
+        "pgbouncer-resume",
+    ]
+    assert "swap: under pgbouncer PAUSE/RESUME" in plan.render_text()
+    assert "under pgbouncer PAUSE/RESUME" in plan.render_markdown()
+    from flows.reload_production_db import RUNBOOK, ReloadProductionDbParams
+
+    steps = {s.name: s for s in RUNBOOK.steps(plan, ReloadProductionDbParams())}
+    assert steps["pgbouncer-pause"].undo is not None and steps["pgbouncer-pause"].auto_undo
+    assert [n for n, s in steps.items() if s.site_down] == [
+        "pgbouncer-pause",
+        "swap",
+        "pgbouncer-resume",
+    ]
+
+
+def test_parse_pgbouncer_outputs() -> None:
+    from sandbox.provision import PGBOUNCER_INI
+
+    ini = PGBOUNCER_INI.format(
+        db_name=LIVE,
+        db_host="10.0.0.2",
+        pgbouncer_port=6432,
+        services="/home/deploy/services",
+        env="staging",
+    )
+    config = parse_ini(ini)
+    assert config == PgbouncerConfig(
+        port=6432,
+        socket_dir="/home/deploy/services/pgbouncer/socket",
+        pool_mode="transaction",
+        databases={LIVE: LIVE},
+    )
+    assert parse_ini("[databases]\nalias = host=x dbname=other\n").aliases_of("other") == ["alias"]
+    shown = (
+        "db name|host|port|database|force_user|pool_size|paused|disabled\n"
+        f"db {LIVE}|10.0.0.2|5432|{LIVE}||20|1|0\n"
+        "db pgbouncer||6432|pgbouncer|pgbouncer|2|0|0\n"
+    )
+    assert parse_show_databases(shown) == {LIVE: True, "pgbouncer": False}
+    assert showmigrations_command(["python3", "manage.py", "migrate", "--noinput"]) == [
+        "python3",
+        "manage.py",
+        "showmigrations",
+        "--plan",
+    ]
+    assert showmigrations_command(["./deploy-migrate.sh"]) is None
+    assert parse_showmigrations("[X]  shop.0001_initial\n[ ]  shop.0002_sitenote\nnoise\n") == CODE
