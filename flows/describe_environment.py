@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
-from fabflows import audit
 from fabflows.report import (
     artifact_key,
     markdown_table,
@@ -17,7 +17,8 @@ from fabflows.report import (
     publish_table,
     text_table,
 )
-from fabflows.runbook import load_context
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, execute
+from fabflows.runtime.plan import RunbookPlan
 from tasks.aws.autoscaling import AutoScalingGroup, describe_auto_scaling_group
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.elb import TargetHealth, describe_instance_health, describe_target_health
@@ -323,7 +324,103 @@ def render_markdown(d: EnvironmentDescription) -> str:
     return "\n".join(out)
 
 
-@flow(name="describe-environment", log_prints=False)
+# --------------------------------------------------------------------------- the runbook
+
+FLOW_NAME = "describe-environment"
+
+
+class DescribeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replication: bool = Field(
+        default=True, description="Read each running database server's replication over SSH."
+    )
+
+
+@dataclass
+class DescribeFacts:
+    servers: list[Server]
+    health: list[TargetHealth]
+    group: AutoScalingGroup | None
+    aws_calls: int
+    replication: list[DbReplication]
+
+
+class DescribePlan(RunbookPlan):
+    """Nothing to change: the plan of a read-only runbook is what it read."""
+
+    description: EnvironmentDescription
+
+    def render_markdown(self) -> str:
+        return render_markdown(self.description)
+
+    def render_text(self) -> str:
+        return self.description.render_text()
+
+
+class DescribeEnvironment(Runbook[DescribeParams, DescribeFacts, DescribePlan]):
+    name = FLOW_NAME
+    Params = DescribeParams
+    plan_type = DescribePlan
+    read_only = True
+
+    def gather(self, scope: Scope, params: DescribeParams) -> DescribeFacts:
+        rc, env = scope.rc, scope.env
+        before = CALLS.copy()
+        servers_f = describe_servers.submit(rc.creds, env.deployment, env.environment)
+        group_f = (
+            describe_auto_scaling_group.submit(rc.creds, env.auto_scaling_group)
+            if env.auto_scaling_group
+            else None
+        )
+        health_fs = [describe_instance_health.submit(rc.creds, lb) for lb in env.load_balancers]
+        health_fs += [describe_target_health.submit(rc.creds, tg) for tg in env.target_groups]
+        servers = servers_f.result()
+        repl = (
+            gather_replication(
+                SshOptions.from_settings(rc.config.fabflows.ssh, env.deploy_user), env, servers
+            )
+            if params.replication
+            else []
+        )
+        group = group_f.result() if group_f else None
+        health = [h for f in health_fs for h in f.result()]
+        return DescribeFacts(servers, health, group, sum(calls_since(before).values()), repl)
+
+    def plan(
+        self, facts: DescribeFacts, params: DescribeParams, env: EnvironmentConfig
+    ) -> DescribePlan:
+        description = build_description(
+            env, facts.servers, facts.health, facts.group, facts.aws_calls, facts.replication
+        )
+        return DescribePlan(
+            title=f"{FLOW_NAME} on {env.label}", environment=env.label, description=description
+        )
+
+    def read_outcome(self, plan: DescribePlan) -> str:
+        d = plan.description
+        return f"described {len(d.servers)} servers, {len(d.problems)} problem(s)"
+
+    def read_result(
+        self, scope: Scope, plan: DescribePlan, report: RunbookReport
+    ) -> EnvironmentDescription:
+        """The table and summary artifacts, the table in the log, a warning per problem."""
+        env, description = scope.env, plan.description
+        rows = [r.model_dump() for r in description.servers]
+        key = artifact_key("describe", env.deployment, env.environment)
+        publish_table(key, rows, f"Servers of {env.label}")
+        publish_markdown(key + "-summary", render_markdown(description), f"Summary of {env.label}")
+        logger = get_run_logger()
+        logger.info("%s\n%s", env.label, text_table(rows, SERVER_COLUMNS))
+        for problem in description.problems:
+            logger.warning("%s", problem)
+        return description
+
+
+RUNBOOK = DescribeEnvironment()
+
+
+@flow(name=FLOW_NAME, log_prints=False)
 def describe_environment(
     environment: str,
     deployment: str | None = None,
@@ -356,45 +453,4 @@ def describe_environment(
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         replication: Read each running database server's replication state and lag over SSH.
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    starter = audit.record_start(env)
-    before = CALLS.copy()
-
-    servers_f = describe_servers.submit(ctx.creds, env.deployment, env.environment)
-    group_f = (
-        describe_auto_scaling_group.submit(ctx.creds, env.auto_scaling_group)
-        if env.auto_scaling_group
-        else None
-    )
-    health_fs = [describe_instance_health.submit(ctx.creds, lb) for lb in env.load_balancers]
-    health_fs += [describe_target_health.submit(ctx.creds, tg) for tg in env.target_groups]
-    servers = servers_f.result()
-    repl = (
-        gather_replication(
-            SshOptions.from_settings(ctx.config.fabflows.ssh, env.deploy_user), env, servers
-        )
-        if replication
-        else []
-    )
-    group = group_f.result() if group_f else None
-    health = [h for f in health_fs for h in f.result()]
-
-    description = build_description(
-        env, servers, health, group, sum(calls_since(before).values()), replication=repl
-    )
-    rows = [r.model_dump() for r in description.servers]
-    key = artifact_key("describe", env.deployment, env.environment)
-    publish_table(key, rows, f"Servers of {env.label}")
-    publish_markdown(key + "-summary", render_markdown(description), f"Summary of {env.label}")
-    logger.info("%s\n%s", env.label, text_table(rows, SERVER_COLUMNS))
-    for problem in description.problems:
-        logger.warning("%s", problem)
-    audit.record_summary(
-        env,
-        outcome=f"described {len(description.servers)} servers, {len(description.problems)} problem(s)",
-        plan_markdown=render_markdown(description),
-        starter=starter,
-    )
-    return description
+    return execute(RUNBOOK, locals())

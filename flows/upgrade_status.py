@@ -2,23 +2,94 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import flow
 from prefect.logging import get_run_logger
+from pydantic import BaseModel, ConfigDict
 
-from fabflows import audit
+from config import EnvironmentConfig
 from fabflows.report import artifact_key, publish_markdown, publish_table
-from fabflows.runbook import load_context
-from fabflows.upgrade_mode import (
-    UpgradeStatus,
-    gather_upgrade_status,
-    holder_alive,
-    judge_holder,
-    ssh_options,
-)
-from tasks.ssh.connection import ConnectionPool
+from fabflows.runtime.engine import Runbook, RunbookReport, Scope, execute
+from fabflows.runtime.plan import RunbookPlan
+from fabflows.upgrade_mode import UpgradeStatus, gather_upgrade_status, holder_alive, judge_holder
+
+FLOW_NAME = "upgrade-status"
 
 
-@flow(name="upgrade-status", log_prints=False)
+class UpgradeStatusParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class UpgradeStatusFacts:
+    status: UpgradeStatus
+    holder_alive: bool | None
+
+
+class UpgradeStatusPlan(RunbookPlan):
+    """Nothing to change: the plan of a read-only runbook is what it read."""
+
+    status: UpgradeStatus
+    warn: bool = False
+    """The holder should have turned upgrade mode off (begin-upgrade's holds it on purpose)."""
+
+    def render_markdown(self) -> str:
+        return self.status.render_markdown()
+
+    def render_text(self) -> str:
+        return self.status.describe()
+
+
+def plan_upgrade_status(facts: UpgradeStatusFacts, env: EnvironmentConfig) -> UpgradeStatusPlan:
+    """Pure: the status, with what to say about the run holding upgrade mode."""
+    status, warn = facts.status, False
+    if status.holder is not None:
+        warn, said = judge_holder(status.holder, facts.holder_alive)
+        status = status.model_copy(update={"holder_state": said})
+    return UpgradeStatusPlan(
+        title=f"{FLOW_NAME} on {env.label}", environment=env.label, status=status, warn=warn
+    )
+
+
+class UpgradeStatusRunbook(Runbook[UpgradeStatusParams, UpgradeStatusFacts, UpgradeStatusPlan]):
+    name = FLOW_NAME
+    Params = UpgradeStatusParams
+    plan_type = UpgradeStatusPlan
+    read_only = True
+
+    def gather(self, scope: Scope, params: UpgradeStatusParams) -> UpgradeStatusFacts:
+        status = gather_upgrade_status(scope.rc, scope.pool)
+        alive = holder_alive(status.holder) if status.holder is not None else None
+        return UpgradeStatusFacts(status, alive)
+
+    def plan(
+        self, facts: UpgradeStatusFacts, params: UpgradeStatusParams, env: EnvironmentConfig
+    ) -> UpgradeStatusPlan:
+        return plan_upgrade_status(facts, env)
+
+    def read_outcome(self, plan: UpgradeStatusPlan) -> str:
+        return plan.status.describe().splitlines()[0]
+
+    def read_result(
+        self, scope: Scope, plan: UpgradeStatusPlan, report: RunbookReport
+    ) -> UpgradeStatus:
+        """The table and summary artifacts; a warning only for a holder that should have ended."""
+        env, status = scope.env, plan.status
+        key = artifact_key(FLOW_NAME, env.deployment, env.environment)
+        publish_table(key, status.rows(), status.describe())
+        publish_markdown(key + "-summary", status.render_markdown(), f"Upgrade mode on {env.label}")
+        logger = get_run_logger()
+        logger.info("%s", status.describe())
+        if plan.warn:
+            logger.warning("%s", status.holder_state)
+        return status
+
+
+RUNBOOK = UpgradeStatusRunbook()
+
+
+@flow(name=FLOW_NAME, log_prints=False)
 def upgrade_status(
     environment: str,
     deployment: str | None = None,
@@ -42,21 +113,4 @@ def upgrade_status(
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
     """
-    logger = get_run_logger()
-    ctx = load_context(environment, deployment, config)
-    env = ctx.env
-    audit.record_start(env)
-    with ConnectionPool(ssh_options(ctx)) as pool:
-        status = gather_upgrade_status(ctx, pool)
-    holder = status.holder
-    warn = False
-    if holder is not None:
-        warn, said = judge_holder(holder, holder_alive(holder))
-        status = status.model_copy(update={"holder_state": said})
-    key = artifact_key("upgrade-status", env.deployment, env.environment)
-    publish_table(key, status.rows(), status.describe())
-    publish_markdown(key + "-summary", status.render_markdown(), f"Upgrade mode on {env.label}")
-    logger.info("%s", status.describe())
-    if warn:  # only a holder that should have turned upgrade mode off (not begin-upgrade's)
-        logger.warning("%s", status.holder_state)
-    return status
+    return execute(RUNBOOK, locals())

@@ -34,6 +34,10 @@ The order (no runbook calls a gate itself):
    state are undone (``auto_undo``), data-changing ones are left for ``recover``/``resume``;
 9. verify; 10. the run summary, always.
 
+A read-only runbook (``read_only = True``: describe-environment, upgrade-status, watchdog) goes
+through 1, 2 and 4 (its plan is what it read; plan problems still stop it) and 10: no window,
+approval, lock or journal. Its ``read_result`` is what the flow returns.
+
 Refusals (outside the window, approval rejected, environment busy, plan changed) end the run
 CANCELLED with the reason as its message; the CLI exits 3.
 """
@@ -113,7 +117,8 @@ class Runbook(Generic[ParamsT, FactsT, PlanT]):
     may_take_site_down: ClassVar[bool] = False
     """The window gate applies to every apply (not only in protected environments)."""
     read_only: ClassVar[bool] = False
-    """Reads only: no window, approval, lock or journal (describe, status, watchdog)."""
+    """Reads only: no window, approval, lock or journal (describe, status, watchdog). Its plan is
+    what it read; the run ends after publishing it, with ``read_result`` as the flow's result."""
 
     def validate(self, rc: RunContext, params: ParamsT) -> None:
         """Reject bad input (``BadInput``) or refuse (``Refused``) before anything starts."""
@@ -140,6 +145,15 @@ class Runbook(Generic[ParamsT, FactsT, PlanT]):
 
     def verify(self, scope: Scope, plan: PlanT, params: ParamsT) -> list[str]:
         return []
+
+    def read_outcome(self, plan: PlanT) -> str | None:
+        """A read-only run's outcome in its summary (None: the engine's "dry run: ...")."""
+        return None
+
+    def read_result(self, scope: Scope, plan: PlanT, report: RunbookReport) -> Any:
+        """What a read-only runbook's flow returns once the plan is published: the report, or
+        what it read (its plan holds it). The place for its own artifacts and warnings."""
+        return report
 
 
 # --------------------------------------------------------------------------- the run's scope
@@ -540,6 +554,9 @@ def execute(runbook: Runbook, args: dict[str, Any], *, resume_of: JournalEntry |
             outcome = "dry run: " + (
                 f"would apply {len(steps)} step(s)" if plan.changed else "nothing to change"
             )
+            if runbook.read_only:  # what it read is its plan: nothing more to do
+                outcome = runbook.read_outcome(plan) or outcome
+                return runbook.read_result(scope, plan, run.report(outcome))
             return run.report(outcome)
         if not plan.changed and resume_of is None:
             outcome = "nothing to change"
