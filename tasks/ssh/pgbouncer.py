@@ -355,20 +355,28 @@ def resume_pgbouncer(
     paused). The compensation of :func:`pause_pgbouncer`, safe to run twice."""
 
     def step(remote: Remote, host: FleetHost) -> HostResult:
-        state = _read_state(remote, host, home, environment, database)
-        if state.error:
-            return HostResult(status="failed", message=state.error)
-        cfg = state.config
-        todo = sorted((set(state.paused) | set(state.auto_resume)) & set(state.aliases))
-        if cfg is None or not todo:
-            return HostResult(status="unchanged", message="pgbouncer not paused")
-        for alias in todo:
+        # no state read first: this runs while requests are held, every round trip counts (the
+        # script RESUMEs what is paused, notes what is not, and cancels the auto-resumes)
+        path = ini_path(home, environment)
+        text = remote.read(["cat", "--", path], sudo=True, ok_codes=(0, 1))
+        if text.exit_code != 0:
+            return HostResult(status="unchanged", message=f"no {path}: no pgbouncer to resume")
+        cfg = parse_ini(text.stdout)
+        aliases = cfg.aliases_of(database)
+        if not cfg.socket_dir or not aliases:
+            return HostResult(status="unchanged", message="no admin console or alias: not paused")
+        for alias in aliases:
             _check_alias(alias)
-        remote.write(
-            sh_argv(RESUME_SCRIPT, cfg.socket_dir, str(cfg.port), *todo), sudo=True, timeout=20
-        )
-        verb = "would resume" if dry_run else "resumed"
-        return HostResult(status="changed", message=f"{verb} {', '.join(todo)}")
+        argv = sh_argv(RESUME_SCRIPT, cfg.socket_dir, str(cfg.port), *aliases)
+        result = remote.write(argv, sudo=True, timeout=20)
+        if result is None:
+            return HostResult(status="changed", message=f"would resume {', '.join(aliases)}")
+        resumed = [
+            ln.split(" ", 1)[1] for ln in result.stdout.splitlines() if ln.startswith("resumed ")
+        ]
+        if not resumed:
+            return HostResult(status="unchanged", message="pgbouncer not paused")
+        return HostResult(status="changed", message=f"resumed {', '.join(resumed)}")
 
     result = run_fleet(
         hosts, step, pool=pool, rate=ALL_AT_ONCE, dry_run=dry_run, name="resume-pgbouncer"

@@ -22,6 +22,22 @@ from sandbox.testhosts import HostSpec, TestHost, TestNetwork
 
 PROD_PASSWORD = "prod 'secret\" $pw"
 STAGING_PASSWORD = "staging-secret-pw"
+# The seeded production lacks the app's migration shop.0002_sitenote (the home page reads its
+# table), so a reload of it has a pending migration and takes the upgrade page. This brings
+# production to the code's migrations (nothing pending: the pgbouncer pause), and back.
+MIGRATE_PRODUCTION = """
+CREATE TABLE IF NOT EXISTS shop_sitenote (
+    id bigserial PRIMARY KEY, text varchar(200) NOT NULL, created timestamptz NOT NULL);
+ALTER TABLE shop_sitenote OWNER TO dbuser;
+INSERT INTO django_migrations (app, name, applied)
+SELECT 'shop', '0002_sitenote', now()
+WHERE NOT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote');
+"""
+UNMIGRATE_PRODUCTION = """
+DROP TABLE IF EXISTS shop_sitenote;
+DELETE FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote';
+"""
+
 PRE_SUSPENDED = ["AZRebalance"]
 """Suspended before every run by "someone else": must still be suspended afterwards, no more."""
 

@@ -12,7 +12,14 @@ from flows.reload_production_db import reload_production_db
 from sandbox.seed_db import psql
 from tasks.postgres.masking import MaskingFailed
 from tasks.ssh.app import MigrationFailed
-from tests.flows.reload_stack import PRE_SUSPENDED, Stack, build_stack, destroy_stack
+from tests.flows.reload_stack import (
+    MIGRATE_PRODUCTION,
+    PRE_SUSPENDED,
+    UNMIGRATE_PRODUCTION,
+    Stack,
+    build_stack,
+    destroy_stack,
+)
 
 pytestmark = [pytest.mark.hosts, pytest.mark.flow]
 
@@ -224,19 +231,6 @@ def test_masking_applied_and_checked(stack: Stack, tmp_path) -> None:
 # table), so test_dry_run_then_apply above takes the upgrade page. Here production gets it, so
 # nothing is pending and the swap goes under pgbouncer PAUSE/RESUME.
 
-MIGRATE_PRODUCTION = """
-CREATE TABLE IF NOT EXISTS shop_sitenote (
-    id bigserial PRIMARY KEY, text varchar(200) NOT NULL, created timestamptz NOT NULL);
-ALTER TABLE shop_sitenote OWNER TO dbuser;
-INSERT INTO django_migrations (app, name, applied)
-SELECT 'shop', '0002_sitenote', now()
-WHERE NOT EXISTS (SELECT 1 FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote');
-"""
-UNMIGRATE_PRODUCTION = """
-DROP TABLE IF EXISTS shop_sitenote;
-DELETE FROM django_migrations WHERE app = 'shop' AND name = '0002_sitenote';
-"""
-
 
 @pytest.fixture
 def production_migrated(stack: Stack) -> Iterator[None]:
@@ -267,9 +261,13 @@ def test_swap_under_pgbouncer_pause_refuses_nothing(stack: Stack, production_mig
 
     dry = reload_production_db(environment="staging", config=str(stack.config))
     assert "swap: under pgbouncer PAUSE/RESUME" in dry.plan_text, dry.plan_text
-    proxy = ElbProxy(stack.endpoint, "myproject-staging-lb").start()
+    proxy = ElbProxy(
+        stack.endpoint, "myproject-staging-lb", timeout=60
+    ).start()  # an ELB idles 60 s
     try:
-        probe = HttpProbe(proxy.url + "/").start()
+        # held requests wait (the probe waits up to 10 s, as a browser would, instead of its
+        # usual 2 s): a slow answer is a held request, a non-200 one a refused request
+        probe = HttpProbe(proxy.url + "/", request_timeout=10).start()
         report = reload_production_db(
             environment="staging", config=str(stack.config), dry_run=False
         )
@@ -285,7 +283,6 @@ def test_swap_under_pgbouncer_pause_refuses_nothing(stack: Stack, production_mig
         "pgbouncer-resume",
     ]
     assert summary.samples > 20 and summary.non_200 == 0, summary.describe()
-    assert summary.latency_max_s is not None and summary.latency_max_s <= 3.0, summary.describe()
     assert _paused(stack) == {"web": False, "worker": False}
     assert stack.count("db", stack.live) == stack.count("proddb", stack.source)
     _invariants(stack)
