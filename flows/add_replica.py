@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 from prefect import flow
@@ -278,12 +277,13 @@ def gather_add_replica(scope: Scope) -> AddReplicaFacts:
             )
         except Exception as exc:  # noqa: BLE001 - an unreadable server is reported in the plan
             scope.pool.discard(s.address(env.address_attribute))
-            return name, None, type(exc).__name__
+            return name, None, " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
         files = [f for f, hosts in found.addresses.items() if set(hosts) & replica_addresses]
         return name, files, ""
 
-    with ThreadPoolExecutor(8) as ex:
-        app_reads = list(ex.map(read_app, apps))
+    # one after the other: a few servers, and a fresh process's first SSH logins in parallel
+    # threads can race paramiko's own lazy imports
+    app_reads = [read_app(s) for s in apps]
     return AddReplicaFacts(
         primaries=[_db_server(s, env) for s in primaries],
         primary_image=primaries[0].image_id if primaries else None,
