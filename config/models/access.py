@@ -47,15 +47,11 @@ class SshSettings(Strict):
     """How fabflows reaches servers over SSH. Host keys are always checked."""
 
     user: str | None = Field(
-        default=None,
-        pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
-        description="Default: deploy_user.",
+        default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="Default: deploy_user."
     )
     port: int = Field(default=22, ge=1, le=65535)
     identity_block: str | None = Field(
-        default=None,
-        pattern=_NAME,
-        description="Name of an SshIdentity block holding the key.",
+        default=None, pattern=_NAME, description="Name of an SshIdentity block holding the key."
     )
     identity_file: str | None = Field(
         default=None, description="Path of a private key file, if no block is used."
@@ -65,16 +61,10 @@ class SshSettings(Strict):
         description="known_hosts checked for every connection; unknown or changed keys are refused.",
     )
     address_attribute: (
-        Literal[
-            "public_dns_name",
-            "public_ip_address",
-            "private_ip_address",
-            "private_dns_name",
-        ]
+        Literal["public_dns_name", "public_ip_address", "private_ip_address", "private_dns_name"]
         | None
     ) = Field(
-        default=None,
-        description="Instance attribute to connect to. Default: ec2_attr_for_ssh.",
+        default=None, description="Instance attribute to connect to. Default: ec2_attr_for_ssh."
     )
     connect_timeout: float = Field(default=10, gt=0, le=300)
     command_timeout: float = Field(default=900, gt=0, le=86400)

@@ -11,10 +11,7 @@ from pydantic import BaseModel, ConfigDict
 ROLES: tuple[str, ...] = ("cache", "db-primary", "db-replica", "web", "worker")
 """The roles fabflows knows, in the order a describe lists them."""
 
-LEGACY_ROLE_NAMES: dict[str, str] = {
-    "db-master": "db-primary",
-    "db-slave": "db-replica",
-}
+LEGACY_ROLE_NAMES: dict[str, str] = {"db-master": "db-primary", "db-slave": "db-replica"}
 """Role names FabulAWS used before 2019 (58e7b7a), mapped onto today's."""
 
 
@@ -28,10 +25,7 @@ def normalize_role(role: str) -> str:
 
 def _rename_roles(mapping: Any) -> Any:
     if isinstance(mapping, dict):
-        return {
-            normalize_role(k) if isinstance(k, str) else k: v
-            for k, v in mapping.items()
-        }
+        return {normalize_role(k) if isinstance(k, str) else k: v for k, v in mapping.items()}
     return mapping
 
 

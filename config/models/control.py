@@ -55,12 +55,8 @@ class LockSettings(Strict):
 
     @model_validator(mode="after")
     def _postgres_needs_url(self) -> LockSettings:
-        if self.backend == "postgres" and not (
-            self.postgres_url or self.postgres_url_block
-        ):
-            raise ValueError(
-                "backend postgres needs postgres_url or postgres_url_block"
-            )
+        if self.backend == "postgres" and not (self.postgres_url or self.postgres_url_block):
+            raise ValueError("backend postgres needs postgres_url or postgres_url_block")
         return self
 
 
@@ -68,9 +64,7 @@ class DeploySettings(Strict):
     """How ``fabflows deploy`` registers the runbooks with a Prefect server (fabflows.deploy)."""
 
     work_pool: str = Field(
-        default="fabflows",
-        pattern=_NAME,
-        description="Process work pool the workers poll.",
+        default="fabflows", pattern=_NAME, description="Process work pool the workers poll."
     )
     ui_url: str | None = Field(
         default=None,
@@ -111,10 +105,7 @@ class ApprovalSettings(Strict):
         description="No decision within this time rejects the run.",
     )
     poll_seconds: float = Field(
-        default=5,
-        gt=0,
-        le=60,
-        description="How often a paused run checks for a decision.",
+        default=5, gt=0, le=60, description="How often a paused run checks for a decision."
     )
 
 
@@ -129,8 +120,7 @@ class ChatopsPermission(Strict):
         description="Flow names (kebab-case) they may start; '*' means every registered flow.",
     )
     approve: list[str] = Field(
-        default_factory=list,
-        description="Slack user ids allowed to approve or reject runs here.",
+        default_factory=list, description="Slack user ids allowed to approve or reject runs here."
     )
 
 

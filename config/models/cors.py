@@ -18,9 +18,7 @@ _CORS_ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/\s?#]+)$")
 class CorsRule(Strict):
     """One S3 CORS rule (PutBucketCors' CORSRule), validated as S3 validates it."""
 
-    id: str | None = Field(
-        default=None, max_length=255, description="Rule ID (informational)."
-    )
+    id: str | None = Field(default=None, max_length=255, description="Rule ID (informational).")
     allowed_origins: list[str] = Field(
         min_length=1,
         description="Origins allowed (scheme://host[:port], or *); each may hold one * wildcard.",
@@ -36,9 +34,7 @@ class CorsRule(Strict):
         default_factory=list, description="Response headers scripts may read."
     )
     max_age_seconds: int | None = Field(
-        default=None,
-        ge=0,
-        description="How long browsers may cache the preflight answer.",
+        default=None, ge=0, description="How long browsers may cache the preflight answer."
     )
 
     @field_validator("allowed_origins")
@@ -46,9 +42,7 @@ class CorsRule(Strict):
     def _origins(cls, v: list[str]) -> list[str]:
         for origin in v:
             if origin.count("*") > 1:
-                raise ValueError(
-                    f"origin {origin!r} has more than one * wildcard (S3 allows one)"
-                )
+                raise ValueError(f"origin {origin!r} has more than one * wildcard (S3 allows one)")
             if not _CORS_ORIGIN.match(origin):
                 raise ValueError(
                     f"origin {origin!r} is not * or scheme://host[:port] (no path, no spaces)"
@@ -59,12 +53,8 @@ class CorsRule(Strict):
     @classmethod
     def _headers(cls, v: list[str]) -> list[str]:
         for header in v:
-            if header.count("*") > 1 or not re.match(
-                r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", header
-            ):
-                raise ValueError(
-                    f"allowed header {header!r} is not a header name (one * allowed)"
-                )
+            if header.count("*") > 1 or not re.match(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", header):
+                raise ValueError(f"allowed header {header!r} is not a header name (one * allowed)")
         return v
 
     @field_validator("expose_headers")
@@ -72,9 +62,7 @@ class CorsRule(Strict):
     def _expose(cls, v: list[str]) -> list[str]:
         for header in v:
             if not re.match(r"^[A-Za-z0-9!#$%&'+.^_`|~-]+$", header):
-                raise ValueError(
-                    f"expose header {header!r} is not a header name (no wildcards)"
-                )
+                raise ValueError(f"expose header {header!r} is not a header name (no wildcards)")
         return v
 
 

@@ -33,21 +33,17 @@ class EnvironmentSettings(Strict):
         description="Static files bucket. Default: <deployment>-<environment>-static-files.",
     )
     database_name: str | None = Field(
-        default=None,
-        pattern=_NAME,
-        description="Database name. Default: <project>_<environment>.",
+        default=None, pattern=_NAME, description="Database name. Default: <project>_<environment>."
     )
     target_groups: list[str] = Field(
-        default_factory=list,
-        description="ELBv2 target group names or ARNs of the web tier.",
+        default_factory=list, description="ELBv2 target group names or ARNs of the web tier."
     )
     site_url: str | None = Field(
         default=None,
         description="URL users reach the site at (checked after maintenance). Default: the first site_domains_map entry.",
     )
     allow_stop: bool = Field(
-        default=False,
-        description="stop-environment may stop this environment even if protected.",
+        default=False, description="stop-environment may stop this environment even if protected."
     )
     schedules: dict[str, ScheduleSpec] = Field(
         default_factory=dict,
@@ -118,13 +114,8 @@ class EnvironmentSettings(Strict):
 
     @model_validator(mode="after")
     def _cache_recreate_needs_template(self) -> EnvironmentSettings:
-        if (
-            self.cache_strategy == "terminate-and-recreate"
-            and not self.cache_launch_template
-        ):
-            raise ValueError(
-                "cache_strategy terminate-and-recreate needs cache_launch_template"
-            )
+        if self.cache_strategy == "terminate-and-recreate" and not self.cache_launch_template:
+            raise ValueError("cache_strategy terminate-and-recreate needs cache_launch_template")
         return self
 
     @field_validator("time_zone")
@@ -133,7 +124,5 @@ class EnvironmentSettings(Strict):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(
-                f"{v!r} is not an IANA time zone (e.g. America/New_York)"
-            ) from None
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. America/New_York)") from None
         return v

@@ -127,17 +127,14 @@ class FabulawsConfig(Legacy):
         data = dict(data)
         if isinstance(data.get("valid_roles"), list):
             data["valid_roles"] = [
-                normalize_role(r) if isinstance(r, str) else r
-                for r in data["valid_roles"]
+                normalize_role(r) if isinstance(r, str) else r for r in data["valid_roles"]
             ]
         for key in _ROLE_KEYED:
             if key in data:
                 data[key] = _rename_roles(data[key])
         for key in _ENV_ROLE_KEYED:
             if isinstance(data.get(key), dict):
-                data[key] = {
-                    env: _rename_roles(roles) for env, roles in data[key].items()
-                }
+                data[key] = {env: _rename_roles(roles) for env, roles in data[key].items()}
         return data
 
     @field_validator("valid_roles")
@@ -145,9 +142,7 @@ class FabulawsConfig(Legacy):
     def _known_roles(cls, v: list[str]) -> list[str]:
         unknown = [r for r in v if r not in ROLES and r != "combo"]
         if unknown:
-            raise ValueError(
-                f"unknown role(s) {unknown}; fabflows knows {list(ROLES) + ['combo']}"
-            )
+            raise ValueError(f"unknown role(s) {unknown}; fabflows knows {list(ROLES) + ['combo']}")
         return v
 
     @model_validator(mode="after")
@@ -157,29 +152,19 @@ class FabulawsConfig(Legacy):
         problems: list[tuple[str, str]] = []
         if self.default_deployment is not None and self.default_deployment not in deps:
             problems.append(
-                (
-                    "default_deployment",
-                    f"{self.default_deployment!r} is not in deployments",
-                )
+                ("default_deployment", f"{self.default_deployment!r} is not in deployments")
             )
         for env in self.production_environments:
             if env not in envs:
-                problems.append(
-                    ("production_environments", f"{env!r} is not in environments")
-                )
+                problems.append(("production_environments", f"{env!r} is not in environments"))
         for env, roles in self.instance_types.items():
             if env not in envs:
-                problems.append(
-                    (f"instance_types.{env}", f"{env!r} is not in environments")
-                )
+                problems.append((f"instance_types.{env}", f"{env!r} is not in environments"))
                 continue
             for role in roles:
                 if role not in self.valid_roles:
                     problems.append(
-                        (
-                            f"instance_types.{env}.{role}",
-                            f"{role!r} is not in valid_roles",
-                        )
+                        (f"instance_types.{env}.{role}", f"{role!r} is not in valid_roles")
                     )
         for key in ("load_balancers", "auto_scaling_groups"):
             for dep, per_env in getattr(self, key).items():
@@ -188,14 +173,10 @@ class FabulawsConfig(Legacy):
                     continue
                 for env in per_env:
                     if env not in envs:
-                        problems.append(
-                            (f"{key}.{dep}.{env}", f"{env!r} is not in environments")
-                        )
+                        problems.append((f"{key}.{dep}.{env}", f"{env!r} is not in environments"))
         for env in self.fabflows.environments:
             if env not in envs:
-                problems.append(
-                    (f"fabflows.environments.{env}", f"{env!r} is not in environments")
-                )
+                problems.append((f"fabflows.environments.{env}", f"{env!r} is not in environments"))
         if problems:
             raise CrossReferenceError(problems)
         return self
@@ -204,9 +185,7 @@ class FabulawsConfig(Legacy):
 
     def unknown_keys(self) -> list[str]:
         """Top-level keys neither fabflows nor the original defines (kept, reported by config check)."""
-        return sorted(
-            k for k in (self.model_extra or {}) if k not in LEGACY_UNUSED_KEYS
-        )
+        return sorted(k for k in (self.model_extra or {}) if k not in LEGACY_UNUSED_KEYS)
 
     def warnings(self) -> list[str]:
         """Things in the file that are legal but probably not what the author meant."""
@@ -220,18 +199,12 @@ class FabulawsConfig(Legacy):
             out.append(f"unknown key {key}{hint} (kept and ignored)")
         for env in self.environments:
             if not self.instance_types.get(env):
-                out.append(
-                    f"instance_types.{env}: missing (no instance type for any role)"
-                )
+                out.append(f"instance_types.{env}: missing (no instance type for any role)")
             for dep in self.deployments:
                 if not (self.auto_scaling_groups.get(dep) or {}).get(env):
-                    out.append(
-                        f"auto_scaling_groups.{dep}.{env}: missing (no web group to manage)"
-                    )
+                    out.append(f"auto_scaling_groups.{dep}.{env}: missing (no web group to manage)")
         if self.disable_known_hosts:
-            out.append(
-                "disable_known_hosts: ignored; fabflows always checks SSH host keys"
-            )
+            out.append("disable_known_hosts: ignored; fabflows always checks SSH host keys")
         if "celery_application" in self.celery_workers:
             out.append(
                 "celery_workers.celery_application: looks misindented (as in FabulAWS's sample); "

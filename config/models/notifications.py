@@ -9,14 +9,7 @@ from pydantic import Field
 from config.models.base import Strict
 
 NotificationEvent = Literal[
-    "failed",
-    "crashed",
-    "cancelled",
-    "approval",
-    "window",
-    "slow",
-    "success",
-    "watchdog",
+    "failed", "crashed", "cancelled", "approval", "window", "slow", "success", "watchdog"
 ]
 
 
@@ -48,10 +41,7 @@ class NotificationSettings(Strict):
         default=10, gt=0, le=240, description="Warn this long before the window closes."
     )
     slow_factor: float = Field(
-        default=1.5,
-        gt=1,
-        le=20,
-        description="A run taking this many times its usual duration.",
+        default=1.5, gt=1, le=20, description="A run taking this many times its usual duration."
     )
     slow_minimum_seconds: float = Field(
         default=60,

@@ -4,7 +4,6 @@ reload-production-db, resize-environment."""
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -22,10 +21,7 @@ class RefreshSettings(Strict):
         "by fabflows are pruned after a successful refresh.",
     )
     image_timeout_seconds: float = Field(
-        default=3600,
-        gt=0,
-        le=6 * 3600,
-        description="Longest wait for CreateImage to be available.",
+        default=3600, gt=0, le=6 * 3600, description="Longest wait for CreateImage to be available."
     )
     instance_timeout_seconds: float = Field(
         default=900,
@@ -41,10 +37,7 @@ class RefreshSettings(Strict):
         "terminating it (connection draining).",
     )
     poll_seconds: float = Field(
-        default=5,
-        gt=0,
-        le=60,
-        description="How often the waits ask AWS and the servers.",
+        default=5, gt=0, le=60, description="How often the waits ask AWS and the servers."
     )
     reboot_for_image: bool = Field(
         default=False,
@@ -100,16 +93,10 @@ class StopStartSettings(Strict):
     """stop-environment / start-environment (fabflows.stop_start)."""
 
     instance_wait_seconds: float = Field(
-        default=900,
-        gt=0,
-        le=7200,
-        description="Longest wait for instances to stop or start.",
+        default=900, gt=0, le=7200, description="Longest wait for instances to stop or start."
     )
     reachable_wait_seconds: float = Field(
-        default=600,
-        gt=0,
-        le=7200,
-        description="Longest wait for a started server's SSH to answer.",
+        default=600, gt=0, le=7200, description="Longest wait for a started server's SSH to answer."
     )
     site_wait_seconds: float = Field(
         default=900,
@@ -118,10 +105,7 @@ class StopStartSettings(Strict):
         description="Longest wait for the web servers (and the site) to answer 200 after start.",
     )
     poll_seconds: float = Field(
-        default=5,
-        gt=0,
-        le=60,
-        description="How often instance and group states are polled.",
+        default=5, gt=0, le=60, description="How often instance and group states are polled."
     )
     role_services: dict[str, list[str]] = Field(
         default_factory=lambda: {k: list(v) for k, v in ROLE_SERVICES_DEFAULT.items()},
@@ -183,9 +167,7 @@ class ReloadProductionDbSettings(Strict):
     """reload-production-db: copy a production database into staging or testing."""
 
     source_environment: str = Field(
-        default="production",
-        pattern=_NAME,
-        description="Environment copied from by default.",
+        default="production", pattern=_NAME, description="Environment copied from by default."
     )
     migrate_command: list[str] = Field(
         default_factory=lambda: ["python3", "manage.py", "migrate", "--noinput"],
@@ -238,26 +220,6 @@ class ReloadProductionDbSettings(Strict):
         "home (FabulAWS keeps one file per secret there).",
     )
     masking: MaskingSettings = Field(default_factory=MaskingSettings)
-    swap: Literal["auto", "upgrade-page"] = Field(
-        default="auto",
-        description="How the copy goes live. auto: under pgbouncer PAUSE/RESUME on the app servers "
-        "(requests held, not refused) when no migration is pending and every pgbouncer can be "
-        "paused, else behind the upgrade page. upgrade-page: always behind the upgrade page.",
-    )
-    pause_wait_seconds: float = Field(
-        default=5,
-        gt=0,
-        le=60,
-        description="Longest a pgbouncer PAUSE may take to complete (running transactions end); "
-        "longer: RESUME at once and the run fails before the swap.",
-    )
-    pause_hold_seconds: float = Field(
-        default=30,
-        gt=0,
-        le=600,
-        description="Each app server's pgbouncer RESUMEs by itself this long after its PAUSE, "
-        "whatever happens to the run (the bound of a pause).",
-    )
 
 
 RESIZE_MINIMUM_MEMORY_MIB: dict[str, int] = {

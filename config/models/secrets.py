@@ -30,8 +30,7 @@ class SecretFileSettings(Strict):
         description="Jinja2 template file, relative to the config file (instead of template).",
     )
     roles: list[str] = Field(
-        min_length=1,
-        description="Roles whose servers get the file (e.g. [web, worker]).",
+        min_length=1, description="Roles whose servers get the file (e.g. [web, worker])."
     )
     owner: str | None = Field(
         default=None,
@@ -94,10 +93,7 @@ class SecretsSettings(Strict):
         "FabulAWS sets it up).",
     )
     database_port: int = Field(
-        default=5432,
-        ge=1,
-        le=65535,
-        description="PostgreSQL port on the db-primary server.",
+        default=5432, ge=1, le=65535, description="PostgreSQL port on the db-primary server."
     )
     window_for: list[str] = Field(
         default_factory=lambda: ["database_password", "broker_password"],

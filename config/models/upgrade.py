@@ -87,20 +87,11 @@ class UpgradeSettings(Strict):
         "a percentage of all hosts). 0: the first failure stops the rollout.",
     )
     reboot_packages: list[str] = Field(
-        default_factory=lambda: [
-            "linux-image-*",
-            "linux-modules-*",
-            "libc6",
-            "systemd",
-            "dbus",
-        ],
+        default_factory=lambda: ["linux-image-*", "linux-modules-*", "libc6", "systemd", "dbus"],
         description="Package name patterns (shell globs) whose upgrade is expected to need a reboot.",
     )
     apt_update_attempts: int = Field(
-        default=3,
-        ge=1,
-        le=10,
-        description="Tries of apt-get update per host before it fails.",
+        default=3, ge=1, le=10, description="Tries of apt-get update per host before it fails."
     )
     apt_timeout_seconds: float = Field(
         default=1800,
@@ -116,10 +107,7 @@ class UpgradeSettings(Strict):
         "answering in a new boot) before the run stops rebooting and fails.",
     )
     reboot_poll_seconds: float = Field(
-        default=2,
-        gt=0,
-        le=60,
-        description="How often a rebooting server is tried over SSH.",
+        default=2, gt=0, le=60, description="How often a rebooting server is tried over SSH."
     )
 
     @field_validator("max_concurrency", "max_errors", mode="before")

@@ -36,9 +36,7 @@ class MaintenanceWindow(Strict):
 class ScheduleSpec(Strict):
     """A cron schedule for one flow's deployment in one environment."""
 
-    cron: str = Field(
-        description="Five-field cron expression, in the environment's time zone."
-    )
+    cron: str = Field(description="Five-field cron expression, in the environment's time zone.")
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="Parameters for the scheduled runs."
     )
