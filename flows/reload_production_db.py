@@ -41,7 +41,7 @@ from tasks.aws.ec2 import describe_servers
 from tasks.postgres.copy import SourceUnavailable, describe_source_database
 from tasks.postgres.migrations import list_source_migrations
 from tasks.ssh.app import list_code_migrations, showmigrations_command
-from tasks.ssh.pgbouncer import get_pgbouncer_state
+from tasks.ssh.pgbouncer import get_pgbouncer_state, left_paused_by_fabflows
 
 
 class ReloadProductionDbParams(BaseModel):
@@ -120,7 +120,9 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
         load_upgrade_pages(rc.config, params.config_file)  # a bad page fails now, not in the window
         code_root = code_root_of(rc)
         code_migrations = source_migrations = None
-        pgbouncer = []
+        pgbouncer = get_pgbouncer_state(
+            web + workers, pool, env.home, env.environment, env.database_name
+        )
         if settings.swap == "auto":  # what decides between the pgbouncer pause and the page
             show = showmigrations_command(settings.migrate_command)
             if show is not None and workers:
@@ -128,9 +130,10 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
             source_migrations = list_source_migrations(
                 pool, target, source, src.env.database_name, src.env.database_user, password
             )
-            pgbouncer = get_pgbouncer_state(
-                web + workers, pool, env.home, env.environment, env.database_name
-            )
+        recovery = recovery_for(rc, target_db, app, upgrade, scope.run_id)
+        left_paused = left_paused_by_fabflows(pgbouncer)
+        if left_paused:  # a dead run's pause (its auto-resume still pending): RESUME first
+            recovery = recovery.model_copy(update={"resume_pgbouncer": left_paused})
         facts = ReloadFacts(
             target=target,
             source=source,
@@ -154,7 +157,7 @@ class ReloadProductionDb(Runbook[ReloadProductionDbParams, Gathered, ReloadPlan]
             facts=facts,
             request=request,
             settings=settings,
-            recovery=recovery_for(rc, target_db, app, upgrade, scope.run_id),
+            recovery=recovery,
             code_root=code_root,
         )
 

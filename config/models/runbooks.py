@@ -4,6 +4,7 @@ reload-production-db, resize-environment."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -220,6 +221,26 @@ class ReloadProductionDbSettings(Strict):
         "home (FabulAWS keeps one file per secret there).",
     )
     masking: MaskingSettings = Field(default_factory=MaskingSettings)
+    swap: Literal["auto", "upgrade-page"] = Field(
+        default="auto",
+        description="How the copy goes live. auto: under pgbouncer PAUSE/RESUME on the app servers "
+        "(requests held, not refused) when no migration is pending and every pgbouncer can be "
+        "paused, else behind the upgrade page. upgrade-page: always behind the upgrade page.",
+    )
+    pause_wait_seconds: float = Field(
+        default=5,
+        gt=0,
+        le=60,
+        description="Longest a pgbouncer PAUSE may take to complete (running transactions end); "
+        "longer: RESUME at once and the run fails before the swap.",
+    )
+    pause_hold_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=600,
+        description="Each app server's pgbouncer RESUMEs by itself this long after its PAUSE, "
+        "whatever happens to the run (the bound of a pause).",
+    )
 
 
 RESIZE_MINIMUM_MEMORY_MIB: dict[str, int] = {

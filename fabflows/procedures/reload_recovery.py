@@ -35,6 +35,7 @@ from tasks.postgres.server import DbServer
 from tasks.ssh.app import HostAppState, get_app_state, groups_for_role, start_app
 from tasks.ssh.connection import ConnectionPool
 from tasks.ssh.fleet import FleetHost, FleetResult
+from tasks.ssh.pgbouncer import resume_pgbouncer
 
 FLOW_NAME = "reload-production-db"
 
@@ -59,6 +60,10 @@ class RecoveryPlan(BaseModel):
     end_upgrade_mode: str | None = Field(
         default=None, description="The dead run whose upgrade mode to end."
     )
+    resume_pgbouncer: list[str] = Field(
+        default_factory=list,
+        description="App servers whose pgbouncer a dead run left paused (its auto-resume pending).",
+    )
     notes: list[str] = Field(default_factory=list)
 
     @property
@@ -71,6 +76,7 @@ class RecoveryPlan(BaseModel):
             or self.allow_connections
             or self.start_app
             or self.end_upgrade_mode
+            or self.resume_pgbouncer
         )
 
     def lines(self) -> list[str]:
@@ -85,6 +91,8 @@ class RecoveryPlan(BaseModel):
             out.append("clear the live database's reload marker (the new database stays)")
         if self.allow_connections:
             out.append("let the live database accept connections again")
+        if self.resume_pgbouncer:
+            out.append(f"RESUME pgbouncer on {', '.join(self.resume_pgbouncer)} (left paused)")
         if self.start_app:
             out.append(f"start the app on {', '.join(self.start_app)}")
         if self.end_upgrade_mode:
@@ -223,6 +231,17 @@ def apply_recovery(
             f"{live} accepts connections again",
             lambda: allow_connections(pool, target, live, True, dry_run=dry_run),
         )
+    if recovery.resume_pgbouncer:
+        paused = [h for h in app_hosts if h.name in recovery.resume_pgbouncer]
+
+        def _resume() -> FleetResult:
+            result = resume_pgbouncer(
+                paused, pool, ctx.env.home, ctx.env.environment, live, dry_run=dry_run
+            )
+            result.raise_for_errors()
+            return result
+
+        attempt(f"resumed pgbouncer on {', '.join(recovery.resume_pgbouncer)}", _resume)
     if recovery.start_app:
         hosts = [h for h in app_hosts if h.name in recovery.start_app]
 

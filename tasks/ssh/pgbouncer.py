@@ -385,6 +385,7 @@ def resume_pgbouncer(
     return result
 
 
-def paused_hosts(states: Sequence[PgbouncerState]) -> list[str]:
-    """Pure: servers whose pgbouncer has the database paused (or a fabflows auto-resume pending)."""
-    return sorted(s.host for s in states if s.paused or s.auto_resume)
+def left_paused_by_fabflows(states: Sequence[PgbouncerState]) -> list[str]:
+    """Pure: servers whose pgbouncer has the database paused with fabflows' auto-resume pending
+    (a pause of fabflows' own; a pause without it is someone else's and is left alone)."""
+    return sorted(s.host for s in states if set(s.paused) & set(s.auto_resume))

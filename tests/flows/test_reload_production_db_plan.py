@@ -451,3 +451,20 @@ def test_parse_pgbouncer_outputs() -> None:
     ]
     assert showmigrations_command(["./deploy-migrate.sh"]) is None
     assert parse_showmigrations("[X]  shop.0001_initial\n[ ]  shop.0002_sitenote\nnoise\n") == CODE
+
+
+def test_a_pause_left_by_a_dead_run_is_resumed_first(envs) -> None:
+    from tasks.ssh.pgbouncer import left_paused_by_fabflows
+
+    states = [
+        _pgbouncer("web1", paused=[LIVE], auto_resume=[LIVE]),  # fabflows' own pause
+        _pgbouncer("w0", paused=[LIVE]),  # someone else's: left alone
+        _pgbouncer("w1", auto_resume=[LIVE]),  # auto-resume pending, not paused: nothing to do
+    ]
+    assert left_paused_by_fabflows(states) == ["web1"]
+    recovery = RecoveryPlan(resume_pgbouncer=["web1"])
+    assert recovery.needed and recovery.lines() == ["RESUME pgbouncer on web1 (left paused)"]
+    plan = plan_reload_production_db(
+        PARAMS, envs["staging"], _reload_facts(), ReloadProductionDbSettings(), recovery, "/c"
+    )
+    assert plan.step_names[0] == "recover" and "RESUME pgbouncer on web1" in plan.changes[0].action
