@@ -4,7 +4,7 @@ db-primary; bad input is refused before anything is created; a run SIGKILLed at 
 is taken back by recover (instance terminated, slot and pg_hba line gone); and the pure plan as a
 table.
 
-One stack for the module (moto, a db-primary with one streaming replica, two web servers and a
+One stack for the module (moto, a db-primary with one streaming replica, a web server and a
 worker running the sandbox's Django app). The real-peer tests end with the end state read from
 the peers: every replica in the primary's ``pg_stat_replication`` as streaming, zero lag, and the
 same row counts as the primary.
@@ -45,6 +45,7 @@ from flows.add_replica import (
     plan_add_replica,
 )
 from flows.recover_environment import recover_environment
+from flows.resume_run import resume_run
 from sandbox.replication import build_replica
 from tasks.aws.launch import LaunchSource
 from tasks.postgres.server import DbServer
@@ -129,7 +130,12 @@ def test_add_replica_plan(staging_env, facts, zone, chosen, problem) -> None:  #
 def stack(test_network, tmp_path_factory, prefect_server):  # noqa: ANN001, ANN201
     moto = MotoServer().start()
     env = build_app_env(
-        moto.endpoint, test_network, tmp_path_factory.mktemp("addrep"), rabbitmq=False, prefix="ar"
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("addrep"),
+        rabbitmq=False,
+        prefix="ar",
+        web_count=1,
     )
     try:
         # the environment's zones: where the seed put its servers (a) and its spare subnet (b)
@@ -174,7 +180,6 @@ def test_add_replica_dry_run_and_bad_input(stack) -> None:  # noqa: ANN001
     assert dry.dry_run and dry.outcome.startswith("dry run: would apply 3 step(s)")
     for zone, message in [
         ("us-east-1z", "'us-east-1z' does not exist in us-east-1"),
-        ("eu-west-1a", "'eu-west-1a' does not exist in us-east-1"),
         ("c", "'us-east-1c' is not one of myproject/staging's zones (avail_zones: "),
     ]:
         with pytest.raises(BadInput, match=re.escape(message)):
@@ -307,3 +312,42 @@ def test_add_replica_sigkill_then_recover(stack, kind, tmp_path: Path) -> None: 
     assert f" {new_ip}/32 " not in _hba(primary)
     assert not journal.open_entries(), journal.open_entries()
     assert entry.run_id[:8] in found.plan_text
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+@pytest.mark.crash_matrix
+def test_add_replica_sigkill_then_resume(stack, tmp_path: Path) -> None:  # noqa: ANN001
+    """Killed once its instance answers (before the build): resume reuses that instance (no
+    second launch), builds it and tags it; it streams with zero lag."""
+    cfg = str(stack.config_path)
+    assert replicas_caught_up(stack, timeout=30) == [], "an earlier test left the cluster broken"
+    dry = add_replica(environment="staging", config=cfg, availability_zone="a")
+    (name,) = re.findall(r"^launch-(\S+)\s", dry.plan_text, re.M)
+    follower = InstanceFollower(stack, prefix="au")
+    killed = run_in_thread(
+        run_until_paused,
+        "add-replica",
+        f"build-{name}",
+        ["-e", "staging", "-c", cfg, "--availability-zone", "a", "--apply"],
+        tmp_path / "paused",
+        300,
+    )
+    follower.run_until(killed, timeout=360)
+    (new_iid,) = follower.started
+    journal = Journal.for_environment("myproject/staging", load_config(cfg))
+    (entry,) = [e for e in journal.open_entries() if e.flow == "add-replica"]
+    future = run_in_thread(
+        resume_run, environment="staging", run_id=entry.run_id, config=cfg, dry_run=False
+    )
+    report = follower.run_until(future, timeout=600)
+    assert [(s.name, s.state) for s in report.steps] == [
+        (f"launch-{name}", "skipped"),
+        (f"build-{name}", "done"),
+        (f"tag-{name}", "done"),
+    ], report.render_text()
+    assert follower.started == [new_iid]  # no second instance
+    assert tags_of(stack, new_iid)["role"] == "db-replica"
+    assert new_iid in role_ids(stack, "db-replica")
+    assert replicas_caught_up(stack) == []
+    assert not journal.open_entries(), journal.open_entries()
