@@ -1,0 +1,642 @@
+"""rotate-credentials: the database and broker passwords rotated with alternating logins.
+
+Each credential has two logins: the database's ``<database_user>`` (the group role that owns the
+objects) and ``<database_user>_alt`` (a member acting as it), the broker's ``<broker_user>`` and
+``<broker_user>_alt`` (same tags and vhost permissions). The app uses one of them, named on every
+server by the file ``<home>/database_user`` (``broker_user``) beside ``<home>/database_password``
+(``broker_password``); the secrets block holds the same pair. A rotation:
+
+1. ``prepare``: a new password for each credential is generated and kept in the block as
+   ``<secret>_pending`` (before anything uses it), then set on the login the app does **not**
+   use (created the first time), and checked by logging in with it;
+2. ``switch-other-servers`` then one ``switch-web-<address>`` per web server: the user and
+   password files and the files rendered from them (pgbouncer's userlist) are swapped in (the
+   old ones kept as ``.fabflows-prev``), pgbouncer reloads its userlist (SIGHUP), gunicorn
+   reloads its workers gracefully (SIGHUP: new workers first, old ones finish their requests),
+   the worker programs restart; each web server must answer its health check before the next;
+3. ``promote``: the block's pair becomes the new login and password (pending dropped);
+4. ``retire``: the login the app left gets a throwaway password nobody keeps, so the old secret
+   is dead; 5. ``commit`` drops the kept old files.
+
+At no point is a server's app pointed at a login whose password it does not have: the new
+password works before any server is switched, and the old one is only killed once every server
+has left it. Undo (a failed step, or ``fabflows recover`` after a killed run) puts the kept old
+files back and reloads again until ``promote`` has started; from then on it finishes forward
+(promote, retire, commit). Values come from the block and the servers' files: the journal holds
+names, addresses and paths only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from prefect.types import SecretDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from blocks.secrets import ServerSecrets, secrets_block_name
+from config import EnvironmentConfig
+from fabflows import logfilter
+from fabflows.errors import BadInput
+from fabflows.runbook import RunContext
+from fabflows.runtime.engine import Runbook, Scope, Step
+from fabflows.runtime.plan import Change, RunbookPlan
+from tasks.ssh.fleet import FleetHost, HostResult, RateControl, hosts_from_servers, run_fleet
+from tasks.ssh.remote import Remote
+
+Credential = Literal["database", "broker"]
+PROMOTE = "promote"
+PENDING_SUFFIX = "_pending"
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class CredentialPlan(BaseModel):
+    """One credential's two logins and where its password is checked (names only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Credential
+    secret: str = Field(description="database_password or broker_password")
+    user_secret: str = Field(description="database_user or broker_user")
+    base: str = Field(description="The original login (the group role for the database).")
+    active: str = Field(description="The login the app uses now.")
+    inactive: str = Field(description="The login that gets the new password.")
+    checked_on: list[str] = Field(description="Addresses where the password is checked.")
+
+
+class SwitchBatch(BaseModel):
+    """Servers switched in one step (names, roles and paths only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: str
+    hosts: list[FleetHost]
+    paths: dict[str, list[str]] = Field(description="address -> files swapped in")
+
+
+class RotateCredentialsPlan(RunbookPlan):
+    block_name: str
+    database_name: str
+    database_port: int = 5432
+    credentials: list[CredentialPlan] = Field(default_factory=list)
+    batches: list[SwitchBatch] = Field(default_factory=list)
+    specs: list[str] = Field(default_factory=list, description="Rendered files rewritten.")
+
+
+class RotationFacts(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    block_name: str
+    hosts: list[FleetHost]
+    active: dict[str, str]
+    pending: list[str]
+    spec_paths: dict[str, list[str]] = Field(description="role -> rendered files to rewrite")
+    broker_user: str | None = Field(default=None, description="config secrets.broker_user")
+    database_port: int = 5432
+
+
+SECRETS = {
+    "database": ("database_password", "database_user"),
+    "broker": ("broker_password", "broker_user"),
+}
+
+
+def base_user(kind: Credential, env: EnvironmentConfig, broker_user: str | None) -> str:
+    return env.database_user if kind == "database" else (broker_user or env.deploy_user)
+
+
+def plan_rotate_credentials(
+    facts: RotationFacts,
+    credentials: list[Credential],
+    env: EnvironmentConfig,
+) -> RotateCredentialsPlan:
+    """Pure: which login gets the new password, which servers switch in which step."""
+    from tasks.postgres.login_roles import alternate_of, shown_password_statement
+
+    problems: list[str] = []
+    changes: list[Change] = []
+    creds: list[CredentialPlan] = []
+    if facts.pending:
+        problems.append(
+            f"block {facts.block_name} holds {', '.join(facts.pending)} from an unfinished "
+            "rotation: run `fabflows recover` first"
+        )
+    for kind in credentials:
+        secret, user_secret = SECRETS[kind]
+        base = base_user(kind, env, facts.broker_user)
+        active = facts.active.get(user_secret, base)
+        try:
+            inactive = alternate_of(active, base)
+        except ValueError as exc:
+            problems.append(f"{user_secret} in the block: {exc}")
+            continue
+        role = "db-primary" if kind == "database" else "cache"
+        where = [h for h in facts.hosts if h.role == role]
+        if not where:
+            problems.append(f"{env.label} has no running {role} server for the {kind} login")
+            continue
+        creds.append(
+            CredentialPlan(
+                kind=kind,
+                secret=secret,
+                user_secret=user_secret,
+                base=base,
+                active=active,
+                inactive=inactive,
+                checked_on=[h.address for h in where],
+            )
+        )
+        what = (
+            shown_password_statement(inactive)
+            if kind == "database"
+            else f"rabbitmqctl change_password {inactive} < stdin"
+        )
+        for h in where:
+            changes.append(
+                Change(
+                    target=h.label,
+                    action=f"new password on {inactive} (the login the app does not use)",
+                    detail=what + ("" if inactive != base + "_alt" else " (created if missing)"),
+                    step="prepare",
+                )
+            )
+    names = [n for c in creds for n in (c.secret, c.user_secret)]
+    web = [h for h in facts.hosts if h.role == "web"]
+    others = [h for h in facts.hosts if h.role != "web"]
+    home = env.home.rstrip("/")
+
+    def paths(h: FleetHost) -> list[str]:
+        return [f"{home}/{n}" for n in names] + facts.spec_paths.get(h.role, [])
+
+    batches: list[SwitchBatch] = []
+    if creds and others:
+        batches.append(
+            SwitchBatch(
+                step="switch-other-servers",
+                hosts=others,
+                paths={h.address: paths(h) for h in others},
+            )
+        )
+    for h in web:
+        batches.append(
+            SwitchBatch(step=f"switch-web-{h.address}", hosts=[h], paths={h.address: paths(h)})
+        )
+    if creds:
+        for b in batches:
+            for h in b.hosts:
+                reload = {
+                    "web": "reload pgbouncer and gunicorn (SIGHUP)",
+                    "worker": "reload pgbouncer, restart the workers",
+                }.get(h.role, "files only")
+                changes.append(
+                    Change(
+                        target=h.label,
+                        action="use " + ", ".join(c.inactive for c in creds),
+                        detail=f"{len(b.paths[h.address])} file(s); {reload}",
+                        step=b.step,
+                    )
+                )
+        for c in creds:
+            changes.append(
+                Change(
+                    target=f"block {facts.block_name}",
+                    action=f"{c.user_secret}={c.inactive}, {c.secret}=the new password",
+                    detail="the pending password becomes the current one",
+                    step=PROMOTE,
+                )
+            )
+            changes.append(
+                Change(
+                    target=", ".join(c.checked_on),
+                    action=f"throwaway password on {c.active}",
+                    detail="the old secret stops working",
+                    step="retire",
+                )
+            )
+    return RotateCredentialsPlan(
+        title=f"rotate-credentials on {env.label}",
+        environment=env.label,
+        changes=changes,
+        problems=problems,
+        notes=[
+            "no downtime: each server moves to the other login while the old password still "
+            "works; the old one is killed only once no server uses it"
+        ],
+        block_name=facts.block_name,
+        database_name=env.database_name,
+        database_port=facts.database_port,
+        credentials=creds,
+        batches=batches,
+        specs=sorted({p for ps in facts.spec_paths.values() for p in ps}),
+    )
+
+
+# --------------------------------------------------------------------------- block access
+
+
+def load_block(block_name: str) -> ServerSecrets:
+    block = ServerSecrets.load(block_name)
+    logfilter.register_block_secrets(block)
+    return block
+
+
+def drop_names(block: ServerSecrets, names: list[str]) -> None:
+    plain = dict(block.extra.get_secret_value())
+    for n in names:
+        plain.pop(n, None)
+    block.extra = SecretDict(plain)
+
+
+def _pending(c: CredentialPlan) -> str:
+    return c.secret + PENDING_SUFFIX
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _remote(scope: Scope, address: str) -> Remote:
+    return Remote(
+        conn=scope.pool.get(address),
+        host=address,
+        dry_run=False,
+        command_timeout=scope.pool.opts.command_timeout,
+        channel_timeout=scope.pool.opts.connect_timeout,
+    )
+
+
+def _promoting(scope: Scope) -> bool:
+    if scope.journal is None:
+        return False
+    entry = scope.journal.entry(scope.run_id)
+    rec = entry.step(PROMOTE) if entry is not None else None
+    return rec is not None and rec.state in ("started", "done", "failed")
+
+
+def _contents(scope: Scope, plan: RotateCredentialsPlan, values: dict[str, SecretStr]):  # noqa: ANN202
+    """address -> [StagedFile] for every switched server (in memory only)."""
+    from fabflows.procedures.secret_files import desired_contents, resolve_specs, server_label
+    from tasks.ssh.secrets import StagedFile
+
+    env = scope.env
+    names = [n for c in plan.credentials for n in (c.secret, c.user_secret)]
+    specs = [s for s in resolve_specs(scope.rc, ("app", "newrelic")) if s.path in plan.specs]
+    hosts = [h for b in plan.batches for h in b.hosts]
+    labels = {h.address: server_label(h) for h in hosts}
+    contents = desired_contents(env, hosts, names, specs, values, labels)
+    wanted = {h.address: set(b.paths[h.address]) for b in plan.batches for h in b.hosts}
+    return {
+        address: [
+            StagedFile(
+                path=path,
+                owner=spec.owner if spec else env.deploy_user,
+                mode=spec.mode if spec else 0o600,
+                content=content,
+            )
+            for path, (spec, content) in files.items()
+            if path in wanted[address]
+        ]
+        for address, files in contents.items()
+    }
+
+
+def _values(scope: Scope, plan: RotateCredentialsPlan, *, new: bool) -> dict[str, SecretStr]:
+    """Every block value the rendered files use, with the pair overridden by the new login and
+    the pending password (``new``) or left as the block has them."""
+    block = load_block(plan.block_name)
+    values: dict[str, SecretStr] = {}
+    for name in block.names_set():
+        v = block.get(name)
+        if v is not None:
+            values[name] = v
+    for c in plan.credentials:
+        values.setdefault(c.user_secret, SecretStr(c.active))
+        if new:
+            pending = block.get(_pending(c))
+            if pending is None:
+                # promoted already: the block's pair is the new one
+                values[c.user_secret] = SecretStr(c.inactive)
+                continue
+            values[c.user_secret] = SecretStr(c.inactive)
+            values[c.secret] = pending
+    for v in values.values():
+        logfilter.register_secret(v)
+    return values
+
+
+def _reload(remote: Remote, host: FleetHost, groups: dict[str, str]) -> str:
+    """Make the app read its new files without failing a request: pgbouncer and gunicorn reload
+    on SIGHUP (gunicorn starts new workers, the old ones finish what they serve), the worker
+    programs restart (no user request goes through them)."""
+    from tasks.ssh.programs import read_programs, resolve_targets, restart_programs
+
+    programs = read_programs(remote)
+    done: list[str] = []
+    hup = [groups.get("pgbouncer", "")]
+    if host.role == "web":
+        hup.append(groups.get("web", ""))
+    targets, _ = resolve_targets(programs, [g for g in hup if g])
+    if targets:
+        remote.write(["supervisorctl", "signal", "HUP", *targets], sudo=True)
+        done.append("SIGHUP " + ", ".join(targets))
+    if host.role == "worker" and groups.get("celery"):
+        done.append(restart_programs(remote, [groups["celery"]]).message)
+    return "; ".join(done) or "files only"
+
+
+def _switch(scope: Scope, plan: RotateCredentialsPlan, batch: SwitchBatch, *, undo: bool) -> str:
+    """Swap in (or restore) the batch's files, reload the app; web servers must answer after."""
+    from tasks.http.probe import check_site_up
+    from tasks.ssh.secrets import restore, stage_files, swap_in
+
+    files = {} if undo else _contents(scope, plan, _values(scope, plan, new=True))
+    groups = dict(scope.env.supervisor_groups)
+
+    def step(remote: Remote, host: FleetHost) -> HostResult:
+        paths = batch.paths[host.address]
+        if undo:
+            restore(remote, paths)
+        else:
+            stage_files(remote, files[host.address])
+            swap_in(remote, paths)
+        reloaded = _reload(remote, host, groups)
+        return HostResult(status="changed", message=reloaded)
+
+    result = run_fleet(
+        batch.hosts,
+        step,
+        pool=scope.pool,
+        rate=RateControl(max_concurrency="100%", max_errors="100%" if undo else 0),
+        dry_run=False,
+        name=batch.step,
+    )
+    result.raise_for_errors()
+    upgrade = scope.rc.config.fabflows.upgrade
+    web = [h for h in batch.hosts if h.role == "web"]
+    if web:
+        check_site_up(
+            [upgrade.web_server_url.format(address=h.address) for h in web],
+            upgrade.healthcheck_path,
+            timeout=scope.rc.config.fabflows.newrelic.healthy_timeout_seconds,
+        )
+    verb = "back on the old login" if undo else "on the new login"
+    return f"{len(batch.hosts)} server(s) {verb}"
+
+
+def _commit_files(scope: Scope, plan: RotateCredentialsPlan) -> None:
+    from tasks.ssh.secrets import commit
+
+    hosts = [h for b in plan.batches for h in b.hosts]
+    paths = {a: p for b in plan.batches for a, p in b.paths.items()}
+    run_fleet(
+        hosts,
+        lambda remote, host: (commit(remote, paths[host.address]), HostResult(status="changed"))[1],
+        pool=scope.pool,
+        rate=RateControl(max_concurrency="100%", max_errors=0),
+        dry_run=False,
+        name="commit",
+    ).raise_for_errors()
+
+
+def _set_password(scope: Scope, plan: RotateCredentialsPlan, c: CredentialPlan, login: str,
+                  password: SecretStr, *, create: bool) -> None:  # fmt: skip
+    from fabflows.upgrade_mode import ssh_options
+    from tasks.postgres.login_roles import accepts, ensure_alternate_role, set_role_password
+    from tasks.ssh.rabbitmq import change_password, ensure_user_like
+
+    for address in c.checked_on:
+        remote = _remote(scope, address)
+        if c.kind == "database":
+            if create and login != c.base:
+                ensure_alternate_role(remote, login, c.base)
+            set_role_password(remote, login, password)
+        elif create:
+            ensure_user_like(remote, login, c.active, password)
+        else:
+            change_password(remote, login, password)
+    if c.kind == "database" and create:
+        opts = ssh_options(scope.rc)
+        if not accepts(
+            opts, c.checked_on[0], login, plan.database_name, password, plan.database_port
+        ):
+            raise RuntimeError(f"PostgreSQL refuses {login} with its new password")
+
+
+def _finish(scope: Scope, plan: RotateCredentialsPlan) -> dict[str, str]:
+    """Promote (if not yet), retire the old logins, drop the kept files: forward only."""
+    _promote(scope, plan)
+    _retire(scope, plan)
+    _commit_files(scope, plan)
+    return {"summary": "promote had started: finished forward (new logins kept, old ones retired)"}
+
+
+def _promote(scope: Scope, plan: RotateCredentialsPlan) -> dict[str, str]:
+    block = load_block(plan.block_name)
+    changed = []
+    for c in plan.credentials:
+        pending = block.get(_pending(c))
+        if pending is None:
+            continue  # promoted already
+        block.set(c.user_secret, c.inactive)
+        block.set(c.secret, pending)
+        changed.append(c.user_secret)
+    drop_names(block, [_pending(c) for c in plan.credentials])
+    block.save(plan.block_name, overwrite=True)
+    return {"summary": f"block {plan.block_name}: " + (", ".join(changed) or "already promoted")}
+
+
+def _retire(scope: Scope, plan: RotateCredentialsPlan) -> dict[str, str]:
+    from tasks.postgres.login_roles import throwaway_password
+
+    for c in plan.credentials:
+        _set_password(scope, plan, c, c.active, throwaway_password(), create=False)
+    return {"summary": "old password dead for " + ", ".join(c.active for c in plan.credentials)}
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def rotation_steps(plan: RotateCredentialsPlan) -> list[Step]:
+    """The plan's steps (rebuilt the same from the journal: names, addresses and paths only)."""
+    if not plan.credentials:
+        return []
+
+    def prepare(scope: Scope) -> dict[str, Any]:
+        from tasks.postgres.login_roles import throwaway_password
+
+        scope.record(logins=[c.inactive for c in plan.credentials])
+        block = load_block(plan.block_name)
+        for c in plan.credentials:
+            if block.get(_pending(c)) is None:
+                block.set(_pending(c), throwaway_password())
+        block.save(plan.block_name, overwrite=True)  # kept before anything uses it
+        logfilter.register_block_secrets(block)
+        for c in plan.credentials:
+            pending = block.get(_pending(c))
+            assert pending is not None
+            _set_password(scope, plan, c, c.inactive, pending, create=True)
+        return {"summary": "new password on " + ", ".join(c.inactive for c in plan.credentials)}
+
+    def unprepare(scope: Scope, data: dict) -> Any:
+        from tasks.postgres.login_roles import throwaway_password
+
+        if _promoting(scope):
+            return _finish(scope, plan)
+        block = load_block(plan.block_name)
+        for c in plan.credentials:
+            if block.get(_pending(c)) is not None:
+                # the login nobody uses keeps no password anyone knows
+                _set_password(scope, plan, c, c.inactive, throwaway_password(), create=False)
+        drop_names(block, [_pending(c) for c in plan.credentials])
+        block.save(plan.block_name, overwrite=True)
+        return {"summary": "pending passwords dropped"}
+
+    steps = [Step("prepare", prepare, unprepare)]
+
+    def switch(batch: SwitchBatch) -> Step:
+        def apply(scope: Scope) -> dict[str, Any]:
+            scope.record(servers=[h.address for h in batch.hosts], paths=batch.paths)
+            return {"summary": _switch(scope, plan, batch, undo=False)}
+
+        def undo(scope: Scope, data: dict) -> Any:
+            if _promoting(scope):
+                return _finish(scope, plan)
+            return {"summary": _switch(scope, plan, batch, undo=True)}
+
+        return Step(batch.step, apply, undo)
+
+    steps += [switch(b) for b in plan.batches]
+
+    def forward(fn: Callable[[Scope, RotateCredentialsPlan], dict]) -> Callable[[Scope], dict]:
+        return lambda scope: fn(scope, plan)
+
+    steps.append(Step(PROMOTE, forward(_promote), lambda scope, data: _finish(scope, plan)))
+    steps.append(Step("retire", forward(_retire), lambda scope, data: _finish(scope, plan)))
+    steps.append(
+        Step(
+            "commit",
+            lambda scope: (_commit_files(scope, plan), {"summary": "kept old files dropped"})[1],
+            lambda scope, data: _finish(scope, plan),
+        )
+    )
+    return steps
+
+
+# --------------------------------------------------------------------------- the runbook
+
+
+class RotateCredentialsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    credentials: list[Credential] | None = Field(
+        default=None,
+        min_length=1,
+        description="Which passwords to rotate: database (the app's PostgreSQL login), broker. "
+        "Default: both.",
+    )
+
+    @property
+    def chosen(self) -> list[Credential]:
+        return list(self.credentials or ["database", "broker"])
+
+
+class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCredentialsPlan]):
+    name = "rotate-credentials"
+    Params = RotateCredentialsParams
+    plan_type = RotateCredentialsPlan
+
+    def block_name(self, rc: RunContext) -> str:
+        return secrets_block_name(
+            rc.env.deployment, rc.env.environment, rc.config.fabflows.secrets.block
+        )
+
+    def validate(self, rc: RunContext, params: RotateCredentialsParams) -> None:
+        from fabflows.procedures.secret_files import load_secrets
+
+        name = self.block_name(rc)
+        block = load_secrets(name)
+        if block is None:
+            raise BadInput(f"secrets block {name} does not exist: run pull-server-secrets first")
+        missing = [SECRETS[k][0] for k in params.chosen if block.get(SECRETS[k][0]) is None]
+        if missing:
+            raise BadInput(f"block {name} has no value for {', '.join(missing)}")
+
+    def gather(self, scope: Scope, params: RotateCredentialsParams) -> RotationFacts:
+        from fabflows.procedures.secret_files import resolve_specs
+        from tasks.aws.ec2 import describe_servers
+
+        rc = scope.rc
+        env = rc.env
+        name = self.block_name(rc)
+        block = load_block(name)
+        servers = describe_servers(rc.creds, env.deployment, env.environment, states=("running",))
+        hosts = hosts_from_servers(servers, env.address_attribute)
+        if not hosts:
+            raise BadInput(f"{env.label} has no running server")
+        active = {}
+        for k in params.chosen:
+            v = block.get(SECRETS[k][1])
+            if v is not None:
+                active[SECRETS[k][1]] = v.get_secret_value()
+        names = {n for k in params.chosen for n in SECRETS[k]}
+        spec_paths: dict[str, list[str]] = {}
+        for spec in resolve_specs(rc, ("app", "newrelic")):
+            if names & set(spec.uses):
+                for role in spec.roles:
+                    spec_paths.setdefault(role, []).append(spec.path)
+        pending = [
+            SECRETS[k][0] + PENDING_SUFFIX
+            for k in ("database", "broker")
+            if block.get(SECRETS[k][0] + PENDING_SUFFIX) is not None
+        ]
+        settings = rc.config.fabflows.secrets
+        return RotationFacts(
+            block_name=name,
+            hosts=hosts,
+            active=active,
+            pending=pending,
+            spec_paths=spec_paths,
+            broker_user=settings.broker_user,
+            database_port=settings.database_port,
+        )
+
+    def plan(
+        self, facts: RotationFacts, params: RotateCredentialsParams, env: EnvironmentConfig
+    ) -> RotateCredentialsPlan:
+        return plan_rotate_credentials(facts, params.chosen, env)
+
+    def steps(self, plan: RotateCredentialsPlan, params: RotateCredentialsParams) -> list[Step]:
+        return rotation_steps(plan)
+
+    def verify(
+        self, scope: Scope, plan: RotateCredentialsPlan, params: RotateCredentialsParams
+    ) -> list[str]:
+        from fabflows.upgrade_mode import ssh_options
+        from tasks.postgres.login_roles import accepts
+        from tasks.ssh.rabbitmq import authenticates
+
+        block = load_block(plan.block_name)
+        problems = []
+        for c in plan.credentials:
+            user = block.get(c.user_secret)
+            password = block.get(c.secret)
+            if user is None or password is None or user.get_secret_value() != c.inactive:
+                problems.append(f"block {plan.block_name}: {c.user_secret} is not {c.inactive}")
+                continue
+            if c.kind == "database":
+                ok = accepts(
+                    ssh_options(scope.rc),
+                    c.checked_on[0],
+                    c.inactive,
+                    plan.database_name,
+                    password,
+                    plan.database_port,
+                )
+            else:
+                ok = all(
+                    authenticates(_remote(scope, a), c.inactive, password) for a in c.checked_on
+                )
+            if not ok:
+                problems.append(f"{c.inactive} is refused with the block's password")
+        return problems

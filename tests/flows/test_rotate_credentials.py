@@ -1,0 +1,251 @@
+"""rotate-credentials on real peers (moto, a forwarding load balancer, the Django app behind nginx
+and pgbouncer on web/worker test hosts, PostgreSQL on the db-primary, RabbitMQ on the cache server):
+the plan as a table; two rotations in a row (to the alternate logins and back) with the site
+probed through the load balancer every 100 ms: no request fails, the app works on the new login,
+and the old passwords no longer work; a run SIGKILLed mid-rollout and one killed after ``promote``,
+then ``fabflows recover``: the app works and every server uses a login whose password it has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+
+from blocks.secrets import ServerSecrets
+from fabflows.procedures.credential_rotation import RotationFacts, plan_rotate_credentials
+from fabflows.testing import faults
+from fabflows.testing.app_env import AppEnv, build_app_env
+from fabflows.testing.elb_proxy import ElbProxy
+from fabflows.testing.moto_server import MotoServer
+from fabflows.testing.rabbitmq import authenticates as broker_accepts
+from flows.recover_environment import recover_environment
+from flows.rotate_credentials import rotate_credentials
+from tasks.http.probe import HttpProbe
+from tasks.ssh.fleet import FleetHost
+
+BLOCK = "myproject-staging-secrets"
+HOME = "/home/deploy"
+DB = "myproject_staging"
+
+
+# --------------------------------------------------------------------------- the plan (pure)
+
+
+def _env():
+    import yaml
+
+    from config import resolve_environment
+    from config.models import FabulawsConfig
+    from fabflows.testing.configs import SAMPLE
+
+    data = yaml.safe_load(SAMPLE.read_text())
+    data.update(deploy_user="deploy", home=HOME, database_user="dbuser")
+    return resolve_environment(FabulawsConfig.model_validate(data), "staging")
+
+
+HOSTS = [
+    FleetHost(name="db", address="10.0.0.1", role="db-primary"),
+    FleetHost(name="cache", address="10.0.0.2", role="cache"),
+    FleetHost(name="worker", address="10.0.0.3", role="worker"),
+    FleetHost(name="web-a", address="10.0.0.4", role="web"),
+    FleetHost(name="web-b", address="10.0.0.5", role="web"),
+]
+
+
+@pytest.mark.parametrize(
+    ("active", "pending", "creds", "inactive", "problem"),
+    [
+        ({}, [], ["database", "broker"], {"database": "dbuser_alt", "broker": "deploy_alt"}, ""),
+        (
+            {"database_user": "dbuser_alt", "broker_user": "deploy_alt"},
+            [],
+            ["database", "broker"],
+            {"database": "dbuser", "broker": "deploy"},
+            "",
+        ),
+        ({"database_user": "dbuser_alt"}, [], ["database"], {"database": "dbuser"}, ""),
+        ({}, ["database_password_pending"], ["database"], {"database": "dbuser_alt"}, "recover"),
+        ({"database_user": "someone"}, [], ["database"], {}, "neither"),
+    ],
+)
+def test_plan(active, pending, creds, inactive, problem) -> None:
+    facts = RotationFacts(
+        block_name=BLOCK,
+        hosts=HOSTS,
+        active=active,
+        pending=pending,
+        spec_paths={"web": ["/u.txt"], "worker": ["/u.txt"]},
+    )
+    plan = plan_rotate_credentials(facts, creds, _env())
+    assert {c.kind: c.inactive for c in plan.credentials} == inactive
+    assert (problem in " ".join(plan.problems)) if problem else not plan.problems
+    if inactive:
+        assert [b.step for b in plan.batches] == [
+            "switch-other-servers",
+            "switch-web-10.0.0.4",
+            "switch-web-10.0.0.5",
+        ]
+        web = plan.batches[1].paths["10.0.0.4"]
+        assert "/u.txt" in web and f"{HOME}/database_user" in web
+        assert plan.downtime_seconds is None
+        assert "********" in plan.render_text()
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory, prefect_server):
+    moto = MotoServer().start()
+    proxy = ElbProxy(moto.endpoint, "myproject-staging-lb")
+    env = build_app_env(
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("rotate"),
+        site_url=proxy.url,
+        rabbitmq=True,
+        replicas=False,
+        fabflows_extra={"newrelic": {"healthy_timeout_seconds": 30}},
+        prefix="rc",
+    )
+    proxy.start()
+    block = ServerSecrets()
+    for name, value in env.secrets.items():
+        block.set(name, value)
+    block.save(BLOCK, overwrite=True)
+    try:
+        yield env, proxy
+    finally:
+        proxy.stop()
+        env.destroy()
+        moto.stop()
+
+
+def _block() -> dict[str, str]:
+    block = ServerSecrets.load(BLOCK)
+    return {n: block.get(n).get_secret_value() for n in block.names_set()}
+
+
+def _db_accepts(env: AppEnv, user: str, password: str) -> bool:
+    try:
+        psycopg.connect(
+            host=env.db_host.ip, user=user, dbname=DB, password=password, connect_timeout=5
+        ).close()
+    except psycopg.OperationalError as exc:
+        assert "password authentication failed" in str(exc), exc
+        return False
+    return True
+
+
+def _cache(env: AppEnv):
+    (cache,) = env.by_role("cache")
+    return cache
+
+
+def _app_writes(proxy: ElbProxy) -> None:
+    for path in ("/", "/write-check"):
+        r = requests.get(proxy.url + path, timeout=10)
+        assert r.status_code == 200, (path, r.status_code, r.text[:300])
+
+
+def _servers_use(env: AppEnv, user: str) -> None:
+    for host in env.by_role("web") + env.by_role("worker"):
+        got = host.exec(["cat", f"{HOME}/database_user"]).stdout.strip()
+        assert got == user, host.name
+
+
+def test_rotation_no_failed_request(stack) -> None:
+    env, proxy = stack
+    config = str(env.config_path)
+    dry = rotate_credentials(environment="staging", config=config)
+    steps = [s.name for s in dry.steps]
+    assert steps[0] == "prepare" and steps[-3:] == ["promote", "retire", "commit"]
+    assert sum(s.startswith("switch-web-") for s in steps) == 2
+    for value in env.secrets.values():
+        assert value not in dry.plan_text
+    before = _block()
+    for round_, (old_user, new_user, old_broker, new_broker) in enumerate(
+        [
+            ("dbuser", "dbuser_alt", "deploy", "deploy_alt"),
+            ("dbuser_alt", "dbuser", "deploy_alt", "deploy"),
+        ]
+    ):
+        probe = HttpProbe(proxy.url).start()
+        try:
+            report = rotate_credentials(environment="staging", config=config, dry_run=False)
+        finally:
+            summary = probe.stop()
+        assert report.outcome == "done", report.render_text()
+        assert summary.samples > 20
+        assert summary.non_200 == 0, (round_, summary)
+        after = _block()
+        assert after["database_user"] == new_user
+        assert after["broker_user"] == new_broker
+        assert not [n for n in after if n.endswith("_pending")]
+        new_db, new_broker_pw = after["database_password"], after["broker_password"]
+        assert new_db != before["database_password"]
+        # the new login works, the old password is dead (on the old login)
+        assert _db_accepts(env, new_user, new_db)
+        assert not _db_accepts(env, old_user, before["database_password"])
+        assert broker_accepts(_cache(env), new_broker, new_broker_pw)
+        assert not broker_accepts(_cache(env), old_broker, before["broker_password"])
+        _servers_use(env, new_user)
+        _app_writes(proxy)
+        # no kept files left behind
+        for host in env.hosts.values():
+            listing = host.exec(["sh", "-c", f"ls -a {HOME} {HOME}/services/pgbouncer"]).stdout
+            assert "fabflows" not in listing, host.name
+        before = after
+    # what the app created as the alternate login belongs to the group role
+    owners = env.db_host.exec(
+        [
+            "sudo", "-u", "postgres", "psql", "-XAt", "-d", DB, "-c",
+            "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class "
+            "WHERE relnamespace = 'public'::regnamespace",
+        ]
+    ).stdout.split()  # fmt: skip
+    assert owners == ["dbuser"]
+
+
+@pytest.mark.parametrize("boundary", ["web1", "retire"])
+def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
+    env, proxy = stack
+    before = _block()
+    old_user = before.get("database_user", "dbuser")
+    if boundary.startswith("web"):
+        webs = sorted(h.ip for h in env.by_role("web"))
+        boundary = f"switch-web-{webs[int(boundary[3:])]}"
+    faults.run_until_paused(
+        "rotate-credentials",
+        boundary,
+        ["-e", "staging", "-c", str(env.config_path), "--apply"],
+        tmp_path / "paused",
+        timeout=240,
+        env={"FABFLOWS_PROGRESS_BAR": "0"},
+    )
+    report = recover_environment(environment="staging", config=str(env.config_path), dry_run=False)
+    assert not report.problems, report.render_text()
+    after = _block()
+    assert not [n for n in after if n.endswith("_pending")]
+    user, password = after.get("database_user", "dbuser"), after["database_password"]
+    if boundary == "retire":  # promote had run: finished forward
+        assert user != old_user
+        assert not _db_accepts(env, old_user, before["database_password"])
+    else:  # back on the old login, whose password never changed
+        assert user == old_user and password == before["database_password"]
+    assert _db_accepts(env, user, password)
+    _servers_use(env, user)
+    _app_writes(proxy)
+    for host in env.by_role("web") + env.by_role("worker"):
+        status = host.exec(["supervisorctl", "status"], check=False).stdout
+        assert all("RUNNING" in line for line in status.splitlines()), status
+    journal = "\n".join(
+        p.read_text()
+        for p in sorted((Path(env.config_path).parent / "state" / "journal").rglob("*"))
+        if p.is_file()
+    )
+    assert "switch-" in journal
+    for value in (before["database_password"], password, after["broker_password"]):
+        assert value not in journal
