@@ -121,7 +121,7 @@ def plan_add_replica(
     title = f"add-replica on {env.label}"
     problems: list[str] = []
     region_zones = facts.region_zones
-    zones = [z for z in (facts.configured_zones or region_zones)]
+    zones = list(facts.configured_zones or region_zones)
     where = "avail_zones" if facts.configured_zones else f"the zones of {env.region}"
 
     def subnet_of(zone: str) -> str | None:
@@ -132,7 +132,8 @@ def plan_add_replica(
             return facts.source.subnet_id
         return ids[0] if ids else None
 
-    in_vpc = bool(facts.source and facts.source.vpc_id)
+    vpc = facts.source.vpc_id if facts.source else None
+    in_vpc = bool(vpc)
     counts = {z: sum(1 for v in facts.db_servers.values() if v == z) for z in zones}
     chosen: str | None = None
     if params.availability_zone:
@@ -148,7 +149,7 @@ def plan_add_replica(
                 f"({where}: {', '.join(zones)})"
             )
         elif in_vpc and subnet_of(wanted) is None:
-            problems.append(f"no subnet of {facts.source.vpc_id} in {wanted}")  # type: ignore[union-attr]
+            problems.append(f"no subnet of {vpc} in {wanted}")
         else:
             chosen = wanted
     else:
