@@ -52,7 +52,7 @@ _MODULE_SECONDS = {
     "tests/flows/test_upgrade_packages.py": 93,
     "tests/flows/test_reload_production_db_crash.py": 87,
     "tests/flows/test_upgrade_packages_crash.py": 82,
-    "tests/flows/test_reload_production_db.py": 80,
+    "tests/flows/test_reload_production_db.py": 110,
     "tests/flows/test_resize_environment.py": 73,
     "tests/flows/test_update_newrelic_keys.py": 68,
     "tests/flows/test_deploy_serial_crash.py": 65,
