@@ -18,6 +18,7 @@ FLOWS: dict[str, str] = {
     "restart-app": "flows.restart_app:restart_app",
     "resize-environment": "flows.resize_environment:resize_environment",
     "push-server-secrets": "flows.push_server_secrets:push_server_secrets",
+    "rotate-credentials": "flows.rotate_credentials:rotate_credentials",
     "deploy-serial": "flows.deploy_serial:deploy_serial",
     "update-newrelic-keys": "flows.update_newrelic_keys:update_newrelic_keys",
     "promote-replica": "flows.promote_replica:promote_replica",

@@ -345,7 +345,102 @@ def _reload(remote: Remote, host: FleetHost, groups: dict[str, str]) -> str:
     return "; ".join(done) or "files only"
 
 
-def _switch(scope: Scope, plan: RotateCredentialsPlan, batch: SwitchBatch, *, undo: bool) -> str:
+def _switch(
+    scope: Scope,
+    plan: RotateCredentialsPlan,
+    batch: SwitchBatch,
+    *,
+    undo: bool,
+    data: dict | None = None,
+) -> str:
+    """Swap in (or restore) the batch's files and reload the app. A web server is out of the load
+    balancers meanwhile (Standby for the group's instances, deregistered otherwise; where it was
+    is journaled first), answers its health check, then goes back: no user request reaches a
+    server whose gunicorn is reloading."""
+    web = [h for h in batch.hosts if h.role == "web" and h.instance_id]
+    if len(web) == 1 and len(batch.hosts) == 1:
+        return _web_cycle(scope, plan, batch, web[0], undo=undo, data=data)
+    return _switch_files(scope, plan, batch, undo=undo)
+
+
+def _web_cycle(
+    scope: Scope,
+    plan: RotateCredentialsPlan,
+    batch: SwitchBatch,
+    host: FleetHost,
+    *,
+    undo: bool,
+    data: dict | None,
+) -> str:
+    import time
+
+    from fabflows.procedures.secret_rollout import _lb_targets
+    from tasks.aws.instance_refresh import enter_standby, exit_standby
+    from tasks.aws.load_balancers import (
+        deregister_instance,
+        health_of,
+        register_instance,
+        wait_for_load_balancers,
+    )
+
+    rc = scope.rc
+    settings = rc.config.fabflows.newrelic
+    iid = host.instance_id
+    assert iid is not None
+    targets, group, members = _lb_targets(rc)
+    in_lb = not targets.empty
+    in_group = bool(group and iid in members)
+    if undo:
+        registered = (data or {}).get("registered")
+    else:
+        registered = None
+        if in_lb and not in_group:
+            states = health_of(rc.creds, [iid], targets)
+            registered = [where for (_, where), state in states.items() if state != "absent"]
+        scope.record(
+            servers=[host.address],
+            paths=batch.paths,
+            instance_id=iid,
+            group=group if in_group else None,
+            registered=registered,
+        )
+    timeout = settings.healthy_timeout_seconds
+    if in_lb:
+        if in_group:
+            enter_standby(rc.creds, group, iid, dry_run=False)
+        else:
+            deregister_instance(rc.creds, iid, targets, dry_run=False)
+        try:
+            wait_for_load_balancers(rc.creds, [iid], targets, "out", timeout=timeout, poll=0.5)
+        except Exception as exc:
+            if not undo:
+                raise
+            scope.log("%s: %s; restoring it anyway", host.label, exc, level="error")
+        time.sleep(settings.drain_seconds)
+    back_in = False
+    try:
+        summary = _switch_files(scope, plan, batch, undo=undo)
+        back_in = True
+    finally:
+        if in_lb and (back_in or undo):
+            if in_group:
+                exit_standby(rc.creds, group, iid, dry_run=False)
+            else:
+                register_instance(rc.creds, iid, targets, only=registered, dry_run=False)
+            wait_for_load_balancers(rc.creds, [iid], targets, "in", timeout=timeout, poll=0.5)
+        elif in_lb:
+            scope.log(
+                "%s stays out of the load balancers: it failed; its undo puts the previous "
+                "files back and returns it",
+                host.label,
+                level="error",
+            )
+    return summary
+
+
+def _switch_files(
+    scope: Scope, plan: RotateCredentialsPlan, batch: SwitchBatch, *, undo: bool
+) -> str:
     """Swap in (or restore) the batch's files, reload the app; web servers must answer after."""
     from tasks.http.probe import check_site_up
     from tasks.ssh.secrets import restore, stage_files, swap_in
@@ -502,7 +597,7 @@ def rotation_steps(plan: RotateCredentialsPlan) -> list[Step]:
         def undo(scope: Scope, data: dict) -> Any:
             if _promoting(scope):
                 return _finish(scope, plan)
-            return {"summary": _switch(scope, plan, batch, undo=True)}
+            return {"summary": _switch(scope, plan, batch, undo=True, data=dict(data))}
 
         return Step(batch.step, apply, undo)
 

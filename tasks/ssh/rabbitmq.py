@@ -97,3 +97,53 @@ def broker_check_step(user: str, current: SecretStr, new: SecretStr):  # noqa: A
         )
 
     return step
+
+
+# --------------------------------------------------------------------------- alternating users
+
+
+def list_users(remote: Remote) -> dict[str, list[str]]:
+    """user -> tags (reads, also in a dry run)."""
+    out = remote.read(["rabbitmqctl", "-q", "list_users"], sudo=True).stdout
+    users: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[0] in ("user", "Listing"):
+            continue
+        tags = parts[1].strip().strip("[]")
+        users[parts[0]] = [t.strip() for t in tags.split(",") if t.strip()]
+    return users
+
+
+def user_permissions(remote: Remote, user: str) -> list[tuple[str, str, str, str]]:
+    """(vhost, configure, write, read) of ``user`` (reads)."""
+    out = remote.read(["rabbitmqctl", "-q", "list_user_permissions", "--", user], sudo=True).stdout
+    perms = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4 and parts[0] != "vhost":
+            perms.append((parts[0], parts[1], parts[2], parts[3]))
+    return perms
+
+
+def ensure_user_like(remote: Remote, user: str, like: str, password: SecretStr) -> bool:
+    """Make ``user`` exist with ``password`` (stdin) and the tags and vhost permissions of
+    ``like``; True if it was created. Idempotent. The alternate user of a rotation."""
+    users = list_users(remote)
+    created = user not in users
+    if created:
+        run_with_secret(
+            remote, ["rabbitmqctl", "-q", "add_user", "--", user], password, sudo=True, change=True
+        )
+    else:
+        change_password(remote, user, password)
+    tags = users.get(like, [])
+    remote.write(["rabbitmqctl", "-q", "set_user_tags", user, *tags], sudo=True)
+    for vhost, conf, write, read in user_permissions(remote, like):
+        remote.write(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "--", user, conf, write, read],
+            sudo=True,
+        )
+    if not remote.dry_run and not authenticates(remote, user, password):
+        raise RuntimeError(f"RabbitMQ refuses {user} with its new password")
+    return created

@@ -238,7 +238,8 @@ def template_context(
         "project": env.project,
         "home": env.home.rstrip("/"),
         "database_name": env.database_name,
-        "database_user": env.database_user,
+        # the login the app uses now (rotate-credentials alternates two), else the config's
+        "database_user": values.get("database_user", env.database_user),
         "deploy_user": env.deploy_user,
         "host": host,
         "role": role,

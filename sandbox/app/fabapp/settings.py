@@ -26,12 +26,18 @@ TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 _password_file = Path(getattr(_local, "DB_PASSWORD_FILE", "~/database_password")).expanduser()
+# the login in use (rotate-credentials alternates <user> and <user>_alt), else the rendered one
+_user_file = _password_file.with_name("database_user")
 
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": getattr(_local, "DB_NAME", f"myproject_{ENVIRONMENT}"),
-        "USER": getattr(_local, "DB_USER", "dbuser"),
+        "USER": (
+            _user_file.read_text().strip()
+            if _user_file.exists()
+            else getattr(_local, "DB_USER", "dbuser")
+        ),
         "PASSWORD": _password_file.read_text().strip() if _password_file.exists() else "",
         "HOST": getattr(_local, "DB_HOST", "127.0.0.1"),
         "PORT": getattr(_local, "DB_PORT", "5432"),
