@@ -197,6 +197,9 @@ def request_approval(
     # a warning: shown in the terminal without --verbose, and in the run's logs in the UI
     logger.warning("%s", where_to_approve(run, name, env, timeout))
     started = datetime.now(UTC)
+    from fabflows.notify import inprocess
+
+    inprocess.watch_approval()  # the approval notice as soon as the run is PAUSED
     try:
         answer = pause_flow_run(
             wait_for_input=Approval.with_initial_data(description=description, reason=""),

@@ -178,6 +178,14 @@ def record_start(env: EnvironmentConfig) -> Starter:
     from prefect.logging import get_run_logger
 
     get_run_logger().info("%s started by %s", env.label, starter.label)
+    from fabflows.notify import inprocess, ordering
+
+    if starter.kind == "schedule":
+        # automations see a just-scheduled run's events only once its first state has one
+        done = ordering.confirm_scheduled_state(current_flow_run().id)
+        if done:
+            get_run_logger().info("%s", done)
+    inprocess.watch_this_run()  # its checks and its failure notice, without waiting for a worker
     return starter
 
 

@@ -5,12 +5,21 @@ deployment with the triggering run's id and what happened (``kind``):
 
 - ``ended``: the run FAILED, CRASHED or was CANCELLED (an approval timeout says so), or COMPLETED
   (a message only for scheduled runs, where the environment asks for success messages);
-- ``paused`` / ``reminder``: the run waits for approval (the reminder fires at half the timeout);
-- ``started``: the run is RUNNING; this schedules the two later checks as runs of this same
-  deployment (no process waits meanwhile): ``check-window`` when the environment's window is about to
-  close, ``check-slow`` at ``slow_factor`` times the run's usual duration (the step durations the
-  step guard keeps per flow and environment);
+- ``paused``: the run waits for approval; this also plans ``check-reminder`` half way to the
+  approval's deadline and ``check-timeout`` at the deadline (the notice of the rejection, sent as
+  soon as the run has ended CANCELLED);
+- ``reminder``: the reminder automation's (a fallback for ``check-reminder``: each is sent once);
+- ``started``: the run is RUNNING; this plans the two later checks: ``check-window`` when the
+  environment's window is about to close, ``check-slow`` at ``slow_factor`` times the run's usual
+  duration (the step durations the step guard keeps per flow and environment);
 - ``check-window`` / ``check-slow``: say so if the run is still at it then.
+
+A check due within ``CHECK_LEAD`` is done by the notifier run that planned it (it waits); a later
+one is a run of this same deployment, scheduled ``CHECK_LEAD`` before it is due (no process waits
+meanwhile). A deployment run of a runbook plans its own checks and does them in a thread of its own
+process (``fabflows.notify.inprocess``), except the approval timeout's. Either way the check is
+already running when it is due: its message does not wait for a process to start. The checks of one
+state are planned once, by whoever comes first.
 
 A run that ended CRASHED (SIGKILL, lost worker: the zombie automation) after applying steps gets
 its maintenance state undone at once, unless its environment sets ``recover_on_crash: false``: the
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import statistics
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -45,7 +55,16 @@ RECOVERY_STARTER = "recover-on-crash"
 """The recovery run's ``started-by:automation:`` name, and its idempotency key's prefix."""
 RECOVERS_TAG = "recovers:"
 """Tag of a recovery run started for a crashed run: ``recovers:<crashed run id>``."""
-Kind = Literal["ended", "paused", "reminder", "started", "check-window", "check-slow"]
+Kind = Literal[
+    "ended",
+    "paused",
+    "reminder",
+    "started",
+    "check-window",
+    "check-slow",
+    "check-reminder",
+    "check-timeout",
+]
 
 
 def run_id_of(value: str) -> uuid.UUID:
@@ -147,7 +166,8 @@ def usual_duration(flow_name: str, env: EnvironmentConfig) -> timedelta | None:
     return timedelta(seconds=total) if total > 0 else None
 
 
-def _pending_checks(client: Any, run_id: uuid.UUID) -> list[Any]:
+def _check_runs(client: Any, run_id: uuid.UUID, pending_only: bool = False) -> list[Any]:
+    """The notifier's check runs for ``run_id`` (only those not started yet: ``pending_only``)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -156,42 +176,111 @@ def _pending_checks(client: Any, run_id: uuid.UUID) -> list[Any]:
     )
     from prefect.client.schemas.objects import StateType
 
+    state = None
+    if pending_only:
+        state = FlowRunFilterState(
+            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+        )
     return client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[f"{FOR_TAG}{run_id}"]),
-            state=FlowRunFilterState(
-                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
-            ),
+            tags=FlowRunFilterTags(all_=[f"{FOR_TAG}{run_id}"]), state=state
         )
     )
 
 
-def cancel_checks(client: Any, run_id: uuid.UUID) -> int:
-    """Delete the checks still scheduled for ``run_id`` (it ended or was paused and resumed)."""
-    pending = _pending_checks(client, run_id)
+def cancel_checks(client: Any, run_id: uuid.UUID, keep_since: str = "") -> int:
+    """Delete the checks still scheduled for ``run_id`` (it ended, or was paused and resumed),
+    except those planned for the state that started at ``keep_since``."""
+    pending = [
+        c
+        for c in _check_runs(client, run_id, pending_only=True)
+        if not keep_since or (c.parameters or {}).get("since") != keep_since
+    ]
     for check in pending:
         client.delete_flow_run(check.id)
     return len(pending)
 
 
-CHECK_LEAD = timedelta(seconds=45)
-"""A check run is scheduled this much before it is due and waits: a process start (seconds, more
-on a loaded worker machine) does not make the message late."""
+CHECK_LEAD = timedelta(seconds=60)
+"""A check due later than this is a run of the notifier deployment scheduled this much before it is
+due, which then waits: a process start (seconds, more on a loaded worker machine) does not make the
+message late. A check due sooner is done by the notifier run that planned it, after its own work
+(no process start at all)."""
+
+TIMEOUT_GRACE = timedelta(seconds=120)
+"""How long ``check-timeout`` waits, after the approval's deadline, for the run to end (it polls
+every ``POLL_SECONDS``): the run notices the timeout at its next approval poll, then undoes what it
+must and ends CANCELLED."""
+
+POLL_SECONDS = 1.0
 
 
-def schedule_check(
-    client: Any, run_id: uuid.UUID, kind: str, due: datetime, extra: dict[str, str]
-) -> None:
+@dataclass(frozen=True)
+class Check:
+    """A later look at a run: ``kind`` (a ``check-*`` kind) at ``due``, with its parameters."""
+
+    kind: str
+    due: datetime
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def schedule_check(client: Any, run_id: uuid.UUID, check: Check) -> None:
     from prefect.states import Scheduled
 
     deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}")
-    at = max(due - CHECK_LEAD, datetime.now(UTC))
+    at = max(check.due - CHECK_LEAD, datetime.now(UTC))
     client.create_flow_run_from_deployment(
         deployment.id,
-        parameters={"flow_run_id": str(run_id), "kind": kind, "due": due.isoformat(), **extra},
+        parameters={
+            "flow_run_id": str(run_id),
+            "kind": check.kind,
+            "due": check.due.isoformat(),
+            **check.extra,
+        },
         state=Scheduled(scheduled_time=at),
         tags=[NOTIFY_TAG, f"{FOR_TAG}{run_id}"],
     )
+
+
+def plan_checks(
+    client: Any,
+    config: FabulawsConfig,
+    run_id: uuid.UUID,
+    checks: list[Check],
+    now: datetime | None = None,
+    in_run: bool = False,
+) -> tuple[list[Check], list[str]]:
+    """Plan ``checks``; returns those to do here, after the current work, by due time (and what
+    was planned, for the log).
+
+    In a notifier run, the checks due within ``CHECK_LEAD`` are done here and the others are
+    scheduled runs. In the watched run itself (``in_run``: ``fabflows.notify.inprocess``) every
+    check is done here (a thread that sleeps until each is due: if the run ends first, there is
+    nothing to check), except ``check-timeout``: the run ends right after the state it reports.
+
+    The checks of one state (``since``) are planned once, by whoever comes first (the run itself,
+    or the notifier run an automation started): the others find them planned."""
+    from fabflows.notify.send import claim
+
+    now = now or datetime.now(UTC)
+    here: list[Check] = []
+    said: list[str] = []
+    todo = []
+    for check in sorted(checks, key=lambda c: c.due):
+        if claim(config, f"{run_id}-{check.kind}-{check.extra.get('since', '')}") is None:
+            said.append(f"{check.kind}: already planned")
+        else:
+            todo.append(check)
+    for check in todo:
+        if (in_run and check.kind != "check-timeout") or (
+            not in_run and check.due - now <= CHECK_LEAD
+        ):
+            here.append(check)
+            said.append(f"{check.kind} at {check.due:%H:%M:%S} (here)")
+        else:
+            schedule_check(client, run_id, check)
+            said.append(f"{check.kind} at {check.due:%H:%M:%S}")
+    return here, said
 
 
 def wait_until(due: str) -> None:
@@ -202,6 +291,56 @@ def wait_until(due: str) -> None:
         left = (datetime.fromisoformat(due) - datetime.now(UTC)).total_seconds()
         if left > 0:
             time.sleep(left)
+
+
+def _pause_expired(state: Any) -> bool:
+    """The FAILED the server sets when a paused run is touched after its pause's deadline: the
+    approval wait then sets RUNNING again (``fabflows.approval``) and the run ends CANCELLED."""
+    return state.is_failed() and "never resumed" in (state.message or "")
+
+
+def wait_for_end(client: Any, run_id: uuid.UUID, since: str, limit: timedelta) -> Any:
+    """Poll the run every ``POLL_SECONDS`` until it has ended (returns it) or has left the approval
+    wait that started at ``since`` otherwise (None: resumed, nothing to say), at most ``limit``."""
+    import time
+
+    deadline = datetime.now(UTC) + limit
+    while True:
+        run = client.read_flow_run(run_id)
+        state = run.state
+        if state is None:
+            return None
+        final = state.is_final()
+        if final and not _pause_expired(state):
+            return run
+        paused = state.is_paused() and _same_state(run, since)
+        rejecting = state.is_running() and (state.message or "").startswith("approval timed out")
+        if not (final or paused or rejecting):
+            return None
+        if datetime.now(UTC) >= deadline:
+            return run if final else None
+        time.sleep(POLL_SECONDS)
+
+
+def _wait_for_lock(
+    client: Any, config: FabulawsConfig, run_id: uuid.UUID, since: str, window_end: str
+) -> None:
+    """Until the run holds its environment's lock (polled every 5 s; a run checked right after
+    its start may not have taken it yet), while it runs and its window is open."""
+    import time
+
+    from fabflows import lock
+
+    end = datetime.fromisoformat(window_end) if window_end else datetime.now(UTC)
+    while datetime.now(UTC) < end:
+        run = client.read_flow_run(run_id)
+        env = environment_of(config, run)
+        if env is None or not _same_running(run, since):
+            return
+        holder = lock.read_holder(env, config)
+        if holder and holder.flow_run_id == str(run_id):
+            return
+        time.sleep(5)
 
 
 def _read_only(flow_name: str) -> bool:
@@ -287,21 +426,24 @@ def start_recovery(
     return f"recovery started: {name} run {started.name} ({started.id})", line, None
 
 
-def _started(client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConfig) -> str:
+def _started(
+    client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConfig, in_run: bool = False
+) -> tuple[str, list[Check]]:
+    """Plan the window and slow-run checks of a run that (re)started RUNNING."""
     from fabflows import guard
 
     if run.state is None or not run.state.is_running():
-        return (
-            f"run {run.name} is not running any more ({run.state.type.value if run.state else '?'})"
-        )
+        state = run.state.type.value if run.state else "?"
+        return f"run {run.name} is not running any more ({state})", []
     flow_name = client.read_flow(run.flow_id).name
     if _read_only(flow_name):
-        return f"{flow_name} is read-only: no checks"
-    cancel_checks(client, run.id)  # a resume after a pause plans them again from now
+        return f"{flow_name} is read-only: no checks", []
+    since = run.state.timestamp.astimezone(UTC)
+    # a resume after a pause plans them again from now
+    cancel_checks(client, run.id, keep_since=since.isoformat())
     settings = settings_for(config, env.environment)
     now = datetime.now(UTC)
-    since = run.state.timestamp.astimezone(UTC)
-    planned = []
+    checks = []
     if wanted(config, env.environment, "window"):
         decision = guard.check_window(env, now=now)
         end = decision.window_end
@@ -310,14 +452,38 @@ def _started(client: Any, config: FabulawsConfig, run: Any, env: EnvironmentConf
             due = max(due, now + timedelta(seconds=3))  # after the run has taken its lock
             if due < end:
                 extra = {"since": since.isoformat(), "window_end": end.isoformat()}
-                schedule_check(client, run.id, "check-window", due, extra)
-                planned.append(f"window check at {due:%H:%M:%S}")
+                checks.append(Check("check-window", due, extra))
     usual = usual_duration(flow_name, env) if wanted(config, env.environment, "slow") else None
     if usual is not None:
         due = since + slow_after(usual, settings.slow_factor, settings.slow_minimum_seconds)
-        schedule_check(client, run.id, "check-slow", due, {"since": since.isoformat()})
-        planned.append(f"slow check at {due:%H:%M:%S} (usual {usual.total_seconds():.1f} s)")
-    return f"{flow_name} run {run.name}: " + ("; ".join(planned) or "no checks wanted")
+        checks.append(Check("check-slow", due, {"since": since.isoformat()}))
+    here, planned = plan_checks(client, config, run.id, checks, now, in_run)
+    if usual is not None:
+        planned.append(f"usual duration {usual.total_seconds():.1f} s")
+    return f"{flow_name} run {run.name}: " + ("; ".join(planned) or "no checks wanted"), here
+
+
+def _awaiting_approval(run: Any) -> bool:
+    from fabflows.approval import AWAITING_TAG
+
+    return bool(run.state and run.state.is_paused() and AWAITING_TAG in (run.tags or []))
+
+
+def _approval_checks(run: Any) -> list[Check]:
+    """The reminder (half way to the deadline) and the timeout notice of a run pausing for
+    approval now (none if its pause has no deadline)."""
+    details = run.state.state_details if run.state else None
+    deadline = getattr(details, "pause_timeout", None)
+    if deadline is None:
+        return []
+    # plain datetimes (arithmetic on Prefect's DateTime can drop the time zone)
+    since = datetime.fromtimestamp(run.state.timestamp.timestamp(), UTC)
+    deadline = datetime.fromtimestamp(deadline.timestamp(), UTC)
+    extra = {"since": since.isoformat()}
+    return [
+        Check("check-reminder", since + (deadline - since) / 2, extra),
+        Check("check-timeout", deadline, extra),
+    ]
 
 
 def slow_after(usual: timedelta, factor: float, minimum_seconds: float) -> timedelta:
@@ -326,12 +492,17 @@ def slow_after(usual: timedelta, factor: float, minimum_seconds: float) -> timed
     return usual + max(usual * (factor - 1), timedelta(seconds=minimum_seconds))
 
 
-def _same_running(run: Any, since: str) -> bool:
-    """Still in the RUNNING stretch the check was planned for (not paused or resumed since)."""
-    if run.state is None or not run.state.is_running() or not since:
+def _same_state(run: Any, since: str) -> bool:
+    """The run's state is still the one the check was planned for (same timestamp)."""
+    if run.state is None or not since:
         return False
     planned = datetime.fromisoformat(since)
     return abs((run.state.timestamp.astimezone(UTC) - planned).total_seconds()) < 1
+
+
+def _same_running(run: Any, since: str) -> bool:
+    """Still in the RUNNING stretch the check was planned for (not paused or resumed since)."""
+    return run.state is not None and run.state.is_running() and _same_state(run, since)
 
 
 def handle(
@@ -342,16 +513,56 @@ def handle(
     since: str,
     window_end: str,
     due: str = "",
+    in_run: bool = False,
 ) -> str:
-    """Do what ``kind`` asks for the run ``run_id``; returns what was done (for the log)."""
+    """Do what ``kind`` asks for the run ``run_id``, then the checks it planned to do here (in due
+    order; ``in_run``: called by the run itself, see ``plan_checks``); returns what was done (for
+    the log)."""
+    said, here = _handle_one(client, config, kind, run_id, since, window_end, due, in_run)
+    for check in here:
+        extra = check.extra
+        done = handle(
+            client,
+            config,
+            check.kind,
+            run_id,
+            extra.get("since", ""),
+            extra.get("window_end", ""),
+            check.due.isoformat(),
+        )
+        said = f"{said}\n{done}"
+    return said
+
+
+def _handle_one(
+    client: Any,
+    config: FabulawsConfig,
+    kind: str,
+    run_id: uuid.UUID,
+    since: str,
+    window_end: str,
+    due: str,
+    in_run: bool = False,
+) -> tuple[str, list[Check]]:
     if kind.startswith("check-"):
         wait_until(due)
     run = client.read_flow_run(run_id)
+    if kind == "ended" and run.state is not None and _pause_expired(run.state):
+        kind = "check-timeout"  # not the end yet: the run rejects itself, then ends
+    if kind == "check-window":
+        _wait_for_lock(client, config, run_id, since, window_end)
+        run = client.read_flow_run(run_id)
+    if kind == "check-timeout":
+        # the deadline passed: the run rejects itself at its next approval poll, then ends
+        ended = wait_for_end(client, run_id, since, TIMEOUT_GRACE)
+        if ended is None:
+            return f"check-timeout: run {run.name} left its approval wait: nothing to say", []
+        run, kind = ended, "ended"
     env = environment_of(config, run)
     if env is None:
-        return f"run {run_id} has no fabflows environment: nothing to say"
+        return f"run {run_id} has no fabflows environment: nothing to say", []
     if kind == "started":
-        return _started(client, config, run, env)
+        return _started(client, config, run, env, in_run)
     if kind == "ended":
         cancel_checks(client, run.id)
     facts = run_facts(client, config, run, env)
@@ -367,7 +578,11 @@ def handle(
     said = f"{said}; {recovery}" if recovery else said
     if failure is not None:
         raise RuntimeError(said) from failure
-    return said
+    here: list[Check] = []
+    if kind == "paused" and _awaiting_approval(run) and wanted(config, env.environment, "approval"):
+        here, planned = plan_checks(client, config, run.id, _approval_checks(run), in_run=in_run)
+        said += "; " + "; ".join(planned)
+    return said, here
 
 
 def _notify(
@@ -390,13 +605,12 @@ def _notify(
                 notice = messages.success_notice(facts)
         else:
             notice = messages.ended_notice(facts)
-    elif kind in ("paused", "reminder"):
-        if facts.state == "PAUSED":
-            from fabflows.approval import AWAITING_TAG
-
-            if AWAITING_TAG in (run.tags or []):
+    elif kind in ("paused", "reminder", "check-reminder"):
+        same = kind != "check-reminder" or _same_state(run, since)
+        if facts.state == "PAUSED" and same:
+            if _awaiting_approval(run):
                 notice = messages.approval_notice(
-                    facts, approval_facts(client, run), reminder=kind == "reminder"
+                    facts, approval_facts(client, run), reminder=kind != "paused"
                 )
     elif kind == "check-window":
         holder = lock.read_holder(env, config)
@@ -431,8 +645,9 @@ def notify_run(
 
     Args:
         flow_run_id: The run (or the event's resource id ``prefect.flow-run.<id>``).
-        kind: ended, paused, reminder, started, check-window or check-slow.
-        since: For the checks: the RUNNING state they were planned for.
+        kind: ended, paused, reminder, started, check-window, check-slow, check-reminder or
+            check-timeout.
+        since: For the checks: the RUNNING (or PAUSED) state they were planned for.
         window_end: For check-window: when the window closes.
         due: For the checks: when they are due (the run starts earlier and waits).
         config: Path of the config file (default: $FABFLOWS_CONFIG).

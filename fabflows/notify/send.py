@@ -63,7 +63,7 @@ def already_sent(config: FabulawsConfig, key: str) -> bool:
     return (_sent_dir(config) / slug(key)[:200]).exists()
 
 
-def _claim(config: FabulawsConfig, key: str) -> Path | None:
+def claim(config: FabulawsConfig, key: str) -> Path | None:
     """Create the key's file; None if it was there (sent, or being sent, by someone else)."""
     path = _sent_dir(config) / slug(key)[:200]
     try:
@@ -83,7 +83,7 @@ def send_notice(config: FabulawsConfig, environment: str, notice: Notice) -> boo
 
     if not wanted(config, environment, notice.event):
         return False
-    claimed = _claim(config, notice.key)
+    claimed = claim(config, notice.key)
     if claimed is None:
         return False
     settings = settings_for(config, environment)

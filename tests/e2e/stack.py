@@ -55,7 +55,9 @@ class Stack:
         with temporary_settings({PREFECT_API_URL: self.api}):
             return deploy(str(config), flows=flows)
 
-    def start_worker(self, name: str, limit: int | None = None) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, limit: int | None = None, timeout: float = 30
+    ) -> subprocess.Popen:
         path = self.base / f"worker-{name}.log"
         offset = path.stat().st_size if path.exists() else 0
         log = open(path, "ab")  # noqa: SIM115 - closed with the process
@@ -81,7 +83,7 @@ class Stack:
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.workers[name] = proc
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if b"started" in path.read_bytes()[offset:]:
                 return proc
