@@ -66,6 +66,7 @@ _MODULE_SECONDS = {
     "tests/flows/test_restart_app.py": 35,
     "tests/flows/test_upgrade_begin_end.py": 35,
     "tests/sandbox/test_provision.py": 31,
+    "tests/tasks/ssh/test_pgbouncer.py": 15,
     "tests/fabflows/test_notify_planning.py": 2,
 }
 

@@ -357,6 +357,14 @@ def resume_pgbouncer(
     def step(remote: Remote, host: FleetHost) -> HostResult:
         # no state read first: this runs while requests are held, every round trip counts (the
         # script RESUMEs what is paused, notes what is not, and cancels the auto-resumes)
+        if dry_run:  # nothing held: read what is paused, say exactly what would be resumed
+            state = _read_state(remote, host, home, environment, database)
+            todo = sorted((set(state.paused) | set(state.auto_resume)) & set(state.aliases))
+            if state.error:
+                return HostResult(status="failed", message=state.error)
+            if not todo:
+                return HostResult(status="unchanged", message="pgbouncer not paused")
+            return HostResult(status="changed", message=f"would resume {', '.join(todo)}")
         path = ini_path(home, environment)
         text = remote.read(["cat", "--", path], sudo=True, ok_codes=(0, 1))
         if text.exit_code != 0:
