@@ -24,5 +24,6 @@ FLOWS: dict[str, str] = {
     "promote-replica": "flows.promote_replica:promote_replica",
     "reset-replicas": "flows.reset_replicas:reset_replicas",
     "add-replica": "flows.add_replica:add_replica",
+    "add-server": "flows.add_server:add_server",
     "watchdog": "flows.watchdog:watchdog",
 }

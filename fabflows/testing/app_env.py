@@ -346,7 +346,7 @@ class InstanceFollower:
                 role = tags.get("role", "web")
                 image = (
                     "app"
-                    if role in ("web", "worker")
+                    if role.removesuffix("-PENDING") in ("web", "worker")
                     else "db"
                     if role.removesuffix("-PENDING") in ("db-primary", "db-replica")
                     else "base"
@@ -368,7 +368,10 @@ class InstanceFollower:
 
     def provision(self, host: TestHost, role: str) -> None:
         """What the image gives a new server: a web server's files cloned, else provisioning; a
-        new db-replica is built from the db-primary and streams."""
+        new db-replica is built from the db-primary and streams; add-server's pending worker or
+        cache boots as its role's image (a cache: RabbitMQ with the broker user)."""
+        if role in ("worker-PENDING", "cache-PENDING"):
+            role = role.removesuffix("-PENDING")
         sources = [
             h
             for iid, h in self.env.hosts.items()
@@ -378,6 +381,10 @@ class InstanceFollower:
             clone_image(sources[0], host, list(self.env.secrets))
         else:
             provision_server(self.env, host, role)
+        if role == "cache":
+            from fabflows.testing.rabbitmq import install_rabbitmq
+
+            install_rabbitmq(host, {DEPLOY_USER: self.env.secrets["broker_password"]})
         if role == "db-replica" and self.env.db_host and self.env.replication_password:
             from sandbox.replication import provision_replication
 
