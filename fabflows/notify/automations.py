@@ -8,6 +8,9 @@ Prefect OSS automations match the state-change events of every run tagged as a f
   COMPLETED when an environment asks for success messages of scheduled runs. CRASHED is matched
   whenever some environment has ``recover_on_crash`` (the default), notification block or not: the
   notifier starts the crashed run's recovery (``fabflows.notify.notifier.start_recovery``);
+- "fabflows: notify heartbeat late": a run's heartbeats stopped for a while, before the zombie
+  automation marks it CRASHED (a proactive trigger): a notifier run starts and waits for that
+  CRASHED, so the crash notice goes out as soon as it is set (``check-crash``);
 - "fabflows: notify approval pending": PAUSED (a runbook waiting for approval);
 - "fabflows: notify approval reminder": still PAUSED half the approval timeout later (a proactive
   trigger: no RUNNING or final state within that time);
@@ -27,7 +30,13 @@ from typing import Any
 
 from config import FabulawsConfig
 from config.models import EnvironmentSettings
-from fabflows.notify.notifier import DEPLOYMENT_NAME, FLOW_NAME, NOTIFY_TAG
+from fabflows.notify.notifier import (
+    DEPLOYMENT_NAME,
+    FLOW_NAME,
+    NOTIFY_TAG,
+    ZOMBIE_EXPECT,
+    heartbeat_late_after,
+)
 
 PREFIX = "fabflows: notify "
 IMPORT_PATH = "fabflows.notify.notifier:notify_run"
@@ -139,6 +148,25 @@ def automations(config: FabulawsConfig, deployment_id: Any) -> list[Any]:
                 actions=[_run_notifier(deployment_id, "ended")],
             )
         )
+    if "crashed" in wanted:
+        deploy = config.fabflows.deploy
+        late = heartbeat_late_after(deploy.heartbeat_seconds, deploy.zombie_after_seconds)
+        out.append(
+            AutomationCore(
+                name=PREFIX + "heartbeat late",
+                description=f"A fabflows run sent no heartbeat for {late.total_seconds():.0f} s: "
+                "start a notifier run that waits for the zombie automation's CRASHED, so the "
+                "crash notice does not wait for a process to start.",
+                trigger=_trigger(
+                    set(ZOMBIE_EXPECT),
+                    RUN_TAGS,
+                    after={"prefect.flow-run.heartbeat"},
+                    posture=Posture.Proactive,
+                    within=late,
+                ),
+                actions=[_run_notifier(deployment_id, "check-crash")],
+            )
+        )
     if "approval" in wanted:
         half = timedelta(minutes=config.fabflows.approval.timeout_minutes) / 2
         out.append(
@@ -186,7 +214,9 @@ async def register(client: Any, config: FabulawsConfig, plan: Any) -> list[str]:
     """Upsert the notifier deployment and replace the notify automations; returns their names."""
     from deployments.apply import upsert_deployment
 
-    names = [PREFIX + n for n in ("run ended", "approval pending", "approval reminder")]
+    names = [
+        PREFIX + n for n in ("run ended", "heartbeat late", "approval pending", "approval reminder")
+    ]
     names.append(PREFIX + "run started")
     for name in names:
         for existing in await client.read_automations_by_name(name):

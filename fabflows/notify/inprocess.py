@@ -7,7 +7,9 @@ about is often still alive and has everything imported, so it does the urgent pa
 
 - at its start (``watch_this_run``, from ``fabflows.audit.record_start``): a thread of the run does
   its window and slow-run checks (it sleeps until each is due: a run that ended has nothing to
-  check), and an ``on_failure`` hook is registered;
+  check), and an ``on_failure`` hook is registered; it makes sure the crash watcher runs (one
+  notifier run that polls for fabflows runs marked CRASHED while any is going:
+  ``fabflows.notify.notifier.watch``), so a crash notice does not wait for a process to start;
 - when it FAILS, Prefect calls that hook once the FAILED state is recorded: it sends the notice;
 - when it pauses for approval (``watch_approval``, from ``fabflows.approval.request_approval``): a
   thread sends the approval notice as soon as the run is PAUSED, then the reminder half way to the
@@ -107,16 +109,28 @@ def _handle(kind: str, run_id: Any, config_path: str | None, logger: Any) -> Non
     from prefect.client.orchestration import get_client
 
     from config import load_config
-    from fabflows.notify.notifier import handle
+    from fabflows.notify.notifier import ensure_watcher, handle
 
     try:
         config = load_config(config_path)
         with get_client(sync_client=True) as client:
             said = handle(client, config, kind, run_id, "", "", in_run=True)
+            if kind == "started" and _watch_crashes(config, client, run_id):
+                said += "; " + ensure_watcher(client, run_id)
     except Exception as exc:  # noqa: BLE001 - the automation's notifier run still does it
         logger.warning("notify %s from the run failed: %s: %s", kind, type(exc).__name__, exc)
         return
     logger.debug("notify %s: %s", kind, said)
+
+
+def _watch_crashes(config: Any, client: Any, run_id: Any) -> bool:
+    """Does this run's environment notify crashes? (A recovery alone can wait for the "run ended"
+    automation's notifier run.)"""
+    from fabflows.notify.notifier import environment_of
+    from fabflows.notify.send import wanted
+
+    env = environment_of(config, client.read_flow_run(run_id))
+    return env is not None and wanted(config, env.environment, "crashed")
 
 
 def fabflows_notify_failed(flow: Any, flow_run: Any, state: Any) -> None:

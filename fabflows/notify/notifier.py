@@ -55,8 +55,33 @@ RECOVERY_STARTER = "recover-on-crash"
 """The recovery run's ``started-by:automation:`` name, and its idempotency key's prefix."""
 RECOVERS_TAG = "recovers:"
 """Tag of a recovery run started for a crashed run: ``recovers:<crashed run id>``."""
+ZOMBIE_EXPECT = (
+    "prefect.flow-run.heartbeat",
+    "prefect.flow-run.Completed",
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled",
+    "prefect.flow-run.Crashed",
+    "prefect.flow-run.Paused",
+)
+"""What keeps a running run from counting as a zombie (the "crash zombie runs" automation's)."""
+
+
+def zombie_after(heartbeat_seconds: int, zombie_after_seconds: int) -> timedelta:
+    """When the zombie automation marks a run CRASHED: this long after its last heartbeat."""
+    return timedelta(seconds=max(zombie_after_seconds, 2 * heartbeat_seconds))
+
+
+def heartbeat_late_after(heartbeat_seconds: int, zombie_after_seconds: int) -> timedelta:
+    """When a run's heartbeat counts as late: a missed beat (plus 10 s of slack), and at least
+    30 s before the zombie automation, so a notifier run has started by then."""
+    within = zombie_after(heartbeat_seconds, zombie_after_seconds)
+    return max(timedelta(seconds=heartbeat_seconds + 10), within - timedelta(seconds=30))
+
+
 Kind = Literal[
     "ended",
+    "watch",
+    "check-crash",
     "paused",
     "reminder",
     "started",
@@ -322,6 +347,38 @@ def wait_for_end(client: Any, run_id: uuid.UUID, since: str, limit: timedelta) -
         time.sleep(POLL_SECONDS)
 
 
+def _wait_for_crash(client: Any, config: FabulawsConfig, run: Any) -> Any:
+    """For a run whose heartbeats are late: get ready to send (imports, the block), then poll the
+    run every ``POLL_SECONDS`` until it has ended (returns it: CRASHED by the zombie automation, or
+    any end), at most until the zombie automation is due plus 60 s (None: it is alive)."""
+    import time
+
+    import fabflows.audit  # noqa: F401 - imported now, not after the crash
+    import fabflows.chatops.notify  # noqa: F401
+    import fabflows.runtime.journal  # noqa: F401
+
+    env = environment_of(config, run)
+    if env is None:
+        return None
+    settings = settings_for(config, env.environment)
+    if settings.block:
+        from fabflows.notify.send import load_block
+
+        load_block(settings.block)
+    _read_only(client.read_flow(run.flow_id).name)
+    deploy = config.fabflows.deploy
+    left = zombie_after(deploy.heartbeat_seconds, deploy.zombie_after_seconds) - (
+        heartbeat_late_after(deploy.heartbeat_seconds, deploy.zombie_after_seconds)
+    )
+    deadline = datetime.now(UTC) + left + timedelta(seconds=60)
+    while datetime.now(UTC) < deadline:
+        run = client.read_flow_run(run.id)
+        if run.state is None or not run.state.is_running():
+            return run if run.state is not None and run.state.is_final() else None
+        time.sleep(POLL_SECONDS)
+    return None
+
+
 def _wait_for_lock(
     client: Any, config: FabulawsConfig, run_id: uuid.UUID, since: str, window_end: str
 ) -> None:
@@ -552,6 +609,11 @@ def _handle_one(
     if kind == "check-window":
         _wait_for_lock(client, config, run_id, since, window_end)
         run = client.read_flow_run(run_id)
+    if kind == "check-crash":
+        ended = _wait_for_crash(client, config, run)
+        if ended is None:
+            return f"check-crash: run {run.name} is alive (its heartbeats went on)", []
+        run, kind = ended, "ended"
     if kind == "check-timeout":
         # the deadline passed: the run rejects itself at its next approval poll, then ends
         ended = wait_for_end(client, run_id, since, TIMEOUT_GRACE)
@@ -632,6 +694,98 @@ def _notify(
     return f"{kind}: {'sent' if sent else 'not sent (not wanted or sent before)'}: {notice.subject}"
 
 
+WATCH_TAG = "notify-watch"
+RUNBOOK_TAG = "fabflows"
+"""The tag of every fabflows deployment's runs (``deployments.generate.DEPLOYMENT_TAG``)."""
+WATCH_IDLE = timedelta(seconds=60)
+"""The watcher ends once no fabflows deployment run has been running (or paused) this long."""
+
+
+def ensure_watcher(client: Any, run_id: uuid.UUID) -> str:
+    """Start the crash watcher (a ``watch`` run of the notifier deployment) unless one is
+    scheduled or running: a process already up when the zombie automation marks a run CRASHED,
+    so the crash notice does not wait for a worker to start one (tens of seconds on a loaded
+    machine). Two runs starting at once may start two: each notice is still sent once."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    live = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[WATCH_TAG]),
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(
+                    any_=[StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+                )
+            ),
+        ),
+        limit=1,
+    )
+    if live:
+        return f"crash watcher {live[0].name} is up"
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{DEPLOYMENT_NAME}")
+    except ObjectNotFound:
+        return "no crash watcher: the notifier is not deployed (fabflows deploy)"
+    started = client.create_flow_run_from_deployment(
+        deployment.id,
+        parameters={"flow_run_id": str(run_id), "kind": "watch"},
+        tags=[NOTIFY_TAG, WATCH_TAG],
+    )
+    return f"crash watcher {started.name} started"
+
+
+def watch(client: Any, config: FabulawsConfig) -> str:
+    """The crash watcher: every ``POLL_SECONDS``, the crash notice (and recovery) of each fabflows
+    run marked CRASHED since it started; ends after ``WATCH_IDLE`` with no fabflows run going."""
+    import time
+
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    import fabflows.audit  # noqa: F401 - imported now, not after a crash
+    import fabflows.chatops.notify  # noqa: F401
+    import fabflows.runtime.journal  # noqa: F401
+
+    def runs(*types: StateType) -> list[Any]:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=[RUNBOOK_TAG]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types))),
+            ),
+            limit=200,
+        )
+
+    began = datetime.now(UTC) - timedelta(seconds=5)
+    seen: set[uuid.UUID] = set()
+    said: list[str] = []
+    idle_since = datetime.now(UTC)
+    while datetime.now(UTC) - idle_since < WATCH_IDLE:
+        for run in runs(StateType.CRASHED):
+            if run.id in seen or run.state is None:
+                continue
+            if datetime.fromtimestamp(run.state.timestamp.timestamp(), UTC) < began:
+                continue
+            seen.add(run.id)
+            said.append(handle(client, config, "ended", run.id, "", ""))
+        going = runs(StateType.RUNNING, StateType.PAUSED, StateType.PENDING, StateType.CANCELLING)
+        if going:
+            idle_since = datetime.now(UTC)
+        time.sleep(POLL_SECONDS)
+    return "\n".join(said) or "watch: no crash"
+
+
 @flow(name=FLOW_NAME, log_prints=False)
 def notify_run(
     flow_run_id: str,
@@ -645,8 +799,8 @@ def notify_run(
 
     Args:
         flow_run_id: The run (or the event's resource id ``prefect.flow-run.<id>``).
-        kind: ended, paused, reminder, started, check-window, check-slow, check-reminder or
-            check-timeout.
+        kind: ended, paused, reminder, started, check-window, check-slow, check-reminder,
+            check-timeout, check-crash or watch (the crash watcher: ``watch``).
         since: For the checks: the RUNNING (or PAUSED) state they were planned for.
         window_end: For check-window: when the window closes.
         due: For the checks: when they are due (the run starts earlier and waits).
@@ -656,6 +810,10 @@ def notify_run(
 
     cfg = load_config(config)
     with get_client(sync_client=True) as client:
+        if kind == "watch":
+            said = watch(client, cfg)
+            get_run_logger().info("%s", said)
+            return said
         said = handle(client, cfg, kind, run_id_of(flow_run_id), since, window_end, due)
     get_run_logger().info("%s", said)
     return said

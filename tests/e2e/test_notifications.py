@@ -262,6 +262,7 @@ def test_deploy_registers_the_notifier_and_its_automations(world: dict) -> None:
     names = world["deployed"]["notify_automations"]
     assert {n.removeprefix("fabflows: notify ") for n in names} == {
         "run ended",
+        "heartbeat late",
         "approval pending",
         "approval reminder",
         "run started",

@@ -102,6 +102,19 @@ def test_automations_follow_the_config(tmp_path: Path) -> None:
     (crashed,) = automations(default, uuid.uuid4())  # recover_on_crash (default), no block
     assert crashed.name == "fabflows: notify run ended"
     assert crashed.trigger.expect == {"prefect.flow-run.Crashed"}
+    notified = load_config(
+        write_config(
+            tmp_path,
+            fabflows={"environments": {"staging": {"notifications": {"block": "ops"}}}},
+        )
+    )
+    late = {a.name: a for a in automations(notified, uuid.uuid4())}[
+        "fabflows: notify heartbeat late"
+    ]
+    # heartbeats late: a notifier run waits for the zombie automation's CRASHED (30 s before it)
+    assert late.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert late.trigger.within == timedelta(seconds=90)  # zombie after 120 s (the default)
+    assert late.actions[0].parameters["kind"] == "check-crash"
     some = load_config(
         write_config(
             tmp_path,
@@ -116,6 +129,7 @@ def test_automations_follow_the_config(tmp_path: Path) -> None:
     )
     assert events_wanted(some) == {"failed", "approval", "slow"}
     made = {a.name.removeprefix("fabflows: notify "): a for a in automations(some, uuid.uuid4())}
+    # no "heartbeat late": no environment here notifies crashed runs
     assert set(made) == {"run ended", "approval pending", "approval reminder", "run started"}
     assert made["run ended"].trigger.expect == {
         "prefect.flow-run.Failed",

@@ -81,3 +81,16 @@ def test_checks_of_one_state_are_planned_once(tmp_path) -> None:  # noqa: ANN001
     # the notifier run an automation started finds them planned
     here, said = plan_checks(None, config, run_id, checks, now=T0)
     assert here == [] and said == ["check-window: already planned", "check-slow: already planned"]
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "zombie", "late"),
+    [(30, 60, 40), (30, 120, 90), (60, 60, 90), (30, 600, 570)],
+)
+def test_heartbeat_late_before_the_zombie_automation(heartbeat, zombie, late) -> None:  # noqa: ANN001
+    from fabflows.notify.notifier import heartbeat_late_after, zombie_after
+
+    assert heartbeat_late_after(heartbeat, zombie) == timedelta(seconds=late)
+    # a missed beat first, and time for a notifier run to start before CRASHED
+    assert late > heartbeat
+    assert zombie_after(heartbeat, zombie).total_seconds() - late >= 20
