@@ -144,10 +144,14 @@ def _cache(env: AppEnv):
     return cache
 
 
-def _app_writes(proxy: ElbProxy) -> None:
-    for path in ("/", "/write-check"):
-        r = requests.get(proxy.url + path, timeout=10)
-        assert r.status_code == 200, (path, r.status_code, r.text[:300])
+def _app_writes(env: AppEnv, proxy: ElbProxy) -> None:
+    r = requests.get(proxy.url + "/", timeout=10)
+    assert r.status_code == 200, (r.status_code, r.text[:300])
+    for web in env.by_role("web"):  # the lab's load balancer forwards GETs only
+        r = requests.post(f"http://{web.ip}/write-check", data={"text": "rotated"}, timeout=10)
+        assert r.status_code == 200, (r.status_code, r.text[:300])
+        assert r.text.startswith("note ")
+    assert r.status_code == 200 and r.text.startswith("note "), (r.status_code, r.text[:300])
 
 
 def _servers_use(env: AppEnv, user: str) -> None:
@@ -194,10 +198,12 @@ def test_rotation_no_failed_request(stack) -> None:
         assert broker_accepts(_cache(env), new_broker, new_broker_pw)
         assert not broker_accepts(_cache(env), old_broker, before["broker_password"])
         _servers_use(env, new_user)
-        _app_writes(proxy)
+        _app_writes(env, proxy)
         # no kept files left behind
         for host in env.hosts.values():
-            listing = host.exec(["sh", "-c", f"ls -a {HOME} {HOME}/services/pgbouncer"]).stdout
+            listing = host.exec(
+                ["sh", "-c", f"ls -a {HOME} {HOME}/services/pgbouncer"], check=False
+            ).stdout
             assert "fabflows" not in listing, host.name
         before = after
     # what the app created as the alternate login belongs to the group role
@@ -239,7 +245,7 @@ def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
         assert user == old_user and password == before["database_password"]
     assert _db_accepts(env, user, password)
     _servers_use(env, user)
-    _app_writes(proxy)
+    _app_writes(env, proxy)
     for host in env.by_role("web") + env.by_role("worker"):
         status = host.exec(["supervisorctl", "status"], check=False).stdout
         assert all("RUNNING" in line for line in status.splitlines()), status
