@@ -607,7 +607,13 @@ class AddServer(Runbook[AddServerParams, AddServerFacts, AddServerPlan]):
         if plan.role == "worker":
             start, stop = _start(plan)
             steps += [
-                Step(f"settings-{name}", _settings(plan), None, auto_undo=False),
+                Step(
+                    f"settings-{name}",
+                    _settings(plan),
+                    None,
+                    no_undo="the settings are the new server's own: terminating it takes them",
+                    auto_undo=False,
+                ),
                 Step(f"start-{name}", start, stop, auto_undo=False),
             ]
         else:

@@ -226,7 +226,9 @@ def describe_cache_settings(
     return sorted(out.stdout.split())
 
 
-@task(name="repoint-cache", task_run_name="repoint-cache-{server}", retries=0)
+@task(
+    name="repoint-cache", task_run_name="repoint-cache-{server}", cache_policy=NO_CACHE, retries=0
+)
 def repoint_cache(
     pool: ConnectionPool,
     server: str,

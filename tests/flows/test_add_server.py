@@ -211,9 +211,15 @@ def test_add_server_worker(stack) -> None:  # noqa: ANN001
     env, _ = stack
     cfg = str(env.config_path)
     (cache,) = env.by_role("cache")
+    # zone a: where the test network's subnet is (b's spare subnet has no test hosts)
     follower = InstanceFollower(env, prefix="aw")
     future = run_in_thread(
-        add_server, environment="staging", role="worker", config=cfg, dry_run=False
+        add_server,
+        environment="staging",
+        role="worker",
+        config=cfg,
+        dry_run=False,
+        availability_zone="a",
     )
     report = follower.run_until(future, timeout=600)
     assert not follower.errors, follower.errors
@@ -243,7 +249,12 @@ def test_add_server_replaces_cache(stack) -> None:  # noqa: ANN001
     apps = [iid for iid in role_ids(env, "web") + role_ids(env, "worker")]
     follower = InstanceFollower(env, prefix="ac")
     future = run_in_thread(
-        add_server, environment="staging", role="cache", config=cfg, dry_run=False
+        add_server,
+        environment="staging",
+        role="cache",
+        config=cfg,
+        dry_run=False,
+        availability_zone="a",
     )
     report = follower.run_until(future, timeout=600)
     assert not follower.errors, follower.errors
@@ -282,7 +293,7 @@ def test_add_server_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  
     env, proxy = stack
     cfg = str(env.config_path)
     workers_before = role_ids(env, "worker")
-    dry = add_server(environment="staging", role="worker", config=cfg)
+    dry = add_server(environment="staging", role="worker", config=cfg, availability_zone="a")
     (name,) = re.findall(r"^launch-(\S+)\s", dry.plan_text, re.M)
     step, _, when = kind.partition(":")
     target = f"{step}-{name}" + (":after" if when else "")
@@ -291,7 +302,7 @@ def test_add_server_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  
         run_until_paused,
         "add-server",
         target,
-        ["-e", "staging", "-c", cfg, "--role", "worker", "--apply"],
+        ["-e", "staging", "-c", cfg, "--role", "worker", "--availability-zone", "a", "--apply"],
         tmp_path / "paused",
         300,
     )
