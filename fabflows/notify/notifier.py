@@ -21,6 +21,12 @@ process (``fabflows.notify.inprocess``), except the approval timeout's. Either w
 already running when it is due: its message does not wait for a process to start. The checks of one
 state are planned once, by whoever comes first.
 
+A crash is noticed by the zombie automation only; the notice must not then wait for a worker to
+start a process. Where crashed runs are notified, every deployment run of a runbook makes sure one
+crash watcher is up (``watch``: a run of this deployment that polls for fabflows runs marked CRASHED
+while any fabflows run is going; it holds one work-pool slot meanwhile), and the "heartbeat late"
+automation starts a ``check-crash`` run that waits for the CRASHED when a run's heartbeats stop.
+
 A run that ended CRASHED (SIGKILL, lost worker: the zombie automation) after applying steps gets
 its maintenance state undone at once, unless its environment sets ``recover_on_crash: false``: the
 notifier starts the environment's ``recover-environment`` deployment with ``maintenance_only``
@@ -748,6 +754,7 @@ def watch(client: Any, config: FabulawsConfig) -> str:
 
     from prefect.client.schemas.filters import (
         FlowRunFilter,
+        FlowRunFilterEndTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
         FlowRunFilterTags,
@@ -758,27 +765,30 @@ def watch(client: Any, config: FabulawsConfig) -> str:
     import fabflows.chatops.notify  # noqa: F401
     import fabflows.runtime.journal  # noqa: F401
 
-    def runs(*types: StateType) -> list[Any]:
+    began = datetime.now(UTC) - timedelta(seconds=5)
+
+    def runs(*types: StateType, ended_after: datetime | None = None) -> list[Any]:
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=[RUNBOOK_TAG]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(types))),
+                end_time=FlowRunFilterEndTime(after_=ended_after) if ended_after else None,
             ),
             limit=200,
         )
 
-    began = datetime.now(UTC) - timedelta(seconds=5)
     seen: set[uuid.UUID] = set()
     said: list[str] = []
     idle_since = datetime.now(UTC)
     while datetime.now(UTC) - idle_since < WATCH_IDLE:
-        for run in runs(StateType.CRASHED):
+        for run in runs(StateType.CRASHED, ended_after=began):
             if run.id in seen or run.state is None:
                 continue
             if datetime.fromtimestamp(run.state.timestamp.timestamp(), UTC) < began:
                 continue
             seen.add(run.id)
             said.append(handle(client, config, "ended", run.id, "", ""))
+            get_run_logger().info("watch: %s", said[-1])
         going = runs(StateType.RUNNING, StateType.PAUSED, StateType.PENDING, StateType.CANCELLING)
         if going:
             idle_since = datetime.now(UTC)
