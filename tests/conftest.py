@@ -38,7 +38,7 @@ pytest_plugins = [
 # one of them running a long module alone. Seconds per module as measured in `make test` on 2 cores;
 # unlisted modules keep their order after these.
 _MODULE_SECONDS = {
-    "tests/flows/test_rotate_credentials.py": 280,
+    "tests/flows/test_rotate_credentials.py": 410,
     "tests/flows/test_promote_replica.py": 187,
     "tests/flows/test_reset_replicas.py": 150,
     "tests/flows/test_add_replica.py": 240,
