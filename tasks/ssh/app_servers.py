@@ -62,7 +62,8 @@ def wait_for_server(
     """Wait until the new server answers SSH, supervisor knows ``groups`` (the image's programs)
     and something listens on each of ``ports`` (a cache's brokers); returns the seconds waited."""
     _check(groups, _GROUP, "supervisor group")
-    checks = [f"supervisorctl avail 2>/dev/null | grep -q '^{g}:'" for g in groups]
+    # a group shows as "<group>:<program>", or as "<group>" when its one program has its name
+    checks = [f"supervisorctl avail 2>/dev/null | grep -qE '^{g}[: ]'" for g in groups]
     checks += [f"bash -c 'exec 3<>/dev/tcp/127.0.0.1/{int(p)}' 2>/dev/null" for p in ports]
     script = " && ".join(checks) or "true"
     started = time.monotonic()
@@ -166,7 +167,7 @@ def start_role_programs(
     deadline = time.monotonic() + timeout
     while True:
         states = group_states(pool, server, address, groups)
-        missing = [g for g in groups if not any(k.startswith(g + ":") for k in states)]
+        missing = [g for g in groups if not any(k.split(":", 1)[0] == g for k in states)]
         down = {k: v for k, v in states.items() if v != "RUNNING"}
         if not missing and not down:
             break

@@ -233,7 +233,7 @@ def test_add_server_worker(stack) -> None:  # noqa: ANN001
     new = env.hosts[new_iid]
     status = _status(new)
     assert status["staging-celery:staging-celery-main"] == "RUNNING", status
-    assert status["staging-pgbouncer:staging-pgbouncer"] == "RUNNING", status
+    assert status["staging-pgbouncer"] == "RUNNING", status
     # its settings are its peers': the same cache address
     assert f'BROKER_HOST = "{cache.ip}"' in new.exec(["cat", SETTINGS]).stdout
 
