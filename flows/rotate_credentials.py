@@ -66,7 +66,8 @@ def rotate_credentials(
 
     **Steps** (journaled): `prepare` (the new passwords kept in the block as pending, set on the
     unused logins, checked by logging in), `switch-other-servers`, one `switch-web-<address>` per
-    web server (each must answer its health check), `promote` (the block's pair becomes the new
+    web server (out of the load balancers while it switches, like the rolling secret rollouts;
+    back in once it answers its health check), `promote` (the block's pair becomes the new
     login and password), `retire` (the old login's password replaced by a throwaway), `commit`.
 
     **Rollback:** until `promote` starts, a failed step undoes the steps done, newest first: the

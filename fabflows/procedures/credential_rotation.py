@@ -13,7 +13,8 @@ server by the file ``<home>/database_user`` (``broker_user``) beside ``<home>/da
    password files and the files rendered from them (pgbouncer's userlist) are swapped in (the
    old ones kept as ``.fabflows-prev``), pgbouncer reloads its userlist (SIGHUP), gunicorn
    reloads its workers gracefully (SIGHUP: new workers first, old ones finish their requests),
-   the worker programs restart; each web server must answer its health check before the next;
+   the worker programs restart; each web server is out of the load balancers meanwhile and
+   must answer its health check before it goes back and the next one starts;
 3. ``promote``: the block's pair becomes the new login and password (pending dropped);
 4. ``retire``: the login the app left gets a throwaway password nobody keeps, so the old secret
    is dead; 5. ``commit`` drops the kept old files.
