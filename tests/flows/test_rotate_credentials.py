@@ -217,7 +217,9 @@ def test_rotation_no_failed_request(stack) -> None:
     assert owners == ["dbuser"]
 
 
-@pytest.mark.parametrize("boundary", ["web1", "retire"])
+@pytest.mark.parametrize(
+    "boundary", ["web1", pytest.param("retire", marks=pytest.mark.crash_matrix)]
+)  # make test keeps the mid-rollout kill point; the other runs in make crash-matrix
 def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
     env, proxy = stack
     before = _block()
