@@ -96,6 +96,7 @@ def bench(args: argparse.Namespace) -> int:
     net.setup()
     results = []
     try:
+        (scratch / "env").mkdir()
         env = build_failover_env(moto.endpoint, net, scratch / "env", "bp")
         web = env.by_role("web")[0]
         try:
