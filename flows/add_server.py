@@ -506,6 +506,12 @@ def _settings(plan: AddServerPlan):  # noqa: ANN202
     return apply
 
 
+def _settings_undo(scope: Scope, data: dict | None = None) -> dict[str, str]:
+    """Nothing to put back: the files are the new server's own, gone when launch's undo
+    terminates it (so recover can close the run)."""
+    return {"summary": "settings left to the new server (its termination removes them)"}
+
+
 def _start(plan: AddServerPlan):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, str]:
         new = _new_server(scope, plan)
@@ -610,8 +616,7 @@ class AddServer(Runbook[AddServerParams, AddServerFacts, AddServerPlan]):
                 Step(
                     f"settings-{name}",
                     _settings(plan),
-                    None,
-                    no_undo="the settings are the new server's own: terminating it takes them",
+                    _settings_undo,
                     auto_undo=False,
                 ),
                 Step(f"start-{name}", start, stop, auto_undo=False),
