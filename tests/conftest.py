@@ -42,7 +42,7 @@ _MODULE_SECONDS = {
     "tests/flows/test_promote_replica.py": 187,
     "tests/flows/test_reset_replicas.py": 150,
     "tests/flows/test_add_replica.py": 240,
-    "tests/flows/test_add_server.py": 300,
+    "tests/flows/test_add_server.py": 180,
     "tests/flows/test_no_secret_leaks.py": 160,
     "tests/e2e/test_ui.py": 151,
     "tests/flows/test_environment_power_crash.py": 131,
