@@ -1,5 +1,8 @@
 """Every runbook the CLI and the deployments know: kebab-case flow name -> "module:function"."""
 
+import importlib
+from typing import Any
+
 FLOWS: dict[str, str] = {
     "describe-environment": "flows.describe_environment:describe_environment",
     "update-sysadmin-users": "flows.update_sysadmin_users:update_sysadmin_users",
@@ -27,3 +30,10 @@ FLOWS: dict[str, str] = {
     "add-server": "flows.add_server:add_server",
     "watchdog": "flows.watchdog:watchdog",
 }
+
+
+def load(name: str) -> Any:
+    """The flow registered as ``name``, imported when first asked for: a runbook that starts
+    another (the watchdog's recoveries) goes through here, never by importing that flow."""
+    module, _, attr = FLOWS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)

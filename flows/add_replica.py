@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import ClassVar
 
@@ -10,6 +9,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows.procedures.placement import choose_zone, configured_placement, next_name
 from fabflows.progress import Progress
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
@@ -98,68 +98,21 @@ class AddReplicaPlan(RunbookPlan):
     security_group_ids: list[str] = Field(default_factory=list)
 
 
-def zone_name(zone: str, region: str) -> str:
-    """``e`` -> ``us-east-1e`` (FabulAWS's avail_zones are letters); full names unchanged."""
-    return f"{region}{zone}" if re.fullmatch(r"[a-z]", zone) else zone
-
-
-def next_name(env: EnvironmentConfig, taken: list[str]) -> str:
-    """``<deployment>_<environment>_db-replica``, numbered from 2 when that is taken (pure)."""
-    base = f"{env.deployment}_{env.environment}_{ROLE}"
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}_{n}" in taken:
-        n += 1
-    return f"{base}_{n}"
-
-
 def plan_add_replica(
     facts: AddReplicaFacts, params: AddReplicaParams, env: EnvironmentConfig
 ) -> AddReplicaPlan:
     """Pure: where the new replica goes, what it is launched from, or why not."""
     title = f"add-replica on {env.label}"
-    problems: list[str] = []
-    region_zones = facts.region_zones
-    zones = list(facts.configured_zones or region_zones)
-    where = "avail_zones" if facts.configured_zones else f"the zones of {env.region}"
-
-    def subnet_of(zone: str) -> str | None:
-        if zone in facts.configured_subnets:
-            return facts.configured_subnets[zone]
-        ids = facts.vpc_subnets.get(zone, [])
-        if facts.source and facts.source.subnet_id in ids:
-            return facts.source.subnet_id
-        return ids[0] if ids else None
-
-    vpc = facts.source.vpc_id if facts.source else None
-    in_vpc = bool(vpc)
-    counts = {z: sum(1 for v in facts.db_servers.values() if v == z) for z in zones}
-    chosen: str | None = None
-    if params.availability_zone:
-        wanted = zone_name(params.availability_zone, env.region)
-        if wanted not in region_zones:
-            problems.append(
-                f"availability zone {wanted!r} does not exist in {env.region} "
-                f"(its zones: {', '.join(region_zones) or 'none listed'})"
-            )
-        elif wanted not in zones:
-            problems.append(
-                f"availability zone {wanted!r} is not one of {env.label}'s zones "
-                f"({where}: {', '.join(zones)})"
-            )
-        elif in_vpc and subnet_of(wanted) is None:
-            problems.append(f"no subnet of {vpc} in {wanted}")
-        else:
-            chosen = wanted
-    else:
-        for bad in [z for z in facts.configured_zones if z not in region_zones]:
-            problems.append(f"avail_zones names {bad!r}, which does not exist in {env.region}")
-        usable = [z for z in zones if z in region_zones and (not in_vpc or subnet_of(z))]
-        if usable:
-            chosen = min(usable, key=lambda z: (counts.get(z, 0), zones.index(z)))
-        elif not problems:
-            problems.append(f"no usable availability zone ({where}: {', '.join(zones)})")
+    chosen, subnet, problems, spread = choose_zone(
+        wanted=params.availability_zone,
+        env=env,
+        region_zones=facts.region_zones,
+        configured_zones=facts.configured_zones,
+        configured_subnets=facts.configured_subnets,
+        vpc_subnets=facts.vpc_subnets,
+        source=facts.source,
+        servers_by_zone=facts.db_servers,
+    )
     if len(facts.primaries) != 1:
         problems.append(f"{len(facts.primaries)} running db-primary servers in {env.label}")
     image = facts.image_id or facts.primary_image
@@ -178,11 +131,9 @@ def plan_add_replica(
         return AddReplicaPlan(title=title, environment=env.label, problems=problems)
     assert chosen is not None and image and itype
     primary = facts.primaries[0]
-    name = next_name(env, facts.names)
+    name = next_name(env, ROLE, facts.names)
     slot = slot_for(name)
-    subnet = subnet_of(chosen) if in_vpc or chosen in facts.configured_subnets else None
     groups = list(facts.source.security_group_ids) if facts.source else []
-    spread = ", ".join(f"{z} {counts.get(z, 0)}" for z in zones if z in region_zones)
     why = "as asked" if params.availability_zone else "the fewest database servers"
     changes = [
         Change(
@@ -255,13 +206,7 @@ def gather_add_replica(scope: Scope) -> AddReplicaFacts:
     live = [s for s in servers if s.state not in ("terminated", "shutting-down")]
     primaries = [s for s in live if s.role == "db-primary" and s.state == "running"]
     source = describe_launch_source.fn(rc.creds, primaries[0].instance_id) if primaries else None
-    configured = [zone_name(str(z), env.region) for z in extra.get("avail_zones") or []]
-    subnets_cfg = extra.get("subnets") or {}
-    configured_subnets = {
-        zone_name(str(z), env.region): str(v)
-        for z, v in (subnets_cfg.items() if isinstance(subnets_cfg, dict) else [])
-        if isinstance(v, str)
-    }
+    configured, configured_subnets = configured_placement(extra, env.region)
     vpc_subnets = (
         describe_zone_subnets.fn(rc.creds, source.vpc_id) if source and source.vpc_id else {}
     )

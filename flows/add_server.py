@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
 from fabflows.errors import BadInput
+from fabflows.procedures.placement import choose_zone, configured_placement, next_name
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
-from flows.add_replica import zone_name
 from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.ec2_writes import tag_instances, terminate_instances, wait_for_instances
 from tasks.aws.launch import (
@@ -124,16 +124,6 @@ class AddServerPlan(RunbookPlan):
     apps: list[Target] = Field(default_factory=list, description="cache: app servers to repoint")
 
 
-def next_name(env: EnvironmentConfig, role: str, taken: list[str]) -> str:
-    """``<deployment>_<environment>_<role>``, numbered from 2 when that is taken (pure)."""
-    base = f"{env.deployment}_{env.environment}_{role}"
-    n = 2
-    name = base
-    while name in taken:
-        name, n = f"{base}_{n}", n + 1
-    return name
-
-
 def role_problem(role: str) -> str | None:
     """Why add-server does not add a ``role`` server, or None (pure)."""
     if role in ROLES:
@@ -143,57 +133,6 @@ def role_problem(role: str) -> str | None:
     return f"unknown role {role!r} (add-server adds: {', '.join(ROLES)})"
 
 
-def choose_zone(
-    facts: AddServerFacts, wanted: str | None, env: EnvironmentConfig, role: str
-) -> tuple[str | None, str | None, list[str], str]:
-    """(zone, subnet, problems, servers per zone) as add-replica chooses (pure)."""
-    problems: list[str] = []
-    region_zones = facts.region_zones
-    zones = list(facts.configured_zones or region_zones)
-    where = "avail_zones" if facts.configured_zones else f"the zones of {env.region}"
-    vpc = facts.source.vpc_id if facts.source else None
-
-    def subnet_of(zone: str) -> str | None:
-        if zone in facts.configured_subnets:
-            return facts.configured_subnets[zone]
-        ids = facts.vpc_subnets.get(zone, [])
-        if facts.source and facts.source.subnet_id in ids:
-            return facts.source.subnet_id
-        return ids[0] if ids else None
-
-    counts = {z: sum(1 for v in facts.role_servers.values() if v == z) for z in zones}
-    spread = ", ".join(f"{z} {counts.get(z, 0)}" for z in zones if z in region_zones)
-    chosen: str | None = None
-    if wanted:
-        full = zone_name(wanted, env.region)
-        if full not in region_zones:
-            problems.append(
-                f"availability zone {full!r} does not exist in {env.region} "
-                f"(its zones: {', '.join(region_zones) or 'none listed'})"
-            )
-        elif full not in zones:
-            problems.append(
-                f"availability zone {full!r} is not one of {env.label}'s zones "
-                f"({where}: {', '.join(zones)})"
-            )
-        elif vpc and subnet_of(full) is None:
-            problems.append(f"no subnet of {vpc} in {full}")
-        else:
-            chosen = full
-    else:
-        for bad in [z for z in facts.configured_zones if z not in region_zones]:
-            problems.append(f"avail_zones names {bad!r}, which does not exist in {env.region}")
-        usable = [z for z in zones if z in region_zones and (not vpc or subnet_of(z))]
-        if usable:
-            chosen = min(usable, key=lambda z: (counts.get(z, 0), zones.index(z)))
-        elif not problems:
-            problems.append(f"no usable availability zone ({where}: {', '.join(zones)})")
-    subnet = None
-    if chosen and (vpc or chosen in facts.configured_subnets):
-        subnet = subnet_of(chosen)
-    return chosen, subnet, problems, spread
-
-
 def plan_add_server(
     facts: AddServerFacts, params: AddServerParams, env: EnvironmentConfig
 ) -> AddServerPlan:
@@ -201,7 +140,16 @@ def plan_add_server(
     role = params.role
     title = f"add-server {role} on {env.label}"
     problems = [p for p in [role_problem(role)] if p]
-    chosen, subnet, zone_problems, spread = choose_zone(facts, params.availability_zone, env, role)
+    chosen, subnet, zone_problems, spread = choose_zone(
+        wanted=params.availability_zone,
+        env=env,
+        region_zones=facts.region_zones,
+        configured_zones=facts.configured_zones,
+        configured_subnets=facts.configured_subnets,
+        vpc_subnets=facts.vpc_subnets,
+        source=facts.source,
+        servers_by_zone=facts.role_servers,
+    )
     problems += zone_problems
     image = facts.image_id or facts.source_image
     itype = facts.instance_type or facts.source_type
@@ -362,7 +310,7 @@ def gather_add_server(scope: Scope, params: AddServerParams) -> AddServerFacts:
     like = [s for s in running if s.role == role] or [s for s in running if s.role in APP_ROLES]
     like = like or running
     source = describe_launch_source.fn(rc.creds, like[0].instance_id) if like else None
-    subnets_cfg = extra.get("subnets") or {}
+    configured_zones, configured_subnets = configured_placement(extra, env.region)
     apps = [_target(s, env) for s in running if s.role in APP_ROLES]
     caches = [_target(s, env) for s in live if s.role == "cache"]
     cache_files: dict[str, list[str]] = {}
@@ -387,12 +335,8 @@ def gather_add_server(scope: Scope, params: AddServerParams) -> AddServerFacts:
         source_image=like[0].image_id if like else None,
         source_type=like[0].instance_type if like else None,
         region_zones=describe_availability_zones.fn(rc.creds),
-        configured_zones=[zone_name(str(z), env.region) for z in extra.get("avail_zones") or []],
-        configured_subnets={
-            zone_name(str(z), env.region): str(v)
-            for z, v in (subnets_cfg.items() if isinstance(subnets_cfg, dict) else [])
-            if isinstance(v, str)
-        },
+        configured_zones=configured_zones,
+        configured_subnets=configured_subnets,
         vpc_subnets=(
             describe_zone_subnets.fn(rc.creds, source.vpc_id) if source and source.vpc_id else {}
         ),

@@ -10,6 +10,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows import registry
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, execute
 from fabflows.runtime.plan import RunbookPlan
 
@@ -321,13 +322,11 @@ def recover(rc, findings: list[Finding], config_path: str | None) -> list[str]: 
                 r = resume_listed_processes(rc.creds, f.group, f.processes, dry_run=False)
                 done.append(r.summary)
     if "end-upgrade" in kinds:
-        from flows.end_upgrade import end_upgrade
-
+        end_upgrade = registry.load("end-upgrade")
         r = end_upgrade(env.environment, env.deployment, config_path, dry_run=False)
         done.append(f"end-upgrade: {getattr(r, 'outcome', None) or 'done'}")
     if "recover-environment" in kinds:
-        from flows.recover_environment import recover_environment
-
+        recover_environment = registry.load("recover-environment")
         r = recover_environment(env.environment, env.deployment, config_path, dry_run=False)
         done.append(f"recover-environment: {getattr(r, 'outcome', r)}")
     return done
