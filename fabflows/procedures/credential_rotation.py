@@ -35,7 +35,7 @@ from typing import Any, Literal
 from prefect.types import SecretDict
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from blocks.secrets import ServerSecrets, secrets_block_name
+from blocks.secrets import LOGIN_NAMES, ServerSecrets, secrets_block_name
 from config import EnvironmentConfig
 from fabflows import logfilter
 from fabflows.errors import BadInput
@@ -321,8 +321,9 @@ def _values(scope: Scope, plan: RotateCredentialsPlan, *, new: bool) -> dict[str
                 continue
             values[c.user_secret] = SecretStr(c.inactive)
             values[c.secret] = pending
-    for v in values.values():
-        logfilter.register_secret(v)
+    for name, v in values.items():
+        if name not in LOGIN_NAMES:
+            logfilter.register_secret(v)
     return values
 
 

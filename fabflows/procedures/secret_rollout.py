@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, SecretStr
 
+from blocks.secrets import LOGIN_NAMES
 from config import EnvironmentConfig
 from fabflows import logfilter
 from fabflows.errors import BadInput
@@ -120,8 +121,9 @@ class SecretFilesRunbook(Runbook):
         rc = scope.rc
         env = rc.env
         block_name, names, values = self.block_values(rc)
-        for value in values.values():
-            logfilter.register_secret(value)
+        for name, value in values.items():
+            if name not in LOGIN_NAMES:
+                logfilter.register_secret(value)
         specs = resolve_specs(rc, self.kinds)
         servers = describe_servers(rc.creds, env.deployment, env.environment, states=("running",))
         hosts = hosts_from_servers(servers, env.address_attribute)
@@ -185,8 +187,9 @@ def _contents(scope: Scope, runbook: SecretFilesRunbook, plan: PushServerSecrets
     missing = [n for n in plan.names if n not in values]
     if missing:
         raise BadInput(f"block {plan.block_name} no longer has {', '.join(missing)}")
-    for value in values.values():
-        logfilter.register_secret(value)
+    for name, value in values.items():
+        if name not in LOGIN_NAMES:
+            logfilter.register_secret(value)
     hosts = [hp.fleet_host for hp in plan.hosts]
     labels = {hp.address: hp.host for hp in plan.hosts}
     return desired_contents(scope.env, hosts, plan.names, plan.specs, values, labels)

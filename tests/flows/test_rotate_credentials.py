@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from blocks.secrets import ServerSecrets
+from fabflows import logfilter
 from fabflows.procedures.credential_rotation import RotationFacts, plan_rotate_credentials
 from fabflows.testing import faults
 from fabflows.testing.app_env import AppEnv, build_app_env
@@ -199,6 +200,11 @@ def test_rotation_no_failed_request(stack) -> None:
         assert not broker_accepts(_cache(env), old_broker, before["broker_password"])
         _servers_use(env, new_user)
         _app_writes(env, proxy)
+        # passwords are masked in this process's logs from now on; login names are not secrets
+        line = f"login {new_user} of {old_user}, broker {new_broker}: {new_db}"
+        assert logfilter.redact(line) == (
+            f"login {new_user} of {old_user}, broker {new_broker}: {logfilter.MASK}"
+        )
         # no kept files left behind
         for host in env.hosts.values():
             listing = host.exec(
