@@ -138,7 +138,7 @@ def provision_server(env: AppEnv, host: TestHost, role: str) -> None:
     """Make ``host`` what the image of ``role`` would be (app, secrets, agent)."""
     from sandbox.provision import provision_app
 
-    host.wait_for_port(80, timeout=30)  # nginx starts about a second after the host
+    host.wait_for_port(80, timeout=60)  # nginx starts a second after the host (more under load)
     write_secret_files(host, env.secrets)
     if role in ("web", "worker"):
         assert env.db_host is not None
@@ -303,6 +303,9 @@ def clone_image(source: TestHost, target: TestHost, secret_names: list[str]) -> 
 
     from sandbox.provision import reload_nginx
 
+    # the host has booted (supervisord has started nginx) before its files change: an nginx that
+    # started while sites-enabled was being replaced would run with no site and never open port 80
+    target.wait_for_port(80, timeout=60)
     src, dst = source.root(), target.root()
     paths = list(IMAGE_PATHS) + [f"{HOME}/{n}" for n in secret_names]
     for path in paths:
@@ -311,7 +314,6 @@ def clone_image(source: TestHost, target: TestHost, secret_names: list[str]) -> 
         target_path = dst / path.lstrip("/")
         subprocess.run(["rm", "-rf", str(target_path)], check=True)
         subprocess.run(["cp", "-a", str(src / path.lstrip("/")), str(target_path)], check=True)
-    target.wait_for_port(80, timeout=30)
     target.exec(
         [
             "sh",
