@@ -166,6 +166,8 @@ def test_started_by_tags_refuse_nonsense() -> None:
 
 
 WAITING_SCRIPT = """
+import faulthandler
+import signal
 import sys
 from datetime import timedelta
 
@@ -186,6 +188,7 @@ def probe():
     )
 
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
 _quiet_console(verbose=False)  # what `fabflows run` does without --verbose
 probe.with_options(flow_run_name=sys.argv[1])()
 """
@@ -222,7 +225,16 @@ def test_terminal_wait_names_the_run_and_ctrl_c_removes_the_waiting_tag(tmp_path
         assert f"/runs/flow-run/{run.id}" in shown  # the UI link
         assert f"curl -X POST {PREFECT_API_URL.value()}/flow_runs/{run.id}/resume" in shown
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            # seen once in a full parallel run: say where every thread of the probe was
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            raise AssertionError(
+                "still running 60 s after Ctrl-C; its output and threads:\n"
+                + stderr.read_text()[-8000:]
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
