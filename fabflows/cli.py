@@ -166,6 +166,16 @@ def _quiet_console(verbose: bool) -> None:
         for handler in logging.getLogger().handlers:
             if handler.name == "console":
                 handler.setLevel(logging.WARNING)
+                handler.addFilter(drop_bad_input_traceback)
+
+
+def drop_bad_input_traceback(record: Any) -> bool:
+    """False for Prefect's "Encountered exception" record of a run that ended on bad input or a
+    refusal (a plan with problems, a busy environment): the terminal shows that as one line at the
+    end; the run's logs in the UI keep the traceback. Any other record, and every record with
+    --verbose, is shown."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, BadInput | Refused)
 
 
 def render_result(result: Any) -> str:

@@ -264,3 +264,25 @@ def test_refused_runs_exit_3_and_recover_resume_shortcuts(
     assert journal.entry(entry.run_id).state == "done"
     assert main(["recover", "-e", "staging", "-c", toy_lab["config"]]) == EXIT_OK
     assert "nothing to change" in capsys.readouterr().out
+
+
+def test_console_drops_the_traceback_of_a_run_ended_on_bad_input_or_a_refusal() -> None:
+    import logging
+    import sys
+
+    from fabflows.cli import drop_bad_input_traceback
+    from fabflows.errors import BadInput, Refused
+
+    def record(exc: BaseException | None) -> logging.LogRecord:
+        info = None
+        if exc is not None:
+            try:
+                raise exc
+            except BaseException:  # noqa: BLE001 - only to fill exc_info as logging does
+                info = sys.exc_info()
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "x", None, info)
+
+    assert not drop_bad_input_traceback(record(BadInput("no usable availability zone")))
+    assert not drop_bad_input_traceback(record(Refused("environment busy")))
+    assert drop_bad_input_traceback(record(RuntimeError("a real failure")))
+    assert drop_bad_input_traceback(record(None))
