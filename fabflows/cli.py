@@ -278,23 +278,26 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         params["dry_run"] = not args.apply
     elif args.apply:
         print(f"fabflows: {args.flow} changes nothing; --apply ignored", file=sys.stderr)
-    # the runbook's own checks (parameters, files, refusals) before a Prefect run exists
-    from fabflows.runtime.engine import prevalidate
-
-    try:
-        prevalidate(fl, params)
-    except BadInput as exc:
-        print(f"{args.flow}: bad input: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Refused as exc:
-        print(f"{args.flow}: refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
     os.environ.setdefault("FABFLOWS_PROGRESS_BAR", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry from here
     os.environ.setdefault("FABFLOWS_STARTED_BY", f"cli:{os.environ.get('USER', 'unknown')}")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = prefect_api_url()
+    updates: dict = {PREFECT_API_URL: url} if url else {}
+    # the runbook's own checks (parameters, files, blocks, refusals) before a Prefect run exists,
+    # against the running server (a block lookup without it would start a temporary server)
+    from fabflows.runtime.engine import prevalidate
+
+    try:
+        with temporary_settings(updates):
+            prevalidate(fl, params)
+    except BadInput as exc:
+        print(f"{args.flow}: bad input: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Refused as exc:
+        print(f"{args.flow}: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     if url is None:
         print(
             "fabflows: no Prefect server running; using a temporary one (~10 s). "
@@ -303,7 +306,6 @@ def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
         )
     _quiet_console(args.verbose)
     started = time.monotonic()
-    updates: dict = {PREFECT_API_URL: url} if url else {}
     if params.get("dry_run", True):
         # A run that changes nothing (read-only flow or dry run) skips Prefect's heartbeat thread,
         # whose shutdown costs ~0.9 s per call; a killed one has nothing to recover. Runs that apply
