@@ -9,19 +9,24 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
-from fabflows.procedures.placement import choose_zone, configured_placement, next_name
+from fabflows.procedures.placement import (
+    choose_zone,
+    configured_placement,
+    launch_or_find,
+    launched_by_run,
+    next_name,
+    terminate_launched,
+)
 from fabflows.progress import Progress
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.ec2 import Server, describe_servers
-from tasks.aws.ec2_writes import tag_instances, terminate_instances, wait_for_instances
+from tasks.aws.ec2_writes import tag_instances
 from tasks.aws.launch import (
     LaunchSource,
     describe_availability_zones,
     describe_launch_source,
     describe_zone_subnets,
-    find_launched,
-    launch_instance,
 )
 from tasks.postgres.failover import slot_for
 from tasks.postgres.rebuild import database_bytes, prepare_primary_for, rebuild_replica
@@ -255,7 +260,7 @@ def gather_add_replica(scope: Scope) -> AddReplicaFacts:
 
 
 def _launched(scope: Scope) -> list[Server]:
-    return find_launched(scope.rc.creds, RECORD_TAG, scope.run_id)
+    return launched_by_run(scope, RECORD_TAG)
 
 
 def _new_server(scope: Scope, plan: AddReplicaPlan) -> DbServer:
@@ -267,57 +272,22 @@ def _new_server(scope: Scope, plan: AddReplicaPlan) -> DbServer:
 
 def _launch(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, str]:
-        scope.record(run=scope.run_id, name=plan.name)
-        creds = scope.rc.creds
-        found = _launched(scope)
-        if found:  # resumed: the instance this run launched before it was stopped
-            iid = found[0].instance_id
-            summary = f"{plan.name} ({iid}) was launched before"
-        else:
-            env = scope.env
-            tags = {
-                "Name": plan.name,
-                "deployment": env.deployment,
-                "environment": env.environment,
-                "role": PENDING_ROLE,
-                RECORD_TAG: scope.run_id,
-            }
-            result = launch_instance(
-                creds,
-                image_id=plan.image_id,
-                instance_type=plan.instance_type,
-                subnet_id=plan.subnet_id,
-                availability_zone=plan.availability_zone,
-                security_group_ids=plan.security_group_ids,
-                tags=tags,
-                dry_run=False,
-            )
-            assert result.instance_id is not None
-            iid, summary = result.instance_id, result.summary
-        (server,) = wait_for_instances(
-            creds, [iid], "running", timeout=params.launch_timeout_seconds, poll=1.0
+        timeout = params.launch_timeout_seconds
+        server, summary = launch_or_find(
+            scope, plan, role_tag=PENDING_ROLE, record_tag=RECORD_TAG, timeout=timeout
         )
         new = _db_server(server, scope.env)
-        wait_for_db_server(scope.pool, new, timeout=params.launch_timeout_seconds)
-        return {"instance_id": iid, "address": new.address, "summary": summary}
+        wait_for_db_server(scope.pool, new, timeout=timeout)
+        return {"instance_id": server.instance_id, "address": new.address, "summary": summary}
 
     return apply
 
 
 def _terminate(plan: AddReplicaPlan):  # noqa: ANN202
     def undo(scope: Scope, data: dict | None = None) -> dict[str, str]:
-        ids = sorted({s.instance_id for s in _launched(scope)} | _ids(data))
-        if not ids:
-            return {"summary": f"no instance of {plan.name} to terminate"}
-        result = terminate_instances(scope.rc.creds, ids, dry_run=False)
-        return {"summary": result.summary}
+        return terminate_launched(scope, plan.name, RECORD_TAG, data)
 
     return undo
-
-
-def _ids(data: dict | None) -> set[str]:
-    iid = (data or {}).get("instance_id")
-    return {iid} if isinstance(iid, str) and iid.startswith("i-") else set()
 
 
 def _build(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202

@@ -9,18 +9,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
 from fabflows.errors import BadInput
-from fabflows.procedures.placement import choose_zone, configured_placement, next_name
+from fabflows.procedures.placement import (
+    choose_zone,
+    configured_placement,
+    launch_or_find,
+    launched_by_run,
+    next_name,
+    terminate_launched,
+)
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.aws.ec2 import Server, describe_servers
-from tasks.aws.ec2_writes import tag_instances, terminate_instances, wait_for_instances
+from tasks.aws.ec2_writes import tag_instances
 from tasks.aws.launch import (
     LaunchSource,
     describe_availability_zones,
     describe_launch_source,
     describe_zone_subnets,
-    find_launched,
-    launch_instance,
 )
 from tasks.ssh.app_servers import (
     describe_cache_settings,
@@ -357,7 +362,7 @@ def gather_add_server(scope: Scope, params: AddServerParams) -> AddServerFacts:
 
 
 def _launched(scope: Scope) -> list[Server]:
-    return find_launched(scope.rc.creds, RECORD_TAG, scope.run_id)
+    return launched_by_run(scope, RECORD_TAG)
 
 
 def _new_server(scope: Scope, plan: AddServerPlan) -> Target:
@@ -369,49 +374,24 @@ def _new_server(scope: Scope, plan: AddServerPlan) -> Target:
 
 def _launch(plan: AddServerPlan, params: AddServerParams):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, str]:
-        scope.record(run=scope.run_id, name=plan.name)
-        creds, env = scope.rc.creds, scope.env
-        found = _launched(scope)
-        if found:  # resumed: the instance this run launched before it was stopped
-            iid, summary = (
-                found[0].instance_id,
-                f"{plan.name} ({found[0].instance_id}) was launched before",
-            )
-        else:
-            tags = {
-                "Name": plan.name,
-                "deployment": env.deployment,
-                "environment": env.environment,
-                "role": pending(plan.role),
-                RECORD_TAG: scope.run_id,
-            }
-            result = launch_instance(
-                creds,
-                image_id=plan.image_id,
-                instance_type=plan.instance_type,
-                subnet_id=plan.subnet_id,
-                availability_zone=plan.availability_zone,
-                security_group_ids=plan.security_group_ids,
-                tags=tags,
-                dry_run=False,
-            )
-            assert result.instance_id is not None
-            iid, summary = result.instance_id, result.summary
-        scope.record(instance_id=iid)
-        (server,) = wait_for_instances(
-            creds, [iid], "running", timeout=params.launch_timeout_seconds, poll=1.0
+        server, summary = launch_or_find(
+            scope,
+            plan,
+            role_tag=pending(plan.role),
+            record_tag=RECORD_TAG,
+            timeout=params.launch_timeout_seconds,
         )
-        new = _target(server, env)
+        new = _target(server, scope.env)
         waited = wait_for_server(
             scope.pool,
             new.name,
             new.address,
-            groups=_groups(env, plan.role),
+            groups=_groups(scope.env, plan.role),
             ports=params.cache_ports if plan.role == "cache" else [],
             timeout=params.launch_timeout_seconds,
         )
         return {
-            "instance_id": iid,
+            "instance_id": server.instance_id,
             "address": new.address,
             "summary": f"{summary}; ready in {waited} s",
         }
@@ -421,13 +401,7 @@ def _launch(plan: AddServerPlan, params: AddServerParams):  # noqa: ANN202
 
 def _terminate(plan: AddServerPlan):  # noqa: ANN202
     def undo(scope: Scope, data: dict | None = None) -> dict[str, str]:
-        ids = {s.instance_id for s in _launched(scope)}
-        iid = (data or {}).get("instance_id")
-        if isinstance(iid, str) and iid.startswith("i-"):
-            ids.add(iid)
-        if not ids:
-            return {"summary": f"no instance of {plan.name} to terminate"}
-        return {"summary": terminate_instances(scope.rc.creds, sorted(ids), dry_run=False).summary}
+        return terminate_launched(scope, plan.name, RECORD_TAG, data)
 
     return undo
 

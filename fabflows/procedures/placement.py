@@ -1,5 +1,6 @@
-"""Where a new server goes: its availability zone, subnet and Name, as FabulAWS's ``fab new`` chose
-them (pure). Shared by the runbooks that launch a server (add-replica, add-server).
+"""Where a new server goes (its availability zone, subnet and Name, as FabulAWS's ``fab new`` chose
+them; pure) and the step that launches it. Shared by the runbooks that launch a server
+(add-replica, add-server).
 
 - Zones are the environment's ``avail_zones`` (FabulAWS lists letters: ``e`` is ``us-east-1e``),
   else every zone of the region; a zone asked for must exist in the region and be one of those.
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from config import EnvironmentConfig
-from tasks.aws.launch import LaunchSource
+from fabflows.runtime.engine import Scope
+from tasks.aws.ec2 import Server
+from tasks.aws.ec2_writes import terminate_instances, wait_for_instances
+from tasks.aws.launch import LaunchSource, find_launched, launch_instance
 
 
 class Placement(NamedTuple):
@@ -109,3 +113,71 @@ def choose_zone(
             problems.append(f"no usable availability zone ({where}: {', '.join(zones)})")
     subnet = subnet_of(chosen) if chosen and (vpc or chosen in configured_subnets) else None
     return Placement(chosen, subnet, problems, spread)
+
+
+# --------------------------------------------------------------------------- the launch step
+
+
+class LaunchPlan(Protocol):
+    """What a runbook's plan says about the server it launches."""
+
+    name: str
+    image_id: str
+    instance_type: str
+    subnet_id: str | None
+    availability_zone: str
+    security_group_ids: list[str]
+
+
+def launched_by_run(scope: Scope, record_tag: str) -> list[Server]:
+    """Instances this run launched (tagged ``record_tag=<run id>``), whatever their state."""
+    return find_launched(scope.rc.creds, record_tag, scope.run_id)
+
+
+def launch_or_find(
+    scope: Scope, plan: LaunchPlan, *, role_tag: str, record_tag: str, timeout: float
+) -> tuple[Server, str]:
+    """Launch the plan's server (or find the one this run launched before it was stopped: a
+    resumed run never launches twice), wait until it runs; (the server, what was done)."""
+    scope.record(run=scope.run_id, name=plan.name)
+    creds, env = scope.rc.creds, scope.env
+    found = launched_by_run(scope, record_tag)
+    if found:
+        iid = found[0].instance_id
+        summary = f"{plan.name} ({iid}) was launched before"
+    else:
+        result = launch_instance(
+            creds,
+            image_id=plan.image_id,
+            instance_type=plan.instance_type,
+            subnet_id=plan.subnet_id,
+            availability_zone=plan.availability_zone,
+            security_group_ids=plan.security_group_ids,
+            tags={
+                "Name": plan.name,
+                "deployment": env.deployment,
+                "environment": env.environment,
+                "role": role_tag,
+                record_tag: scope.run_id,
+            },
+            dry_run=False,
+        )
+        assert result.instance_id is not None
+        iid, summary = result.instance_id, result.summary
+    scope.record(instance_id=iid)
+    (server,) = wait_for_instances(creds, [iid], "running", timeout=timeout, poll=1.0)
+    return server, summary
+
+
+def terminate_launched(
+    scope: Scope, name: str, record_tag: str, data: dict | None = None
+) -> dict[str, str]:
+    """The launch step's undo: terminate what this run launched, found by its tag (even if the
+    run died before the journal had the id) and by the id the journal has."""
+    ids = {s.instance_id for s in launched_by_run(scope, record_tag)}
+    iid = (data or {}).get("instance_id")
+    if isinstance(iid, str) and iid.startswith("i-"):
+        ids.add(iid)
+    if not ids:
+        return {"summary": f"no instance of {name} to terminate"}
+    return {"summary": terminate_instances(scope.rc.creds, sorted(ids), dry_run=False).summary}
