@@ -31,6 +31,7 @@ import boto3
 
 from config import load_config
 from fabflows.testing.configs import moto_section, write_config
+from fabflows.testing.moto_server import ChangeWatch
 from sandbox.aws_seed import seed
 from sandbox.testhosts import HostSpec, TestHost, TestNetwork
 
@@ -403,8 +404,10 @@ class InstanceFollower:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("InstanceFollower must run on the main thread")
         deadline = time.monotonic() + timeout
+        watch = ChangeWatch(self.env.endpoint)
         while not future.done():
-            self.tick()
+            if watch.due():
+                self.tick()
             if time.monotonic() > deadline:
                 raise TimeoutError("the flow did not finish in time")
             time.sleep(interval)

@@ -13,7 +13,8 @@ instances need the same behaviour without a second process:
 
 Hosts must be started from the main thread (they die with the thread that launched them), so
 :meth:`Ec2HostMirror.run` runs the code under test in a worker thread while the main thread
-reconciles every ``interval`` seconds.
+reconciles, looking every ``interval`` seconds whether moto's state changed
+(:class:`~fabflows.testing.moto_server.ChangeWatch`).
 
 moto's state changes are immediate: ``stopped`` right after StopInstances. A runbook that stops and
 at once starts an instance again (a resize) would otherwise race the mirror and talk to the host
@@ -35,6 +36,7 @@ from urllib.parse import parse_qs
 
 import boto3
 
+from fabflows.testing.moto_server import ChangeWatch
 from sandbox.testhosts import HostSpec, TestHost, TestNetwork
 
 T = TypeVar("T")
@@ -203,11 +205,13 @@ class Ec2HostMirror:
                 result["error"] = exc
 
         worker = threading.Thread(target=target, name="under-test")
+        watch = ChangeWatch(self.endpoint)
         self._running = True
         try:
             worker.start()
             while worker.is_alive():
-                self.reconcile()
+                if watch.due() or self._stops or self._reboots:
+                    self.reconcile()
                 worker.join(interval)
         finally:
             self._running = False

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections import deque
 from io import BytesIO
@@ -22,6 +23,37 @@ os.environ.setdefault("MOTO_DISABLE_GLOBAL_CORS", "1")
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 _SCOPE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/")
+_READS = ("Describe", "Get", "List")
+# The servers of this process by endpoint, so that code following EC2 states in the same process
+# (test hosts mirroring instances) can tell whether anything changed since it last looked.
+_SERVERS: dict[str, MotoServer] = {}
+
+
+class ChangeWatch:
+    """Whether moto's state may have changed since the last look: a change counter, not a poll.
+
+    Following instance states by calling DescribeInstances every few hundred milliseconds costs
+    about 45 ms of CPU a call in the test process (moto serializes every instance). Every state
+    change comes from a request that is not a read, and this process's server counts those, so a
+    follower asks :meth:`due` and describes only when it says so. At least every ``fallback``
+    seconds it says so anyway; for a server not in this process it always does.
+    """
+
+    def __init__(self, endpoint: str, fallback: float = 2.0):
+        self._server = _SERVERS.get(endpoint.rstrip("/"))
+        self.fallback = fallback
+        self._seen = -1
+        self._last = 0.0
+
+    def due(self) -> bool:
+        if self._server is None:
+            return True
+        now = time.monotonic()
+        count = self._server.injector.changes
+        if count != self._seen or now - self._last >= self.fallback:
+            self._seen, self._last = count, now
+            return True
+        return False
 
 
 class FaultInjector:
@@ -32,6 +64,7 @@ class FaultInjector:
         self.faults: deque[dict[str, Any]] = deque()
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.changes = 0  # requests answered that may have changed a state (see ChangeWatch)
 
     def queue(
         self, service: str, action: str, code: str = "Throttling", status: int = 400, count: int = 1
@@ -78,7 +111,14 @@ class FaultInjector:
             self.requests.append((service, action))
         fault = self._take(service, action) if self.faults else None
         if fault is None:
-            return self.app(environ, start_response)
+            try:
+                return self.app(environ, start_response)
+            finally:  # counted once answered: a follower that sees the count sees the change
+                if not action.startswith(_READS) or environ.get("PATH_INFO", "").startswith(
+                    "/moto-api"
+                ):
+                    with self.lock:
+                        self.changes += 1
         rid = str(uuid.uuid4())
         code, msg = fault["code"], "Injected fault"
         if service == "ec2":
@@ -118,6 +158,7 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         self._thread.start()
+        _SERVERS[self.endpoint] = self
         return self
 
     def reset(self) -> None:
@@ -134,5 +175,6 @@ class MotoServer:
         self.injector.queue(service, action, code, status, count)
 
     def stop(self) -> None:
+        _SERVERS.pop(self.endpoint, None)
         self._server.shutdown()
         self._server.server_close()
