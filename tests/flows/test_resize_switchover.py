@@ -1,0 +1,208 @@
+"""resize-environment's switchover path for the primary: the plan table-tested (no peer), then the
+flow on real peers (moto, test hosts following EC2 states, a streaming replica, the sandbox's app
+behind pgbouncer, an HTTP probe through the app during the run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fabflows.procedures.promote_plan import AppServer
+from fabflows.procedures.resize_plan import (
+    ReplicaFact,
+    SwitchoverFacts,
+    plan_resize_environment,
+    resize_runbook_plan,
+)
+from tasks.aws.ec2 import Server
+from tasks.aws.ec2_writes import InstanceTypeInfo
+from tasks.postgres.failover import StandbyState
+from tasks.postgres.server import DbServer
+from tasks.ssh.fleet import FleetHost
+
+# --------------------------------------------------------------------------- the plan (pure)
+
+MIN = {"db-primary": 1740, "db-replica": 1740, "worker": 1740}
+TYPES = {
+    t: InstanceTypeInfo(instance_type=t, vcpus=2, memory_mib=m)
+    for t, m in (("m1.small", 1740), ("m5.large", 8192), ("m5.xlarge", 16384))
+}
+
+
+def _server(iid: str, role: str, itype: str = "m1.small", ip: str = "10.0.0.1") -> Server:
+    return Server(
+        instance_id=iid,
+        name=f"{role}-{iid}",
+        role=role,
+        deployment="myproject",
+        environment="staging",
+        instance_type=itype,
+        state="running",
+        private_ip_address=ip,
+    )
+
+
+def _db(s: Server) -> DbServer:
+    assert s.private_ip_address
+    return DbServer(
+        name=s.name or s.instance_id,
+        address=s.private_ip_address,
+        db_address=s.private_ip_address,
+        instance_id=s.instance_id,
+    )
+
+
+PRIMARY = _server("i-p", "db-primary", ip="10.0.0.1")
+R1 = _server("i-r1", "db-replica", ip="10.0.0.2")
+R2 = _server("i-r2", "db-replica", ip="10.0.0.3")
+WORKER = _server("i-wk", "worker", ip="10.0.0.9")
+APP = AppServer(
+    host=FleetHost(name="worker-i-wk", address="10.0.0.9", role="worker", instance_id="i-wk"),
+    groups=["HUP:staging-pgbouncer"],
+    database_hosts=["10.0.0.1"],
+)
+
+
+def _replica(s: Server, lag: int | None = 0, streaming: bool = True, slot: str = "") -> ReplicaFact:
+    return ReplicaFact(
+        server=_db(s),
+        instance_type=s.instance_type,
+        state=s.state,
+        standby=StandbyState(server=s.name or "", in_recovery=True, slot_name=slot),
+        streaming_from_primary=streaming,
+        lag_bytes=lag,
+    )
+
+
+def _facts(*replicas: ReplicaFact, blockers: tuple[str, ...] = ()) -> SwitchoverFacts:
+    return SwitchoverFacts(
+        primary=_db(PRIMARY),
+        replicas=list(replicas),
+        apps=[APP],
+        pgbouncer_blockers=list(blockers),
+        database="myproject_staging",
+    )
+
+
+def _plan(wanted, servers=(PRIMARY, R1, WORKER), facts=None, path="auto"):  # noqa: ANN001, ANN202
+    return plan_resize_environment(
+        "myproject/staging",
+        wanted,
+        list(servers),
+        None,
+        None,
+        known_types=TYPES,
+        unknown_types=[],
+        minimum_memory_mib=MIN,
+        cache_strategy="stop",
+        switchover_facts=facts,
+        primary_path=path,
+    )
+
+
+def _steps(p) -> list[str]:  # noqa: ANN001
+    rp = resize_runbook_plan(
+        p, title="t", goal_seconds=60, auto_scaling_group_name=None, launch_template=None
+    )
+    return [c.step for c in rp.changes]
+
+
+BOTH = {"db-primary": "m5.xlarge", "db-replica": "m5.large"}
+
+
+def test_switchover_with_a_streaming_replica() -> None:
+    p = _plan(BOTH, facts=_facts(_replica(R1, lag=0)))
+    assert p.primary_path == "switchover" and not p.problems
+    assert "db-replica-i-r1 streams from the primary (0 bytes behind)" in p.primary_reason
+    # each server ends with its new role's type: the replica the primary's, the old primary the
+    # replicas'; the replica first (one at a time), then the switchover
+    assert [(c.instance_id, c.strategy, c.wanted_type) for c in p.changes] == [
+        ("i-r1", "one-at-a-time", "m5.xlarge"),
+        ("i-p", "switchover", "m5.large"),
+    ]
+    sw = p.switchover
+    assert sw is not None and sw.new.instance_id == "i-r1" and sw.old.instance_id == "i-p"
+    assert sw.open_for == {"replica_db_primary_i_p": "10.0.0.1"}
+    assert sw.apps == [APP] and sw.database == "myproject_staging"
+    assert _steps(p) == [
+        "resize-db-replica-i-r1",
+        "switchover-pause",
+        "switchover-stop-db-primary-i-p",
+        "switchover-promote-db-replica-i-r1",
+        "switchover-retag",
+        "switchover-repoint",
+        "switchover-resume",
+        "switchover-rejoin-db-primary-i-p",
+        "resize-db-replica-i-p",
+    ]
+    rp = resize_runbook_plan(
+        p, title="t", goal_seconds=60, auto_scaling_group_name=None, launch_template=None
+    )
+    # the expected downtime is the switchover's pause, not the window's stop/start
+    assert rp.downtime_seconds == sw.expected_seconds < 60
+    text = rp.render_text()
+    assert "the primary takes the switchover path" in text
+    assert "becomes a streaming db-replica of db-replica-i-r1" in text
+    assert "no automatic way back" in text and "fabflows recover" in text
+    assert "upgrade-mode-on" not in text
+
+
+def test_least_lag_wins_and_other_replicas_follow() -> None:
+    facts = _facts(_replica(R1, lag=4096), _replica(R2, lag=0, slot="replica_r2host"))
+    p = _plan(BOTH, servers=(PRIMARY, R1, R2), facts=facts)
+    sw = p.switchover
+    assert sw is not None and sw.new.instance_id == "i-r2"
+    assert [f.instance_id for f in sw.followers] == ["i-r1"]
+    # a follower keeps its own slot name (primary_slot_name) when it has one
+    assert sw.open_for == {
+        "replica_db_primary_i_p": "10.0.0.1",
+        "replica_db_replica_i_r1": "10.0.0.2",
+    }
+    steps = _steps(p)
+    assert steps.index("resize-db-replica-i-r2") < steps.index("switchover-pause")
+    assert "switchover-follow-db-replica-i-r1" in steps
+    assert steps[-1] == "resize-db-replica-i-p"
+
+
+def test_only_the_primary_sized_and_the_replica_already_of_its_type() -> None:
+    big = _server("i-r1", "db-replica", "m5.xlarge", ip="10.0.0.2")
+    p = _plan({"db-primary": "m5.xlarge"}, servers=(PRIMARY, big), facts=_facts(_replica(big)))
+    assert p.primary_path == "switchover"
+    # nothing to resize on the replica; the old primary keeps its type as a replica
+    assert [(c.instance_id, c.strategy, c.wanted_type) for c in p.changes] == [
+        ("i-p", "switchover", "m1.small")
+    ]
+    assert "keeps its type" in p.changes[0].note
+    assert "db-replica db-replica-i-r1: m5.xlarge" in p.unchanged
+    assert "resize-db-replica-i-p" not in _steps(p)
+
+
+@pytest.mark.parametrize(
+    ("facts", "path", "reason"),
+    [
+        (None, "auto", "the primary's replication was not read"),
+        (_facts(), "auto", "no db-replica streams from the primary"),
+        (_facts(_replica(R1, streaming=False)), "auto", "no db-replica streams from the primary"),
+        (
+            _facts(_replica(R1), blockers=("w1: pgbouncer pool_mode = session",)),
+            "auto",
+            "pgbouncer cannot be paused (w1: pgbouncer pool_mode = session)",
+        ),
+        (_facts(_replica(R1)), "in-place", "primary_path is in-place"),
+    ],
+    ids=["not-read", "no-replica", "not-streaming", "pgbouncer", "asked"],
+)
+def test_falls_back_to_the_upgrade_window(facts, path, reason) -> None:  # noqa: ANN001
+    p = _plan(BOTH, facts=facts, path=path)
+    assert p.primary_path == "in-place" and reason in p.primary_reason
+    assert not p.problems and p.switchover is None
+    assert [(c.instance_id, c.strategy) for c in p.changes] == [
+        ("i-r1", "one-at-a-time"),
+        ("i-p", "window"),
+    ]
+    steps = _steps(p)
+    assert steps[1:] == ["upgrade-mode-on", "resize-window", "upgrade-mode-off"]
+
+
+def test_switchover_asked_for_but_impossible_is_refused() -> None:
+    p = _plan(BOTH, facts=_facts(), path="switchover")
+    assert p.problems == ["primary_path is switchover, but no db-replica streams from the primary"]
