@@ -34,7 +34,7 @@ MAX_SECRET_LENGTH = 4096
 # Entries that name a login (rotate-credentials' alternating users), kept in the block beside the
 # passwords and written to the servers the same way, but not secret: never redacted from logs
 # (a login such as ``deploy`` would otherwise mask that word everywhere in a message).
-LOGIN_NAMES = frozenset({"database_user", "broker_user"})
+LOGIN_NAMES = frozenset({"database_user", "broker_user", "replication_user"})
 
 
 def check_secret_name(name: str) -> str:

@@ -45,7 +45,9 @@ from fabflows.runtime.plan import Change, RunbookPlan
 from tasks.ssh.fleet import FleetHost, HostResult, RateControl, hosts_from_servers, run_fleet
 from tasks.ssh.remote import Remote
 
-Credential = Literal["database", "broker"]
+Credential = Literal["database", "broker", "replication"]
+DB_ROLES = ("db-primary", "db-replica")
+REPLICA_STEP = "switch-replica-"
 PROMOTE = "promote"
 PENDING_SUFFIX = "_pending"
 
@@ -65,6 +67,10 @@ class CredentialPlan(BaseModel):
     active: str = Field(description="The login the app uses now.")
     inactive: str = Field(description="The login that gets the new password.")
     checked_on: list[str] = Field(description="Addresses where the password is checked.")
+    followers: list[str] = Field(
+        default_factory=list,
+        description="replication: the replicas' addresses (each one switches to the new login).",
+    )
 
 
 class SwitchBatch(BaseModel):
@@ -84,6 +90,10 @@ class RotateCredentialsPlan(RunbookPlan):
     credentials: list[CredentialPlan] = Field(default_factory=list)
     batches: list[SwitchBatch] = Field(default_factory=list)
     specs: list[str] = Field(default_factory=list, description="Rendered files rewritten.")
+    replicas: list[FleetHost] = Field(
+        default_factory=list, description="Replicas moved to the new replication login, in order."
+    )
+    home: str = "/home/deploy"
 
 
 class RotationFacts(BaseModel):
@@ -96,16 +106,45 @@ class RotationFacts(BaseModel):
     spec_paths: dict[str, list[str]] = Field(description="role -> rendered files to rewrite")
     broker_user: str | None = Field(default=None, description="config secrets.broker_user")
     database_port: int = 5432
+    replica_logins: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="replica address -> the login its primary_conninfo names (None: unreadable)",
+    )
+    replica_status: dict[str, str] = Field(
+        default_factory=dict, description="replica address -> its WAL receiver's status"
+    )
 
 
 SECRETS = {
     "database": ("database_password", "database_user"),
     "broker": ("broker_password", "broker_user"),
+    "replication": ("replication_password", "replication_user"),
 }
 
 
 def base_user(kind: Credential, env: EnvironmentConfig, broker_user: str | None) -> str:
+    from tasks.postgres.replication_logins import REPLICATION_ROLE
+
+    if kind == "replication":
+        return REPLICATION_ROLE
     return env.database_user if kind == "database" else (broker_user or env.deploy_user)
+
+
+def default_credentials(hosts: list[FleetHost]) -> list[Credential]:
+    """database and broker; and replication when a db-replica streams from the primary."""
+    out: list[Credential] = ["database", "broker"]
+    return out + (["replication"] if any(h.role == "db-replica" for h in hosts) else [])
+
+
+def names_for(role: str, creds: list[CredentialPlan]) -> list[str]:
+    """The secret and login names a server of ``role`` holds for the rotated credentials: the
+    app's on every server, the replication pair on the database servers only (pure)."""
+    return [
+        n
+        for c in creds
+        if c.kind != "replication" or role in DB_ROLES
+        for n in (c.secret, c.user_secret)
+    ]
 
 
 def plan_rotate_credentials(
@@ -119,6 +158,7 @@ def plan_rotate_credentials(
     problems: list[str] = []
     changes: list[Change] = []
     creds: list[CredentialPlan] = []
+    replicas: list[FleetHost] = []
     if facts.pending:
         problems.append(
             f"block {facts.block_name} holds {', '.join(facts.pending)} from an unfinished "
@@ -133,11 +173,38 @@ def plan_rotate_credentials(
         except ValueError as exc:
             problems.append(f"{user_secret} in the block: {exc}")
             continue
-        role = "db-primary" if kind == "database" else "cache"
+        role = "cache" if kind == "broker" else "db-primary"
         where = [h for h in facts.hosts if h.role == role]
         if not where:
             problems.append(f"{env.label} has no running {role} server for the {kind} login")
             continue
+        followers = (
+            [h for h in facts.hosts if h.role == "db-replica"] if kind == "replication" else []
+        )
+        if kind == "replication":
+            if not followers:
+                problems.append(
+                    f"{env.label} has no running db-replica: no replication login to rotate"
+                )
+                continue
+            wrong = [
+                f"{h.label} streams as {facts.replica_logins.get(h.address) or 'an unreadable login'}"
+                for h in followers
+                if facts.replica_logins.get(h.address) != active
+            ]
+            stopped = [
+                f"{h.label} is {facts.replica_status.get(h.address) or 'not streaming'}"
+                for h in followers
+                if facts.replica_status.get(h.address) != "streaming"
+            ]
+            if wrong or stopped:
+                problems.append(
+                    f"replication login {active} (the block's {user_secret}): "
+                    + "; ".join(wrong + stopped)
+                    + " (reset-replicas first)"
+                )
+                continue
+            replicas = followers
         creds.append(
             CredentialPlan(
                 kind=kind,
@@ -147,29 +214,52 @@ def plan_rotate_credentials(
                 active=active,
                 inactive=inactive,
                 checked_on=[h.address for h in where],
+                followers=[h.address for h in followers],
             )
         )
         what = (
-            shown_password_statement(inactive)
-            if kind == "database"
-            else f"rabbitmqctl change_password {inactive} < stdin"
+            f"rabbitmqctl change_password {inactive} < stdin"
+            if kind == "broker"
+            else shown_password_statement(inactive)
         )
+        unused = "no replica uses" if kind == "replication" else "the app does not use"
         for h in where:
             changes.append(
                 Change(
                     target=h.label,
-                    action=f"new password on {inactive} (the login the app does not use)",
-                    detail=what + ("" if inactive != base + "_alt" else " (created if missing)"),
+                    action=f"new password on {inactive} (the login {unused})",
+                    detail=what
+                    + ("" if inactive != base + "_alt" else " (created if missing)")
+                    + (
+                        "; pg_hba.conf allows it from " + ", ".join(h.address for h in followers)
+                        if followers
+                        else ""
+                    ),
                     step="prepare",
                 )
             )
-    names = [n for c in creds for n in (c.secret, c.user_secret)]
+    for h in replicas:
+        c = next(c for c in creds if c.kind == "replication")
+        changes.append(
+            Change(
+                target=h.label,
+                action=f"stream as {c.inactive}",
+                detail="a .pgpass line for it (beside the old one), primary_conninfo user="
+                f"{c.inactive}, reload; wait until the primary serves it as {c.inactive}",
+                step=REPLICA_STEP + h.address,
+            )
+        )
     web = [h for h in facts.hosts if h.role == "web"]
     others = [h for h in facts.hosts if h.role != "web"]
     home = env.home.rstrip("/")
+    app_creds = any(c.kind != "replication" for c in creds)
 
     def paths(h: FleetHost) -> list[str]:
-        return [f"{home}/{n}" for n in names] + facts.spec_paths.get(h.role, [])
+        specs = facts.spec_paths.get(h.role, []) if app_creds else []
+        return [f"{home}/{n}" for n in names_for(h.role, creds)] + specs
+
+    web = [h for h in web if paths(h)]
+    others = [h for h in others if paths(h)]
 
     batches: list[SwitchBatch] = []
     if creds and others:
@@ -194,7 +284,12 @@ def plan_rotate_credentials(
                 changes.append(
                     Change(
                         target=h.label,
-                        action="use " + ", ".join(c.inactive for c in creds),
+                        action="use "
+                        + ", ".join(
+                            c.inactive
+                            for c in creds
+                            if c.kind != "replication" or h.role in DB_ROLES
+                        ),
                         detail=f"{len(b.paths[h.address])} file(s); {reload}",
                         step=b.step,
                     )
@@ -212,7 +307,8 @@ def plan_rotate_credentials(
                 Change(
                     target=", ".join(c.checked_on),
                     action=f"throwaway password on {c.active}",
-                    detail="the old secret stops working",
+                    detail="the old secret stops working"
+                    + (" (no replica uses it any more)" if c.kind == "replication" else ""),
                     step="retire",
                 )
             )
@@ -230,7 +326,9 @@ def plan_rotate_credentials(
         database_port=facts.database_port,
         credentials=creds,
         batches=batches,
-        specs=sorted({p for ps in facts.spec_paths.values() for p in ps}),
+        specs=sorted({p for ps in facts.spec_paths.values() for p in ps}) if app_creds else [],
+        replicas=replicas,
+        home=home,
     )
 
 
@@ -281,11 +379,13 @@ def _contents(scope: Scope, plan: RotateCredentialsPlan, values: dict[str, Secre
     from tasks.ssh.secrets import StagedFile
 
     env = scope.env
-    names = [n for c in plan.credentials for n in (c.secret, c.user_secret)]
     specs = [s for s in resolve_specs(scope.rc, ("app", "newrelic")) if s.path in plan.specs]
     hosts = [h for b in plan.batches for h in b.hosts]
     labels = {h.address: server_label(h) for h in hosts}
-    contents = desired_contents(env, hosts, names, specs, values, labels)
+    contents = {}
+    for h in hosts:  # the replication pair only on the database servers
+        names = names_for(h.role, plan.credentials)
+        contents.update(desired_contents(env, [h], names, specs, values, labels))
     wanted = {h.address: set(b.paths[h.address]) for b in plan.batches for h in b.hosts}
     return {
         address: [
@@ -481,11 +581,68 @@ def _switch_files(
     return f"{len(batch.hosts)} server(s) {verb}"
 
 
+REPLICA_TIMEOUT = 60.0
+"""How long a replica may take to stream again as the login its primary_conninfo names."""
+
+
+def _switch_replica(
+    scope: Scope, plan: RotateCredentialsPlan, host: FleetHost, *, undo: bool
+) -> str:
+    """Move one replica to the new replication login (or back): its ``.pgpass`` gets the new
+    login's line first, the old one kept (the old ``.pgpass`` kept as ``.fabflows-prev``), its
+    ``primary_conninfo`` names the new login, PostgreSQL reloads, and this waits until the primary
+    serves it as that login. Undo: ``primary_conninfo`` back first (the kept lines still hold the
+    old password), then the old ``.pgpass``, then it must stream as the old login again."""
+    from pydantic import SecretBytes
+
+    from tasks.postgres.replication_logins import (
+        PGPASS,
+        pgpass_with,
+        read_pgpass,
+        set_conninfo_user,
+        wait_streaming_as,
+    )
+    from tasks.ssh.secrets import StagedFile, restore, stage_files, swap_in
+
+    c = next(c for c in plan.credentials if c.kind == "replication")
+    replica = _remote(scope, host.address)
+    primary = _remote(scope, c.checked_on[0])
+    if undo:
+        set_conninfo_user(replica, c.active)
+        restore(replica, [PGPASS])
+        waited = wait_streaming_as(primary, host.address, c.active, timeout=REPLICA_TIMEOUT)
+        return f"{host.label} streams as {c.active} again ({waited:.1f} s)"
+    scope.record(servers=[host.address], paths={host.address: [PGPASS]})
+    pending = load_block(plan.block_name).get(_pending(c))
+    if pending is None:
+        raise RuntimeError(
+            f"block {plan.block_name} holds no pending {c.secret}: the rotation was undone"
+        )
+    logfilter.register_secret(pending)
+    content = pgpass_with(read_pgpass(replica).get_secret_value(), c.inactive, pending)
+    staged = StagedFile(
+        path=PGPASS,
+        owner="postgres",
+        mode=0o600,
+        content=SecretBytes(content.get_secret_value().encode()),
+    )
+    stage_files(replica, [staged])
+    swap_in(replica, [PGPASS])
+    set_conninfo_user(replica, c.inactive)
+    waited = wait_streaming_as(primary, host.address, c.inactive, timeout=REPLICA_TIMEOUT)
+    return f"{host.label} streams as {c.inactive} ({waited:.1f} s)"
+
+
 def _commit_files(scope: Scope, plan: RotateCredentialsPlan) -> None:
+    from tasks.postgres.replication_logins import PGPASS
     from tasks.ssh.secrets import commit
 
     hosts = [h for b in plan.batches for h in b.hosts]
-    paths = {a: p for b in plan.batches for a, p in b.paths.items()}
+    paths = {a: list(p) for b in plan.batches for a, p in b.paths.items()}
+    for h in plan.replicas:
+        if h.address not in paths:
+            hosts.append(h)
+        paths.setdefault(h.address, []).append(PGPASS)
     run_fleet(
         hosts,
         lambda remote, host: (commit(remote, paths[host.address]), HostResult(status="changed"))[1],
@@ -500,11 +657,20 @@ def _set_password(scope: Scope, plan: RotateCredentialsPlan, c: CredentialPlan, 
                   password: SecretStr, *, create: bool) -> None:  # fmt: skip
     from fabflows.upgrade_mode import ssh_options
     from tasks.postgres.login_roles import accepts, ensure_alternate_role, set_role_password
+    from tasks.postgres.replication_logins import (
+        allow_replication_login,
+        ensure_replication_login,
+    )
     from tasks.ssh.rabbitmq import change_password, ensure_user_like
 
     for address in c.checked_on:
         remote = _remote(scope, address)
-        if c.kind == "database":
+        if c.kind == "replication":
+            if create:
+                ensure_replication_login(remote, login)
+                allow_replication_login(remote, login, c.followers)
+            set_role_password(remote, login, password)
+        elif c.kind == "database":
             if create and login != c.base:
                 ensure_alternate_role(remote, login, c.base)
             set_role_password(remote, login, password)
@@ -512,11 +678,10 @@ def _set_password(scope: Scope, plan: RotateCredentialsPlan, c: CredentialPlan, 
             ensure_user_like(remote, login, c.active, password)
         else:
             change_password(remote, login, password)
-    if c.kind == "database" and create:
+    if c.kind != "broker" and create:
         opts = ssh_options(scope.rc)
-        if not accepts(
-            opts, c.checked_on[0], login, plan.database_name, password, plan.database_port
-        ):
+        database = plan.database_name if c.kind == "database" else "postgres"
+        if not accepts(opts, c.checked_on[0], login, database, password, plan.database_port):
             raise RuntimeError(f"PostgreSQL refuses {login} with its new password")
 
 
@@ -591,6 +756,19 @@ def rotation_steps(plan: RotateCredentialsPlan) -> list[Step]:
 
     steps = [Step("prepare", prepare, unprepare)]
 
+    def replica(host: FleetHost) -> Step:
+        def apply(scope: Scope) -> dict[str, Any]:
+            return {"summary": _switch_replica(scope, plan, host, undo=False)}
+
+        def undo(scope: Scope, data: dict) -> Any:
+            if _promoting(scope):
+                return _finish(scope, plan)
+            return {"summary": _switch_replica(scope, plan, host, undo=True)}
+
+        return Step(REPLICA_STEP + host.address, apply, undo)
+
+    steps += [replica(h) for h in plan.replicas]
+
     def switch(batch: SwitchBatch) -> Step:
         def apply(scope: Scope) -> dict[str, Any]:
             scope.record(servers=[h.address for h in batch.hosts], paths=batch.paths)
@@ -629,13 +807,16 @@ class RotateCredentialsParams(BaseModel):
     credentials: list[Credential] | None = Field(
         default=None,
         min_length=1,
-        description="Which passwords to rotate: database (the app's PostgreSQL login), broker. "
-        "Default: both.",
+        description="Which passwords to rotate: database (the app's PostgreSQL login), broker, "
+        "replication (the login the replicas stream with). Default: all (replication when the "
+        "environment has a db-replica).",
     )
 
     @property
     def chosen(self) -> list[Credential]:
-        return list(self.credentials or ["database", "broker"])
+        """What was asked for (all three when nothing was: the plan drops replication when no
+        replica runs)."""
+        return list(self.credentials or ["database", "broker", "replication"])
 
 
 class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCredentialsPlan]):
@@ -655,7 +836,12 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
         block = load_secrets(name)
         if block is None:
             raise BadInput(f"secrets block {name} does not exist: run pull-server-secrets first")
-        missing = [SECRETS[k][0] for k in params.chosen if block.get(SECRETS[k][0]) is None]
+        # the replication password need not be known: a rotation sets a new one on the other login
+        missing = [
+            SECRETS[k][0]
+            for k in params.chosen
+            if k != "replication" and block.get(SECRETS[k][0]) is None
+        ]
         if missing:
             raise BadInput(f"block {name} has no value for {', '.join(missing)}")
 
@@ -676,6 +862,7 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
             v = block.get(SECRETS[k][1])
             if v is not None:
                 active[SECRETS[k][1]] = v.get_secret_value()
+        replica_logins, replica_status = self._replication_facts(scope, hosts, params, active)
         names = {n for k in params.chosen for n in SECRETS[k]}
         spec_paths: dict[str, list[str]] = {}
         for spec in resolve_specs(rc, ("app", "newrelic")):
@@ -684,7 +871,7 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
                     spec_paths.setdefault(role, []).append(spec.path)
         pending = [
             SECRETS[k][0] + PENDING_SUFFIX
-            for k in ("database", "broker")
+            for k in ("database", "broker", "replication")
             if block.get(SECRETS[k][0] + PENDING_SUFFIX) is not None
         ]
         settings = rc.config.fabflows.secrets
@@ -696,12 +883,51 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
             spec_paths=spec_paths,
             broker_user=settings.broker_user,
             database_port=settings.database_port,
+            replica_logins=replica_logins,
+            replica_status=replica_status,
         )
+
+    def _replication_facts(
+        self,
+        scope: Scope,
+        hosts: list[FleetHost],
+        params: RotateCredentialsParams,
+        active: dict[str, str],
+    ) -> tuple[dict[str, str | None], dict[str, str]]:
+        """Which login each replica streams as (its primary_conninfo) and whether it streams; the
+        current login, when the block does not name it yet, from the primary's
+        ``<home>/replication_user`` (what a rotation wrote), else the provisioned one."""
+        from tasks.postgres.replication_logins import (
+            USER_SECRET,
+            conninfo_user,
+            primary_conninfo,
+            receiver_status,
+            replication_login,
+        )
+
+        replicas = [h for h in hosts if h.role == "db-replica"]
+        primary = next((h for h in hosts if h.role == "db-primary"), None)
+        if "replication" not in params.chosen or not replicas or primary is None:
+            return {}, {}
+        if USER_SECRET not in active:
+            active[USER_SECRET] = replication_login(_remote(scope, primary.address), scope.env.home)
+        logins: dict[str, str | None] = {}
+        status: dict[str, str] = {}
+        for h in replicas:
+            try:
+                remote = _remote(scope, h.address)
+                logins[h.address] = conninfo_user(primary_conninfo(remote))
+                status[h.address] = receiver_status(remote) or "not streaming"
+            except Exception as exc:  # noqa: BLE001 - reported by the plan, nothing changes
+                scope.log("%s: %s", h.label, exc, level="warning")
+                logins[h.address], status[h.address] = None, "unreachable"
+        return logins, status
 
     def plan(
         self, facts: RotationFacts, params: RotateCredentialsParams, env: EnvironmentConfig
     ) -> RotateCredentialsPlan:
-        return plan_rotate_credentials(facts, params.chosen, env)
+        chosen = params.credentials or default_credentials(facts.hosts)
+        return plan_rotate_credentials(facts, list(chosen), env)
 
     def steps(self, plan: RotateCredentialsPlan, params: RotateCredentialsParams) -> list[Step]:
         return rotation_steps(plan)
@@ -721,12 +947,12 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
             if user is None or password is None or user.get_secret_value() != c.inactive:
                 problems.append(f"block {plan.block_name}: {c.user_secret} is not {c.inactive}")
                 continue
-            if c.kind == "database":
+            if c.kind != "broker":
                 ok = accepts(
                     ssh_options(scope.rc),
                     c.checked_on[0],
                     c.inactive,
-                    plan.database_name,
+                    plan.database_name if c.kind == "database" else "postgres",
                     password,
                     plan.database_port,
                 )
@@ -736,4 +962,13 @@ class RotateCredentials(Runbook[RotateCredentialsParams, RotationFacts, RotateCr
                 )
             if not ok:
                 problems.append(f"{c.inactive} is refused with the block's password")
+            if c.kind == "replication":
+                from tasks.postgres.replication_logins import streaming_logins
+
+                serving = streaming_logins(_remote(scope, c.checked_on[0]))
+                problems += [
+                    f"the replica {a} streams as {serving.get(a) or 'nothing'}, not {c.inactive}"
+                    for a in c.followers
+                    if serving.get(a) != c.inactive
+                ]
         return problems

@@ -15,6 +15,7 @@ import requests
 
 from blocks.secrets import ServerSecrets
 from fabflows import logfilter
+from fabflows.procedures.credential_rotation import RotateCredentials as RotateCredentialsRunbook
 from fabflows.procedures.credential_rotation import RotationFacts, plan_rotate_credentials
 from fabflows.testing import faults
 from fabflows.testing.app_env import AppEnv, build_app_env
@@ -92,6 +93,60 @@ def test_plan(active, pending, creds, inactive, problem) -> None:
         assert "/u.txt" in web and f"{HOME}/database_user" in web
         assert plan.downtime_seconds is None
         assert "********" in plan.render_text()
+
+
+REPLICA = FleetHost(name="replica", address="10.0.0.6", role="db-replica")
+
+
+@pytest.mark.parametrize(
+    ("logins", "status", "block_user", "problem"),
+    [
+        ({"10.0.0.6": "replicator"}, {"10.0.0.6": "streaming"}, None, ""),
+        ({"10.0.0.6": "replicator_alt"}, {"10.0.0.6": "streaming"}, "replicator_alt", ""),
+        ({"10.0.0.6": "replicator_alt"}, {"10.0.0.6": "streaming"}, None, "streams as"),
+        ({"10.0.0.6": "replicator"}, {"10.0.0.6": "stopping"}, None, "reset-replicas"),
+    ],
+)
+def test_plan_replication(logins, status, block_user, problem) -> None:
+    from fabflows.procedures.credential_rotation import default_credentials
+
+    hosts = [*HOSTS, REPLICA]
+    facts = RotationFacts(
+        block_name=BLOCK,
+        hosts=hosts,
+        active={"replication_user": block_user} if block_user else {},
+        pending=[],
+        spec_paths={"web": ["/u.txt"]},
+        replica_logins=logins,
+        replica_status=status,
+    )
+    assert default_credentials(hosts) == ["database", "broker", "replication"]
+    assert default_credentials(HOSTS) == ["database", "broker"]
+    plan = plan_rotate_credentials(facts, default_credentials(hosts), _env())
+    if problem:
+        assert problem in " ".join(plan.problems)
+        assert "replication" not in [c.kind for c in plan.credentials]
+        return
+    assert not plan.problems
+    (repl,) = [c for c in plan.credentials if c.kind == "replication"]
+    expected = "replicator" if block_user else "replicator_alt"
+    assert (repl.active, repl.inactive) == (block_user or "replicator", expected)
+    assert repl.checked_on == ["10.0.0.1"] and repl.followers == ["10.0.0.6"]
+    assert [h.address for h in plan.replicas] == ["10.0.0.6"]
+    steps = [s.name for s in RotateCredentialsRunbook().steps(plan, None)]
+    assert steps[:3] == ["prepare", "switch-replica-10.0.0.6", "switch-other-servers"]
+    assert steps[-3:] == ["promote", "retire", "commit"]
+    # the replication pair goes to the database servers only
+    others = plan.batches[0].paths
+    assert f"{HOME}/replication_user" in others["10.0.0.6"]
+    assert f"{HOME}/replication_password" in others["10.0.0.1"]
+    assert f"{HOME}/replication_password" not in others["10.0.0.3"]
+    assert not [p for p in plan.batches[1].paths["10.0.0.4"] if "replication" in p]
+    assert f"stream as {expected}" in plan.render_text()
+    # replication alone: no web server switches
+    alone = plan_rotate_credentials(facts, ["replication"], _env())
+    assert [b.step for b in alone.batches] == ["switch-other-servers"]
+    assert {h.role for h in alone.batches[0].hosts} == {"db-primary", "db-replica"}
 
 
 # --------------------------------------------------------------------------- real peers
