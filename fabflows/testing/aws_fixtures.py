@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
@@ -50,9 +51,16 @@ def _hide_user_aws_and_ssh() -> Iterator[None]:
 
 def boto_client(server: MotoServer, service: str, region: str = "us-east-1"):
     """A boto3 client on the moto server, for test set-up and assertions."""
+    return _cached_client(server.endpoint, service, region)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_client(endpoint: str, service: str, region: str):  # noqa: ANN202
+    """One client per endpoint, service and region: making one costs ~70 ms of CPU, and boto3's
+    clients are safe to share between threads."""
     return boto3.client(
         service,
-        endpoint_url=server.endpoint,
+        endpoint_url=endpoint,
         region_name=region,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
