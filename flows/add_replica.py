@@ -37,6 +37,7 @@ from tasks.postgres.replica_setup import (
     wait_for_db_server,
 )
 from tasks.postgres.replication import describe_primary_replication, describe_replica_replication
+from tasks.postgres.replication_logins import current_login
 from tasks.postgres.server import DbServer
 from tasks.ssh.database_settings import describe_database_settings
 
@@ -297,10 +298,18 @@ def _build(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202
         scope.record(slot=plan.slot, address=new.db_address, instance_id=new.instance_id)
         pool, primary = scope.pool, plan.primary
         data_directory = wait_for_db_server(pool, new, timeout=params.launch_timeout_seconds)
+        # the login replicas stream with now (rotate-credentials alternates two)
+        role = current_login(pool, primary, scope.env.home)
         install_replication_password(
-            pool, primary, new, home=scope.env.home, owner=scope.env.deploy_user, dry_run=False
+            pool,
+            primary,
+            new,
+            home=scope.env.home,
+            owner=scope.env.deploy_user,
+            dry_run=False,
+            role=role,
         )
-        prepare_primary_for(pool, primary, new.db_address, plan.slot, dry_run=False)
+        prepare_primary_for(pool, primary, new.db_address, plan.slot, dry_run=False, role=role)
         progress = Progress(
             f"{FLOW_NAME}-{plan.name}",
             total=database_bytes(pool, primary),
@@ -316,6 +325,7 @@ def _build(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202
             data_directory=data_directory,
             on_progress=progress.update,
             timeout=params.copy_timeout_seconds,
+            role=role,
         )
         progress.finish()
         return {
@@ -344,7 +354,10 @@ def _unbuild(plan: AddReplicaPlan):  # noqa: ANN202
         address = data.get("address") or (
             _db_server(running[0], scope.env).db_address if running else None
         )
-        result = remove_replica_slot(scope.pool, plan.primary, plan.slot, address, dry_run=False)
+        role = current_login(scope.pool, plan.primary, scope.env.home)
+        result = remove_replica_slot(
+            scope.pool, plan.primary, plan.slot, address, dry_run=False, role=role
+        )
         done.append(result.summary)
         return {"summary": "; ".join(done)}
 

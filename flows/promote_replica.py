@@ -41,6 +41,7 @@ from tasks.postgres.failover import (
     probe_from_replica,
     promote_standby,
 )
+from tasks.postgres.replication_logins import current_login
 from tasks.postgres.server import DbServer
 from tasks.ssh.database_settings import describe_database_settings, repoint_database
 from tasks.ssh.fleet import FleetHost
@@ -197,7 +198,9 @@ def _promote(plan: PromoteReplicaPlan):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, str]:
         assert plan.new is not None
         promoted = promote_standby(scope.pool, plan.new, dry_run=False)
-        opened = allow_replication(scope.pool, plan.new, plan.open_for, dry_run=False)
+        # the other replicas keep the login they stream with (rotate-credentials alternates two)
+        role = current_login(scope.pool, plan.new, scope.env.home)
+        opened = allow_replication(scope.pool, plan.new, plan.open_for, dry_run=False, role=role)
         return {"summary": f"{promoted.summary}; {opened.summary}"}
 
     return apply

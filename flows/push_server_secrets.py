@@ -7,7 +7,8 @@ from typing import Literal
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from blocks.secrets import secrets_block_name
+from blocks.secrets import ServerSecrets, secrets_block_name
+from fabflows.errors import BadInput
 from fabflows.procedures.secret_files import (
     AuthChange,
     FileChange,
@@ -57,7 +58,39 @@ class PushServerSecrets(SecretFilesRunbook):
         block_name = secrets_block_name(
             rc.env.deployment, rc.env.environment, rc.config.fabflows.secrets.block
         )
-        return block_name, names, check_block(load_secrets(block_name), block_name, names)
+        block = load_secrets(block_name)
+        values = check_block(block, block_name, names)
+        assert block is not None
+        return block_name, *active_logins(block, block_name, names, values)
+
+
+def active_logins(
+    block: ServerSecrets, block_name: str, names: list[str], values: dict[str, SecretStr]
+) -> tuple[list[str], dict[str, SecretStr]]:
+    """The names and values to push, with the login each pushed password belongs to.
+
+    rotate-credentials alternates two logins per password and names the one in use in the block
+    (``database_user``, ``broker_user``) and on the servers (``<home>/database_user``...): the
+    push writes that login with its password (the files, pgbouncer's userlist, the role whose
+    password changes), never the config's original login, which after a rotation has a
+    throwaway password. A block holding a rotation's pending password is refused.
+    """
+    pending = [n for n in block.names_set() if n.endswith("_pending")]
+    if pending:
+        raise BadInput(
+            f"block {block_name} holds {', '.join(pending)} from an unfinished rotate-credentials "
+            "run: run `fabflows recover` first"
+        )
+    names, values = list(names), dict(values)
+    for password, login in (
+        ("database_password", "database_user"),
+        ("broker_password", "broker_user"),
+    ):
+        value = block.get(login)
+        if password in names and login not in names and value is not None:
+            names.append(login)
+            values[login] = value
+    return names, values
 
 
 RUNBOOK = PushServerSecrets()

@@ -16,6 +16,7 @@ from tasks.aws.ec2 import Server, describe_servers
 from tasks.postgres.failover import describe_standby, slot_for
 from tasks.postgres.rebuild import database_bytes, prepare_primary_for, rebuild_replica
 from tasks.postgres.replication import describe_primary_replication, describe_replica_replication
+from tasks.postgres.replication_logins import current_login
 from tasks.postgres.server import DbServer, remote_for
 
 FLOW_NAME = "reset-replicas"
@@ -135,8 +136,16 @@ def _target(scope: Scope, server: DbServer) -> ReplicaTarget:
 def _rebuild(plan: ResetReplicasPlan, target: ReplicaTarget, params: ResetReplicasParams):  # noqa: ANN202
     def apply(scope: Scope) -> dict[str, str]:
         assert plan.primary is not None
+        # the login replicas stream with now (rotate-credentials alternates two): its line is
+        # in the replica's .pgpass
+        role = current_login(scope.pool, plan.primary, scope.env.home)
         prepare_primary_for(
-            scope.pool, plan.primary, target.server.db_address, target.slot, dry_run=False
+            scope.pool,
+            plan.primary,
+            target.server.db_address,
+            target.slot,
+            dry_run=False,
+            role=role,
         )
         total = database_bytes(scope.pool, plan.primary)
         progress = Progress(
@@ -154,6 +163,7 @@ def _rebuild(plan: ResetReplicasPlan, target: ReplicaTarget, params: ResetReplic
             data_directory=target.data_directory,
             on_progress=progress.update,
             timeout=params.copy_timeout_seconds,
+            role=role,
         )
         progress.finish()
         return {"summary": result.summary}

@@ -28,7 +28,8 @@ def rotate_credentials(
     credentials: list[Credential] | None = None,
     window_override_reason: str | None = None,
 ) -> RunbookReport:
-    """Rotate the app's PostgreSQL and RabbitMQ passwords with two logins each, so no request fails.
+    """Rotate the app's PostgreSQL and RabbitMQ passwords and the replicas' replication password
+    with two logins each, so no request fails and replication never stops.
 
     push-server-secrets changes a database or broker password in place, inside a short upgrade
     window (seconds of error page): the old password stops working the moment the new one is set,
@@ -43,6 +44,13 @@ def rotate_credentials(
       to the group). Passwords are set as `postgres` over SSH, as SCRAM verifiers on psql's stdin.
     - Broker: `<broker_user>` and `<broker_user>_alt` (same tags and vhost permissions), passwords
       on `rabbitmqctl`'s stdin.
+    - Replication (when the environment has a db-replica): `replicator` and `replicator_alt`
+      (`REPLICATION LOGIN`, allowed by the primary's `pg_hba.conf` from every replica). Each
+      replica moves in its own step: its `.pgpass` gets the new login's line beside the old one,
+      its `primary_conninfo` names the new login, PostgreSQL reloads (the WAL receiver reconnects
+      at once), and the step waits until the primary serves it as the new login. The db servers'
+      `<home>/replication_user` and `<home>/replication_password` name the login in use
+      (add-replica, reset-replicas and promote-replica read them); the block holds the same pair.
     - The app's login is named on every server by `<home>/database_user` (`broker_user`) beside
       `<home>/database_password` (`broker_password`); the secrets block holds the same pair.
 
@@ -65,7 +73,8 @@ def rotate_credentials(
     block's change and which login is retired. Never a value.
 
     **Steps** (journaled): `prepare` (the new passwords kept in the block as pending, set on the
-    unused logins, checked by logging in), `switch-other-servers`, one `switch-web-<address>` per
+    unused logins, checked by logging in), one `switch-replica-<address>` per replica,
+    `switch-other-servers`, one `switch-web-<address>` per
     web server (out of the load balancers while it switches, like the rolling secret rollouts;
     back in once it answers its health check), `promote` (the block's pair becomes the new
     login and password), `retire` (the old login's password replaced by a throwaway), `commit`.
@@ -83,7 +92,8 @@ def rotate_credentials(
         deployment: Deployment (default: the config's default_deployment).
         config: Path of the config file (default: $FABFLOWS_CONFIG or ./fabflows.yaml).
         dry_run: Only show the plan (default). Set false to apply it.
-        credentials: Which to rotate: database, broker (default: both).
+        credentials: Which to rotate: database, broker, replication (default: all; replication
+            only when a db-replica runs).
         window_override_reason: Apply outside the maintenance window, for this recorded reason.
     """
     return execute(RUNBOOK, locals())

@@ -2,14 +2,18 @@
 
 Each credential has two logins: the database's ``<database_user>`` (the group role that owns the
 objects) and ``<database_user>_alt`` (a member acting as it), the broker's ``<broker_user>`` and
-``<broker_user>_alt`` (same tags and vhost permissions). The app uses one of them, named on every
+``<broker_user>_alt`` (same tags and vhost permissions), the replication ``replicator`` and
+``replicator_alt`` (:mod:`tasks.postgres.replication_logins`). The app uses one of them, named on every
 server by the file ``<home>/database_user`` (``broker_user``) beside ``<home>/database_password``
 (``broker_password``); the secrets block holds the same pair. A rotation:
 
 1. ``prepare``: a new password for each credential is generated and kept in the block as
    ``<secret>_pending`` (before anything uses it), then set on the login the app does **not**
    use (created the first time), and checked by logging in with it;
-2. ``switch-other-servers`` then one ``switch-web-<address>`` per web server: the user and
+2. one ``switch-replica-<address>`` per replica (replication login: its ``.pgpass`` gets the new
+   login's line beside the old one, ``primary_conninfo`` names it, reload, and the primary must
+   serve it as the new login before the next one), then
+   ``switch-other-servers`` then one ``switch-web-<address>`` per web server: the user and
    password files and the files rendered from them (pgbouncer's userlist) are swapped in (the
    old ones kept as ``.fabflows-prev``), pgbouncer reloads its userlist (SIGHUP), gunicorn
    reloads its workers gracefully (SIGHUP: new workers first, old ones finish their requests),
@@ -199,7 +203,7 @@ def plan_rotate_credentials(
             ]
             if wrong or stopped:
                 problems.append(
-                    f"replication login {active} (the block's {user_secret}): "
+                    f"replication login {active} (the one in use): "
                     + "; ".join(wrong + stopped)
                     + " (reset-replicas first)"
                 )

@@ -563,6 +563,10 @@ def gather_auth(
     env = ctx.env
     settings = ctx.config.fabflows.secrets
     auth: list[AuthChange] = []
+    # the logins in use (rotate-credentials alternates two; the block names the current one)
+    db_user = values["database_user"].get_secret_value() if "database_user" in values else None
+    db_user = db_user or env.database_user
+    broker_user = values["broker_user"].get_secret_value() if "broker_user" in values else None
     if "database_password" in names:
         db, current = reference_value(pool, hosts, "db-primary", env.home, "database_password")
         new = values["database_password"]
@@ -574,8 +578,8 @@ def gather_auth(
             auth.append(
                 AuthChange(
                     secret="database_password",
-                    where=f"PostgreSQL role {env.database_user} on {labels[db.address]}",
-                    what=shown_statement(env.database_user),
+                    where=f"PostgreSQL role {db_user} on {labels[db.address]}",
+                    what=shown_statement(db_user),
                     addresses=[db.address],
                 )
             )
@@ -583,7 +587,7 @@ def gather_auth(
         caches = [h for h in hosts if h.role == "cache"]
         cache, current = reference_value(pool, hosts, "cache", env.home, "broker_password")
         new = values["broker_password"]
-        user = settings.broker_user or env.deploy_user
+        user = broker_user or settings.broker_user or env.deploy_user
         if (
             cache is not None
             and current is not None

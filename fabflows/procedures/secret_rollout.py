@@ -503,10 +503,11 @@ def _passwords(runbook: SecretFilesRunbook, plan: PushServerSecretsPlan, undo: b
             current, wanted = (new, old) if undo else (old, new)
             try:
                 if a.secret == "database_password":
+                    login = values.get("database_user")  # the login in use (rotations)
                     alter_role_password(
                         ssh_options(rc),
                         server=a.addresses[0],
-                        role=env.database_user,
+                        role=login.get_secret_value() if login else env.database_user,
                         database=env.database_name,
                         port=settings.database_port,
                         current=current,
@@ -515,7 +516,12 @@ def _passwords(runbook: SecretFilesRunbook, plan: PushServerSecretsPlan, undo: b
                     )
                 else:
                     hosts = [h.fleet_host for h in plan.hosts if h.address in a.addresses]
-                    user = settings.broker_user or env.deploy_user
+                    login = values.get("broker_user")  # the login in use (rotations)
+                    user = (
+                        login.get_secret_value()
+                        if login
+                        else (settings.broker_user or env.deploy_user)
+                    )
                     change_broker_password(scope.pool, hosts, user, current, wanted, dry_run=False)
             except Exception as exc:
                 if not undo:

@@ -123,6 +123,8 @@ def install_replication_password(
     target = remote_for(pool, replica, dry_run=dry_run)
     for dest, user, text, fmt in (
         (path, owner, SecretStr(password), "%s"),
+        # which login it is (rotate-credentials alternates two): read back by promote-replica
+        (secret_path(home, "replication_user"), owner, SecretStr(role), "%s"),
         (PGPASS, "postgres", line, "%s\\n"),
     ):
         run_with_secret(
@@ -137,7 +139,7 @@ def install_replication_password(
         changed=True,
         dry_run=dry_run,
         summary=f"{verb} the replication password from {primary.name} to {replica.name} "
-        f"({path}, {PGPASS})",
+        f"({path}, {PGPASS}; login {role})",
     )
 
 

@@ -26,7 +26,8 @@ import time
 from psycopg import sql
 from pydantic import SecretStr
 
-from tasks.postgres.server import read_sql, write_sql
+from tasks.postgres.server import DbServer, read_sql, remote_for, write_sql
+from tasks.ssh.connection import ConnectionPool
 from tasks.ssh.remote import Remote
 from tasks.ssh.secrets import secret_path
 
@@ -198,3 +199,9 @@ def set_conninfo_user(remote: Remote, login: str) -> bool:
     statement = sql.SQL("ALTER SYSTEM SET primary_conninfo = {}").format(sql.Literal(wanted))
     write_sql(remote, [statement, "SELECT pg_reload_conf()"])
     return True
+
+
+def current_login(pool: ConnectionPool, server: DbServer, home: str) -> str:
+    """:func:`replication_login` on a db server of the run's pool (the primary, or a replica
+    about to be promoted). Read only."""
+    return replication_login(remote_for(pool, server), home)

@@ -28,6 +28,7 @@ from tasks.http.probe import HttpProbe
 from tasks.ssh.fleet import FleetHost
 
 BLOCK = "myproject-staging-secrets"
+PGPASS = "/var/lib/postgresql/.pgpass"
 HOME = "/home/deploy"
 DB = "myproject_staging"
 
@@ -162,7 +163,7 @@ def stack(test_network, tmp_path_factory, prefect_server):
         tmp_path_factory.mktemp("rotate"),
         site_url=proxy.url,
         rabbitmq=True,
-        replicas=False,
+        replicas=True,
         fabflows_extra={"newrelic": {"healthy_timeout_seconds": 30, "drain_seconds": 0.5}},
         prefix="rc",
     )
@@ -184,15 +185,91 @@ def _block() -> dict[str, str]:
     return {n: block.get(n).get_secret_value() for n in block.names_set()}
 
 
-def _db_accepts(env: AppEnv, user: str, password: str) -> bool:
+def _db_accepts(env: AppEnv, user: str, password: str, dbname: str = DB) -> bool:
     try:
         psycopg.connect(
-            host=env.db_host.ip, user=user, dbname=DB, password=password, connect_timeout=5
+            host=env.db_host.ip, user=user, dbname=dbname, password=password, connect_timeout=5
         ).close()
     except psycopg.OperationalError as exc:
         assert "password authentication failed" in str(exc), exc
         return False
     return True
+
+
+def _sql(host, query: str) -> str:
+    return host.exec(
+        ["runuser", "-u", "postgres", "--", "psql", "-XAtq", "-d", "postgres", "-c", query]
+    ).stdout.strip()
+
+
+def _streaming(env: AppEnv) -> dict[str, str]:
+    """replica address -> the login the primary serves it as (streaming ones only)."""
+    out = _sql(
+        env.db_host,
+        "SELECT host(client_addr), usename FROM pg_stat_replication WHERE state = 'streaming'",
+    )
+    return dict(ln.split("|", 1) for ln in out.splitlines() if "|" in ln)
+
+
+def _replication_hba(env: AppEnv) -> list[str]:
+    hba = _sql(env.db_host, "SHOW hba_file")
+    lines = env.db_host.exec(["cat", hba]).stdout.splitlines()
+    return sorted(ln for ln in lines if ln.startswith("host") and " replication " in ln)
+
+
+class ReplicationWatch:
+    """Polls the primary's pg_stat_replication every 100 ms in a thread: for each replica, the
+    longest time it was not streaming and the largest replay lag (bytes) seen."""
+
+    def __init__(self, env: AppEnv):
+        import threading
+
+        self.env = env
+        self.replicas = [h.ip for h in env.by_role("db-replica")]
+        self.longest_gap = dict.fromkeys(self.replicas, 0.0)
+        self.max_lag = 0
+        self.samples = 0
+        self.logins: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        down_since: dict[str, float] = {}
+        while not self._stop.is_set():
+            out = _sql(
+                self.env.db_host,
+                "SELECT host(client_addr), usename, "
+                "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint "
+                "FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            now = time.monotonic()
+            seen = {}
+            for ln in out.splitlines():
+                address, login, lag = ln.split("|")
+                seen[address] = login
+                self.max_lag = max(self.max_lag, int(lag))
+            self.logins |= set(seen.values())
+            for r in self.replicas:
+                if r in seen:
+                    if r in down_since:
+                        gap = now - down_since.pop(r)
+                        self.longest_gap[r] = max(self.longest_gap[r], gap)
+                else:
+                    down_since.setdefault(r, now)
+            self.samples += 1
+            self._stop.wait(0.1)
+        for r in down_since:  # still down at the end
+            self.longest_gap[r] = float("inf")
+
+    def __enter__(self) -> ReplicationWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def _cache(env: AppEnv):
@@ -221,23 +298,35 @@ def test_rotation_no_failed_request(stack) -> None:
     config = str(env.config_path)
     dry = rotate_credentials(environment="staging", config=config)
     assert dry.outcome != "failed", dry.render_text()
+    replicas = env.by_role("db-replica")
+    assert replicas and set(_streaming(env).values()) == {"replicator"}
     for step in ("prepare", "switch-other-servers", "promote", "retire"):
         assert step in dry.plan_text
+    assert f"switch-replica-{replicas[0].ip}" in dry.plan_text
+    assert env.replication_password not in dry.plan_text
     assert len({ln for ln in dry.plan_text.splitlines() if "switch-web-" in ln}) == 2
     for value in env.secrets.values():
         assert value not in dry.plan_text
     before = _block()
+    old_repl_pw = env.replication_password  # the provisioned one (not in the block yet)
+    hba_rounds = []
     for round_, (old_user, new_user, old_broker, new_broker) in enumerate(
         [
             ("dbuser", "dbuser_alt", "deploy", "deploy_alt"),
             ("dbuser_alt", "dbuser", "deploy_alt", "deploy"),
         ]
     ):
+        old_repl, new_repl = ("replicator", "replicator_alt")[:: 1 if round_ == 0 else -1]
         probe = HttpProbe(proxy.url).start()
         try:
-            report = rotate_credentials(environment="staging", config=config, dry_run=False)
+            with ReplicationWatch(env) as watch:
+                report = rotate_credentials(environment="staging", config=config, dry_run=False)
         finally:
             summary = probe.stop()
+        # replication never broke: each replica reconnected as the new login at once
+        assert watch.samples > 20 and watch.logins == {old_repl, new_repl}, watch.logins
+        assert max(watch.longest_gap.values()) < 5.0, (round_, watch.longest_gap)
+        assert watch.max_lag < 16 * 1024 * 1024, watch.max_lag
         assert [s.name for s in report.steps][-3:] == ["promote", "retire", "commit"]
         assert not report.problems, report.render_text()
         assert summary.samples > 20
@@ -253,6 +342,25 @@ def test_rotation_no_failed_request(stack) -> None:
         assert not _db_accepts(env, old_user, before["database_password"])
         assert broker_accepts(_cache(env), new_broker, new_broker_pw)
         assert not broker_accepts(_cache(env), old_broker, before["broker_password"])
+        # the replication login: the new password works, the old one is dead, every replica
+        # streams as the new login and its files name it
+        assert after["replication_user"] == new_repl
+        new_repl_pw = after["replication_password"]
+        assert new_repl_pw != old_repl_pw
+        assert _db_accepts(env, new_repl, new_repl_pw, "postgres")
+        assert not _db_accepts(env, old_repl, old_repl_pw, "postgres")
+        assert _streaming(env) == dict.fromkeys((r.ip for r in replicas), new_repl)
+        for host in [env.db_host, *replicas]:
+            files = host.exec(
+                ["cat", f"{HOME}/replication_user", f"{HOME}/replication_password"]
+            ).stdout
+            assert files == new_repl + new_repl_pw, host.name
+        for r in replicas:
+            assert f"user={new_repl} " in _sql(r, "SHOW primary_conninfo")
+            assert new_repl_pw.replace(":", "\\:") in r.exec(["cat", PGPASS]).stdout
+            assert "fabflows" not in r.exec(["ls", "-a", "/var/lib/postgresql"]).stdout
+        hba_rounds.append(_replication_hba(env))
+        old_repl_pw = new_repl_pw
         _servers_use(env, new_user)
         _app_writes(env, proxy)
         # passwords are masked in this process's logs from now on; login names are not secrets
@@ -267,6 +375,9 @@ def test_rotation_no_failed_request(stack) -> None:
             ).stdout
             assert "fabflows" not in listing, host.name
         before = after
+    # the second run rotated and added nothing: the same pg_hba lines, each once
+    assert hba_rounds[0] == hba_rounds[1] == sorted(set(hba_rounds[1]))
+    assert len(hba_rounds[1]) == 2 * len(replicas)
     # what the app created as the alternate login belongs to the group role
     owners = env.db_host.exec(
         [
@@ -279,12 +390,15 @@ def test_rotation_no_failed_request(stack) -> None:
 
 
 @pytest.mark.parametrize(
-    "boundary", ["web1", pytest.param("retire", marks=pytest.mark.crash_matrix)]
-)  # make test keeps the mid-rollout kill point; the other runs in make crash-matrix
+    "boundary",
+    ["switch-other-servers", "web1", pytest.param("retire", marks=pytest.mark.crash_matrix)],
+)  # make test keeps the kill points after the replicas moved and mid-rollout; the other runs in
+# make crash-matrix
 def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
     env, proxy = stack
     before = _block()
     old_user = before.get("database_user", "dbuser")
+    old_repl = before.get("replication_user", "replicator")
     if boundary.startswith("web"):
         webs = sorted(h.ip for h in env.by_role("web"))
         boundary = f"switch-web-{webs[int(boundary[3:])]}"
@@ -301,11 +415,21 @@ def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
     after = _block()
     assert not [n for n in after if n.endswith("_pending")]
     user, password = after.get("database_user", "dbuser"), after["database_password"]
+    repl = after.get("replication_user", "replicator")
     if boundary == "retire":  # promote had run: finished forward
-        assert user != old_user
+        assert user != old_user and repl != old_repl
         assert not _db_accepts(env, old_user, before["database_password"])
     else:  # back on the old login, whose password never changed
         assert user == old_user and password == before["database_password"]
+        assert repl == old_repl
+    # every replica streams as the block's replication login, with nothing left behind
+    replicas = env.by_role("db-replica")
+    assert _streaming(env) == dict.fromkeys((r.ip for r in replicas), repl)
+    if "replication_password" in after:
+        assert _db_accepts(env, repl, after["replication_password"], "postgres")
+    for r in replicas:
+        assert f"user={repl} " in _sql(r, "SHOW primary_conninfo")
+        assert "fabflows" not in r.exec(["ls", "-a", "/var/lib/postgresql"]).stdout
     assert _db_accepts(env, user, password)
     _servers_use(env, user)
     _app_writes(env, proxy)
@@ -320,3 +444,49 @@ def test_sigkill_then_recover(stack, tmp_path: Path, boundary: str) -> None:
     assert "switch-" in journal
     for value in (before["database_password"], password, after["broker_password"]):
         assert value not in journal
+    for value in (env.replication_password, after.get("replication_password")):
+        assert not value or value not in journal
+
+
+def test_push_server_secrets_after_rotation(stack) -> None:
+    """After rotate-credentials moved the app to ``dbuser_alt``, push-server-secrets pushes that
+    login: nothing to change at first (it used to render pgbouncer's userlist with the config's
+    ``dbuser``, whose password is a throwaway), and a new database password goes to the login in
+    use. A block holding a rotation's pending password is refused in one line."""
+    from fabflows.errors import BadInput
+    from flows.push_server_secrets import push_server_secrets
+
+    env, proxy = stack
+    config = str(env.config_path)
+    if _block().get("database_user", "dbuser") == "dbuser":
+        report = rotate_credentials(
+            environment="staging", config=config, dry_run=False, credentials=["database"]
+        )
+        assert not report.problems, report.render_text()
+    assert _block()["database_user"] == "dbuser_alt"
+    dry = push_server_secrets(environment="staging", config=config)
+    assert dry.outcome == "dry run: nothing to change", dry.render_text()
+    # a new database password (set by hand in the block) changes dbuser_alt's
+    block = ServerSecrets.load(BLOCK)
+    block.set("database_password", "pushed pw'\"$x`Z9")
+    block.save(BLOCK, overwrite=True)
+    report = push_server_secrets(environment="staging", config=config, dry_run=False)
+    assert not report.problems, report.render_text()
+    assert "dbuser_alt" in report.plan_text
+    assert _db_accepts(env, "dbuser_alt", "pushed pw'\"$x`Z9")
+    assert not _db_accepts(env, "dbuser", "pushed pw'\"$x`Z9")
+    _servers_use(env, "dbuser_alt")
+    _app_writes(env, proxy)
+    # an unfinished rotation: refused before anything is read from the servers
+    block = ServerSecrets.load(BLOCK)
+    block.set("database_password_pending", "left-over")
+    block.save(BLOCK, overwrite=True)
+    try:
+        with pytest.raises(BadInput, match="database_password_pending .* fabflows recover"):
+            push_server_secrets(environment="staging", config=config)
+    finally:
+        from fabflows.procedures.credential_rotation import drop_names
+
+        block = ServerSecrets.load(BLOCK)
+        drop_names(block, ["database_password_pending"])
+        block.save(BLOCK, overwrite=True)
