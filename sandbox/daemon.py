@@ -32,8 +32,8 @@ from typing import Any
 import boto3
 import yaml
 
-from config import load_config
-from sandbox.aws_seed import seed
+from config import FabulawsConfig, load_config
+from sandbox.aws_seed import SeedResult, seed
 from sandbox.demo_data import (
     APP_SERVER_PACKAGES,
     USERS_DIR,
@@ -109,6 +109,15 @@ def write_config(state_dir: Path, endpoint: str, network: TestNetwork) -> Path:
     return path
 
 
+def seed_sandbox(endpoint: str, cfg: FabulawsConfig, subnet: str, web_count: int) -> SeedResult:
+    """The sandbox's AWS: its environments, the seeded servers at ``{subnet}.100`` onwards, and one
+    subnet per zone of the config's ``avail_zones``, all inside the hosts' network, so that a
+    server add-replica or add-server launches in any of those zones gets a host."""
+    addresses = (f"{subnet}.{i}" for i in itertools.count(100))
+    cidr = str(ipaddress.ip_network(f"{subnet}.0/24"))
+    return seed(endpoint, cfg, list(ENVIRONMENTS), cidr, addresses, web_count, split_subnet=True)
+
+
 class Sandbox:
     def __init__(self, state_dir: Path, port: int, prefix: str, subnet: str, web_count: int):
         self.state_dir = state_dir
@@ -140,10 +149,7 @@ class Sandbox:
         self.config_path = write_config(self.state_dir, self.moto.endpoint, self.net)
         cfg = load_config(self.config_path)
         self._status("seeding AWS")
-        addresses = (f"{self.subnet}.{i}" for i in itertools.count(100))
-        self.result = seed(
-            self.moto.endpoint, cfg, list(ENVIRONMENTS), self.cidr, addresses, self.web_count
-        )
+        self.result = seed_sandbox(self.moto.endpoint, cfg, self.subnet, self.web_count)
         self._status("starting hosts")
         self.reconcile()
         self._status("seeding databases")

@@ -73,6 +73,7 @@ _MODULE_SECONDS = {
     "tests/sandbox/test_provision.py": 36,
     "tests/fabflows/runtime/test_engine.py": 35,
     "tests/fabflows/procedures/test_upgrade_window.py": 28,
+    "tests/sandbox/test_aws_seed.py": 17,
 }
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
 from config import load_config, resolve_environment
 from fabflows.errors import BadInput
@@ -129,9 +128,6 @@ def stack(test_network, tmp_path_factory, prefect_server):  # noqa: ANN001, ANN2
     )
     proxy.start()
     try:
-        data = yaml.safe_load(env.config_path.read_text())
-        data["avail_zones"] = ["a", "b"]
-        env.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
         (cache,) = env.by_role("cache")
         for host in env.by_role("web") + env.by_role("worker"):
             host.exec(
@@ -169,7 +165,7 @@ def test_add_server_dry_run_and_bad_input(stack) -> None:  # noqa: ANN001
     cfg = str(env.config_path)
     before = _instances(env)
     dry = add_server(environment="staging", role="worker", config=cfg)
-    assert "launch a worker in us-east-1b (the fewest worker servers)" in dry.plan_text
+    assert "launch a worker in us-east-1c (the fewest worker servers)" in dry.plan_text
     name = "myproject_staging_worker_2"
     steps = re.findall(r"^((?:launch|settings|start|tag)-\S+)\s", dry.plan_text, re.M)
     assert steps == [f"{s}-{name}" for s in ("launch", "settings", "start", "tag")], dry.plan_text
@@ -182,7 +178,7 @@ def test_add_server_dry_run_and_bad_input(stack) -> None:  # noqa: ANN001
         ({"role": "web"}, "role 'web' is not add-server's"),
         ({"role": "db-primary"}, "use promote-replica"),
         ({"role": "worker", "availability_zone": "us-east-1z"}, "'us-east-1z' does not exist"),
-        ({"role": "worker", "availability_zone": "c"}, "'us-east-1c' is not one of"),
+        ({"role": "worker", "availability_zone": "a"}, "'us-east-1a' is not one of"),
     ]:
         with pytest.raises(BadInput, match=re.escape(message)):
             add_server(environment="staging", config=cfg, dry_run=False, **kw)
@@ -211,7 +207,7 @@ def test_add_server_worker(stack) -> None:  # noqa: ANN001
     env, _ = stack
     cfg = str(env.config_path)
     (cache,) = env.by_role("cache")
-    # zone a: where the test network's subnet is (b's spare subnet has no test hosts)
+    # zone e: where the test network's subnet is (c's spare subnet has no test hosts)
     follower = InstanceFollower(env, prefix="aw")
     future = run_in_thread(
         add_server,
@@ -219,7 +215,7 @@ def test_add_server_worker(stack) -> None:  # noqa: ANN001
         role="worker",
         config=cfg,
         dry_run=False,
-        availability_zone="a",
+        availability_zone="e",
     )
     report = follower.run_until(future, timeout=600)
     assert not follower.errors, follower.errors
@@ -254,7 +250,7 @@ def test_add_server_replaces_cache(stack) -> None:  # noqa: ANN001
         role="cache",
         config=cfg,
         dry_run=False,
-        availability_zone="a",
+        availability_zone="e",
     )
     report = follower.run_until(future, timeout=600)
     assert not follower.errors, follower.errors
@@ -293,7 +289,7 @@ def test_add_server_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  
     env, proxy = stack
     cfg = str(env.config_path)
     workers_before = role_ids(env, "worker")
-    dry = add_server(environment="staging", role="worker", config=cfg, availability_zone="a")
+    dry = add_server(environment="staging", role="worker", config=cfg, availability_zone="e")
     (name,) = re.findall(r"^launch-(\S+)\s", dry.plan_text, re.M)
     step, _, when = kind.partition(":")
     target = f"{step}-{name}" + (":after" if when else "")
@@ -302,7 +298,7 @@ def test_add_server_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  
         run_until_paused,
         "add-server",
         target,
-        ["-e", "staging", "-c", cfg, "--role", "worker", "--availability-zone", "a", "--apply"],
+        ["-e", "staging", "-c", cfg, "--role", "worker", "--availability-zone", "e", "--apply"],
         tmp_path / "paused",
         300,
     )
