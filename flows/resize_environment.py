@@ -5,6 +5,8 @@ cache's queues, promoted without a lag check and left the old servers running fo
 from __future__ import annotations
 
 import importlib
+import time
+from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,8 +15,11 @@ from config import EnvironmentConfig
 from config.models import EnvironmentSettings
 from fabflows.errors import BadInput
 from fabflows.procedures.environment_power import servers_and_group
+from fabflows.procedures.promote_plan import AppServer
 from fabflows.procedures.resize_plan import (
+    ReplicaFact,
     ResizeRunbookPlan,
+    SwitchoverFacts,
     plan_resize_environment,
     resize_runbook_plan,
 )
@@ -30,6 +35,11 @@ from tasks.aws.ec2_writes import (
     describe_launch_template_type,
 )
 from tasks.http.probe import check_site_up
+from tasks.postgres.failover import describe_standby
+from tasks.postgres.replication import describe_primary_replication
+from tasks.postgres.server import DbServer
+from tasks.ssh.fleet import FleetHost
+from tasks.ssh.pgbouncer import get_pgbouncer_state
 
 FLOW_NAME = "resize-environment"
 REFRESH_FLOW = "deploy-serial"
@@ -42,6 +52,15 @@ class ResizeEnvironmentParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refresh_web: bool = Field(default=True, description="Replace the web instances afterwards.")
+    primary_path: Literal["auto", "switchover", "in-place"] = Field(
+        default="auto",
+        description="The primary's resize: auto (switchover when a replica streams and pgbouncer "
+        "can be paused, else the upgrade window), switchover (refused when impossible) or "
+        "in-place (the upgrade window).",
+    )
+    pause_hold_seconds: float = Field(
+        default=30, ge=5, le=300, description="pgbouncer's auto-resume bound for the switchover."
+    )
     config_path: str | None = Field(
         default=None, description="The config file (set by the flow): upgrade pages relative to it."
     )
@@ -58,6 +77,75 @@ class ResizeFacts(BaseModel):
     minimum_memory_mib: dict[str, int]
     cache_strategy: str
     goal_seconds: float
+    switchover: SwitchoverFacts | None = None
+
+
+def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
+    address = s.address(env.address_attribute)
+    return DbServer(
+        name=s.name or s.instance_id,
+        address=address,
+        db_address=s.private_ip_address or address,
+        instance_id=s.instance_id,
+    )
+
+
+def gather_switchover(
+    scope: Scope, servers: list[Server], hold_seconds: float
+) -> SwitchoverFacts | None:
+    """What the primary's path is decided on (read tasks only): who streams from the primary and
+    how far behind, each replica's recovery state, the app servers' pgbouncers."""
+    env = scope.env
+    running = [s for s in servers if s.state == "running"]
+    (primary,) = [s for s in running if s.role == "db-primary"]
+    old = _db_server(primary, env)
+    try:
+        seen = describe_primary_replication.fn(scope.pool, old)
+    except Exception as exc:  # noqa: BLE001 - unreadable: the plan takes the upgrade window
+        scope.log("replication on %s not read: %s", old.name, exc, level="warning")
+        return SwitchoverFacts(primary=old, replicas=[])
+    senders = {s.client_addr: s for s in seen.streaming}
+    replicas = []
+    for s in servers:
+        if s.role != "db-replica":
+            continue
+        server = _db_server(s, env)
+        try:
+            standby = describe_standby.fn(scope.pool, server) if s.state == "running" else None
+        except Exception:  # noqa: BLE001 - an unreadable replica is not a candidate
+            scope.pool.discard(server.address)
+            standby = None
+        sender = senders.get(server.db_address)
+        replicas.append(
+            ReplicaFact(
+                server=server,
+                instance_type=s.instance_type,
+                state=s.state,
+                standby=standby,
+                streaming_from_primary=sender is not None,
+                lag_bytes=sender.lag_bytes if sender else None,
+            )
+        )
+    apps = [
+        FleetHost(
+            name=s.name or s.instance_id,
+            address=s.address(env.address_attribute),
+            role=s.role,
+            instance_id=s.instance_id,
+        )
+        for s in running
+        if s.role in ("web", "worker")
+    ]
+    states = get_pgbouncer_state.fn(apps, scope.pool, env.home, env.environment, env.database_name)
+    reload = "HUP:" + env.supervisor_groups["pgbouncer"]
+    return SwitchoverFacts(
+        primary=old,
+        replicas=replicas,
+        apps=[AppServer(host=h, groups=[reload]) for h in apps],
+        pgbouncer_blockers=[b for st in states for b in st.pause_blockers()],
+        database=env.database_name,
+        hold_seconds=hold_seconds,
+    )
 
 
 class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunbookPlan]):
@@ -85,6 +173,16 @@ class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunb
             )
         known, unknown = describe_instance_types(rc.creds, sorted(set(env.instance_types.values())))
         settings = rc.config.fabflows.environments.get(env.environment) or EnvironmentSettings()
+        wanted = env.instance_types.get("db-primary")
+        primaries = [s for s in servers if s.role == "db-primary" and s.state == "running"]
+        switchover = None
+        if (
+            params.primary_path != "in-place"
+            and wanted
+            and len(primaries) == 1
+            and primaries[0].instance_type != wanted
+        ):
+            switchover = gather_switchover(scope, servers, params.pause_hold_seconds)
         return ResizeFacts(
             servers=servers,
             group=group,
@@ -94,6 +192,7 @@ class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunb
             minimum_memory_mib=dict(rc.config.fabflows.resize.minimum_memory_mib),
             cache_strategy=settings.cache_strategy,
             goal_seconds=rc.config.fabflows.resize.downtime_goal_seconds,
+            switchover=switchover,
         )
 
     def plan(
@@ -111,6 +210,8 @@ class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunb
             cache_strategy=facts.cache_strategy,
             refresh_available=REFRESH_FLOW in FLOWS and params.refresh_web,
             address_attribute=env.address_attribute,
+            switchover_facts=facts.switchover,
+            primary_path=params.primary_path,
         )
         return resize_runbook_plan(
             resize,
@@ -138,6 +239,9 @@ class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunb
             and c.instance_id in after
             and after[c.instance_id].instance_type != c.wanted_type
         ]
+        sw = plan.resize.switchover
+        if sw is not None:
+            problems += self._switched_over(scope, sw)
         web = [s for s in after.values() if s.role == "web" and s.state == "running"]
         upgrade = rc.config.fabflows.upgrade
         checks = check_site_up(
@@ -147,6 +251,22 @@ class ResizeEnvironment(Runbook[ResizeEnvironmentParams, ResizeFacts, ResizeRunb
             timeout=rc.config.fabflows.stop_start.site_wait_seconds,
         )
         return problems + [c.describe() for c in checks if not c.ok]
+
+    def _switched_over(self, scope: Scope, sw) -> list[str]:  # noqa: ANN001
+        """The new primary takes writes; the old one streams from it (waits up to 60 s)."""
+        if describe_standby.fn(scope.pool, sw.new).in_recovery:
+            return [f"{sw.new.name} is still in recovery"]
+        deadline = time.monotonic() + 60
+        while True:
+            st = describe_standby.fn(scope.pool, sw.old)
+            if st.receiver_status == "streaming" and st.sender_host == sw.new.db_address:
+                return []
+            if time.monotonic() > deadline:
+                return [
+                    f"{sw.old.name} does not stream from {sw.new.name} "
+                    f"(receiver {st.receiver_status}, from {st.sender_host})"
+                ]
+            time.sleep(0.5)
 
 
 RUNBOOK = ResizeEnvironment()
@@ -194,24 +314,43 @@ def resize_environment(
     dry_run: bool = True,
     window_override_reason: str | None = None,
     refresh_web: bool = True,
+    primary_path: str = "auto",
+    pause_hold_seconds: float = 30,
 ) -> RunbookReport:
     """Change servers to `instance_types[env][role]` (the original's `recreate_servers`, done safely).
 
     **When to run:** after changing `instance_types` in the config. The plan (dry run) shows, per
-    server, current -> wanted type and the step that changes it; run it to apply.
+    server, current -> wanted type and the step that changes it, and which path the primary
+    takes and why; run it to apply.
 
     **Steps (the plan says which per server):**
     - **workers, replicas** (and web servers outside the group): `resize-<role>-<instance id>`, one
       at a time while the others keep working: drained (celery stopped, finishing its tasks),
       stopped, type changed, started, waited for until SSH answers, brought back into service
       (encrypted volume, services).
-    - **primary** and the **cache** (`cache_strategy: stop`): `upgrade-mode-on` (503 page with the
-      health check kept green, autoscaling suspended and recorded), `resize-window` (workers
-      drained, stop, change type, start, back in service, workers started), `upgrade-mode-off`.
-      The downtime is measured from the steps and published; it depends on EC2's stop/start
-      time, not on the database's size (nothing is copied, no replica is rebuilt). With
-      `cache_strategy: terminate-and-recreate` the cache is not resized here: change its launch
-      template.
+    - **primary, by switchover** (`primary_path: auto` when a db-replica streams from it and every
+      app server's pgbouncer can be paused; `switchover` insists): the streaming replica with the
+      least lag is resized first to the *primary's* type (one at a time, the site stays up);
+      then `switchover-pause` (once it streams with zero lag: pgbouncer PAUSE on every app
+      server: requests are held, not refused, and each pgbouncer RESUMEs by itself after
+      `pause_hold_seconds` whatever happens), `switchover-stop-<old>` (fast shutdown, so the
+      replica has all WAL; the final LSN is journaled), `switchover-promote-<new>` (only once
+      it has replayed past that LSN), `switchover-retag` (role tags swapped, so inventory finds
+      the new primary), `switchover-repoint` (every app server's pgbouncer and settings name the
+      new primary, pgbouncer reloaded), `switchover-resume`, `switchover-rejoin-<old>` (the old
+      primary becomes a streaming replica of the new one: `standby.signal` and
+      `primary_conninfo`, no pg_rewind after a clean shutdown), `switchover-follow-<replica>`
+      for other replicas, then the old primary is resized as a replica (one at a time, to the
+      replicas' type). The expected downtime is the pause (a few seconds of held requests, no
+      error page), not a stop/start.
+    - **primary in place** and the **cache** (`cache_strategy: stop`): with no streaming
+      replica, pgbouncer not pausable, or `primary_path: in-place`: `upgrade-mode-on` (503 page
+      with the health check kept green, autoscaling suspended and recorded), `resize-window`
+      (workers drained, stop, change type, start, back in service, workers started),
+      `upgrade-mode-off`. The downtime is measured from the steps and published; it depends on
+      EC2's stop/start time, not on the database's size (nothing is copied, no replica is
+      rebuilt). With `cache_strategy: terminate-and-recreate` the cache is not resized here:
+      change its launch template.
     - **stopped servers** (e.g. by stop-environment): `resize-stopped`, changed while stopped.
     - **web**: `new-launch-template-version` with the wanted type (no downtime); then, after this
       run has released the environment's lock, `deploy-serial` replaces the running web
@@ -222,12 +361,18 @@ def resize_environment(
     **Refused before any change:** a wanted type EC2 does not know in the region, or with less
     memory than the role's minimum (`fabflows.resize.minimum_memory_mib`: the original's
     documented m1.small, m1.medium for workers); the cache with terminate-and-recreate; servers in
-    transition. Outside the maintenance window when the config sizes the primary or the cache, or
-    the environment is protected, unless overridden. The environment is read again under its lock
-    and the run refused if the plan changed meanwhile.
+    transition; `primary_path: switchover` when it is not possible (the plan says why). Outside
+    the maintenance window when the config sizes the primary or the cache, or the environment is
+    protected, unless overridden. The environment is read again under its lock and the run
+    refused if the plan changed meanwhile.
 
     **Blast radius:** every server whose type changes restarts. No data moves; no server is
-    retired (types change in place, so nothing old is left running, unlike the original).
+    retired (types change in place, so nothing old is left running, unlike the original). By
+    switchover, the primary moves to another server: the app is repointed, and the old primary
+    serves as a replica afterwards.
+
+    **Dry run:** the plan: per server its path and new type, the primary's path and the reason,
+    the expected downtime (the pause, or the window), and what the old primary becomes.
 
     **Approval:** protected environments approve the plan (with its expected downtime).
 
@@ -235,8 +380,13 @@ def resize_environment(
     its stop. When a step fails, the steps done so far are undone, newest first: upgrade mode
     ends (exactly the recorded autoscaling processes resumed), each server gets its previous
     type back and is started and brought into service again, the launch template gets a version
-    with the previous type. `fabflows recover` undoes a run that died the same way, from its
-    journal.
+    with the previous type. A switchover that fails **before the promotion** is undone: the old
+    primary is started again and pgbouncer RESUMEd. **After the promotion there is no way back
+    automatically** (two primaries must never run): a failure, or `fabflows recover` for a run
+    that died, finishes it forward instead: roles retagged, every app server repointed, pgbouncer
+    RESUMEd, the old primary rejoined as a replica (if that fails, rebuild it with
+    reset-replicas). To go back, resize again (or switch over again) deliberately.
+    `fabflows recover` undoes a run that died the same way, from its journal.
 
     Args:
         environment: Environment to resize (e.g. staging).
@@ -246,6 +396,9 @@ def resize_environment(
         window_override_reason: Resize the primary outside the maintenance window, for this
             recorded reason.
         refresh_web: Replace the running web instances with deploy-serial afterwards.
+        primary_path: The primary's resize: auto (switchover when possible, else the upgrade
+            window), switchover (refused when not possible) or in-place (the upgrade window).
+        pause_hold_seconds: The switchover's pgbouncer pause never lasts longer than this.
     """
     args = dict(locals())
     args["config_path"] = config

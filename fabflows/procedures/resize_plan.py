@@ -225,7 +225,6 @@ def choose_primary_path(
     for r in followers:
         assert r.standby is not None
         open_for[r.standby.slot_name or slot_for(r.server.name)] = r.server.db_address
-    lag = "lag unknown" if best.lag_bytes is None else f"{best.lag_bytes} bytes behind"
     switchover = Switchover(
         old=old,
         new=best.server,
@@ -241,8 +240,8 @@ def choose_primary_path(
     return PrimaryDecision(
         path="switchover",
         reason=(
-            f"{best.server.name} streams from the primary ({lag}): it is resized first, then "
-            "takes over; the app waits under a pgbouncer pause for the switchover instead of a "
+            f"{best.server.name} streams from the primary (the least lag of "
+            f"{len(candidates)} streaming): it is resized first, then takes over; the app waits under a pgbouncer pause for the switchover instead of a "
             "503 page for a stop/start"
         ),
         switchover=switchover,

@@ -6,6 +6,9 @@
   short upgrade window (workers drained meanwhile); upgrade mode's undo ends it (the pages off,
   exactly the recorded autoscaling processes resumed), the window's undo puts the previous types
   back and the workers into service;
+- the primary's switchover (``switchover-*``, :mod:`fabflows.procedures.switchover_steps`):
+  the replica that takes over is resized first (``resize-db-replica-<id>``), the old primary
+  after, as a replica;
 - ``resize-stopped``: stopped servers' types (undo: the previous types);
 - ``new-launch-template-version``: the web group's template (undo: one more version with the
   previous type, which the group then launches).
@@ -283,8 +286,19 @@ def _launch_template(plan: ResizeRunbookPlan, c: ResizeChange) -> Step:
 
 
 def resize_steps(plan: ResizeRunbookPlan, flow: str) -> list[Step]:
+    from fabflows.procedures.switchover_steps import switchover_steps
+
     resize = plan.resize
     out = [_one_at_a_time(c, flow) for c in resize.by_strategy("one-at-a-time")]
+    for c in resize.by_strategy("switchover"):
+        assert resize.switchover is not None
+        out += switchover_steps(
+            resize.switchover,
+            c,
+            resize_as_replica=lambda change: _one_at_a_time(change, flow),
+            start_probe=_start_probe,
+            stop_probe=_stop_probe,
+        )
     window = resize.by_strategy("window")
     if window:
         out += [_upgrade_mode_on(flow), _window(window, flow), _upgrade_mode_off()]

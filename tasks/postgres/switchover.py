@@ -135,7 +135,12 @@ class CleanStop(StepResult):
     final_lsn: str = Field(default="", description="The shutdown checkpoint's LSN.")
 
 
-@task(name="stop-primary-cleanly", task_run_name="stop-primary-cleanly-{server.name}", retries=0)
+@task(
+    name="stop-primary-cleanly",
+    task_run_name="stop-primary-cleanly-{server.name}",
+    cache_policy=NO_CACHE,
+    retries=0,
+)
 def stop_primary_cleanly(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> CleanStop:
     """Fast shutdown of the primary (sessions ended, a shutdown checkpoint written and sent to the
     connected replicas before the WAL senders exit), then its final LSN. Already cleanly stopped:
@@ -171,7 +176,12 @@ def stop_primary_cleanly(pool: ConnectionPool, server: DbServer, *, dry_run: boo
     )
 
 
-@task(name="start-postgres", task_run_name="start-postgres-{server.name}", retries=0)
+@task(
+    name="start-postgres",
+    task_run_name="start-postgres-{server.name}",
+    cache_policy=NO_CACHE,
+    retries=0,
+)
 def start_postgres(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> StepResult:
     """Start PostgreSQL and wait until it accepts connections (running already: no-op). The
     compensation of :func:`stop_primary_cleanly`.
@@ -195,7 +205,13 @@ def _checked(value: str, pattern: str, what: str) -> str:
     return value
 
 
-@task(name="rejoin-as-standby", task_run_name="rejoin-as-standby-{server.name}", retries=0)
+@task(
+    name="rejoin-as-standby",
+    task_run_name="rejoin-as-standby-{server.name}",
+    cache_policy=NO_CACHE,
+    retries=0,
+    tags=["non-idempotent"],
+)
 def rejoin_as_standby(
     pool: ConnectionPool,
     server: DbServer,

@@ -4,8 +4,14 @@ behind pgbouncer, an HTTP probe through the app during the run)."""
 
 from __future__ import annotations
 
-import pytest
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
+import pytest
+import yaml
+
+from fabflows import boundaries
 from fabflows.procedures.promote_plan import AppServer
 from fabflows.procedures.resize_plan import (
     ReplicaFact,
@@ -13,8 +19,22 @@ from fabflows.procedures.resize_plan import (
     plan_resize_environment,
     resize_runbook_plan,
 )
+from fabflows.testing.app_env import AppEnv, build_app_env
+from fabflows.testing.ec2_hosts import Ec2HostMirror
+from fabflows.testing.failover_lab import (
+    ec2_of,
+    post_ok,
+    psql,
+    role_ids,
+    row_counts,
+    web_urls,
+    writable,
+)
+from fabflows.testing.moto_server import MotoServer
+from flows.resize_environment import resize_environment
 from tasks.aws.ec2 import Server
 from tasks.aws.ec2_writes import InstanceTypeInfo
+from tasks.http.probe import HttpProbe
 from tasks.postgres.failover import StandbyState
 from tasks.postgres.server import DbServer
 from tasks.ssh.fleet import FleetHost
@@ -112,7 +132,7 @@ BOTH = {"db-primary": "m5.xlarge", "db-replica": "m5.large"}
 def test_switchover_with_a_streaming_replica() -> None:
     p = _plan(BOTH, facts=_facts(_replica(R1, lag=0)))
     assert p.primary_path == "switchover" and not p.problems
-    assert "db-replica-i-r1 streams from the primary (0 bytes behind)" in p.primary_reason
+    assert "db-replica-i-r1 streams from the primary (the least lag of 1 streaming)" in p.primary_reason
     # each server ends with its new role's type: the replica the primary's, the old primary the
     # replicas'; the replica first (one at a time), then the switchover
     assert [(c.instance_id, c.strategy, c.wanted_type) for c in p.changes] == [
@@ -206,3 +226,163 @@ def test_falls_back_to_the_upgrade_window(facts, path, reason) -> None:  # noqa:
 def test_switchover_asked_for_but_impossible_is_refused() -> None:
     p = _plan(BOTH, facts=_facts(), path="switchover")
     assert p.problems == ["primary_path is switchover, but no db-replica streams from the primary"]
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@dataclass
+class Stack:
+    env: AppEnv
+    mirror: Ec2HostMirror
+    config: str
+    wanted: dict[str, str]
+
+    def types(self) -> dict[str, str]:
+        out = ec2_of(self.env).describe_instances(InstanceIds=list(self.env.hosts))
+        return {
+            i["InstanceId"]: i["InstanceType"] for r in out["Reservations"] for i in r["Instances"]
+        }
+
+    def probe(self) -> HttpProbe:
+        """GET the home page (it reads the database through pgbouncer) every 100 ms; a held
+        request is measured (up to 10 s), not cut off."""
+        return HttpProbe(web_urls(self.env, "")[0], interval=0.1, request_timeout=10).start()
+
+
+def lab_config(env: AppEnv, wanted: dict[str, str]) -> str:
+    """The stack's config with the instance types to resize to and quick polls."""
+    data = yaml.safe_load(env.config_path.read_text())
+    data["instance_types"] = {"staging": wanted}
+    data["site_domains_map"] = {"staging": []}  # the web servers are the site (no real ELB name)
+    data["fabflows"]["stop_start"] = {
+        "poll_seconds": 0.2,
+        "reachable_wait_seconds": 120,
+        "site_wait_seconds": 120,
+        "instance_wait_seconds": 120,
+    }
+    path = env.config_path.with_name("fabflows-resize.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stack(test_network, tmp_path_factory, prefect_server) -> Iterator[Stack]:  # noqa: ANN001
+    """moto, a db-primary with a streaming db-replica, two web servers and a worker running the
+    sandbox's app behind pgbouncer; test hosts that follow EC2's stop and start."""
+    moto = MotoServer().start()
+    env = build_app_env(
+        moto.endpoint,
+        test_network,
+        tmp_path_factory.mktemp("switchover"),
+        rabbitmq=False,
+        prefix="rs",
+        replicas=True,
+    )
+    mirror = Ec2HostMirror(test_network, moto.endpoint, test_network.subnet, name_prefix="rsm")
+    try:
+        for iid, host in env.hosts.items():
+            mirror.adopt(iid, host)
+        mirror.attach(moto)
+        mirror.reconcile()
+        types = ec2_of(env).describe_instances(InstanceIds=list(env.hosts))
+        current = {i["InstanceType"] for r in types["Reservations"] for i in r["Instances"]}
+        big = "m5.xlarge" if "m5.xlarge" not in current else "m5.2xlarge"
+        small = "m5.large" if "m5.large" not in current else "m4.large"
+        wanted = {"db-primary": big, "db-replica": small}
+        yield Stack(env, mirror, lab_config(env, wanted), wanted)
+    finally:
+        mirror.destroy_created()
+        env.destroy()
+        moto.stop()
+
+
+def streams_from(replica, primary, timeout: float = 30) -> bool:  # noqa: ANN001
+    query = "SELECT sender_host || ' ' || status FROM pg_stat_wal_receiver;"
+    deadline = time.monotonic() + timeout
+    while psql(replica, query, "postgres") != f"{primary.ip} streaming":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_a_failure_before_the_promotion_puts_everything_back(stack: Stack) -> None:
+    """The replica resized, the primary stopped under the pause, then the promote step fails:
+    the old primary runs again, pgbouncer is resumed, the replica has its old type back and
+    streams from the primary as before; the app writes."""
+    env = stack.env
+    (primary_iid,) = role_ids(env, "db-primary")
+    (replica_iid,) = role_ids(env, "db-replica")
+    before = stack.types()
+
+    def fail_promote(flow: str, step: str, when: str) -> None:
+        if flow == "resize-environment" and step.startswith("switchover-promote-"):
+            raise RuntimeError("injected: the promotion fails")
+
+    boundaries.observe(fail_promote)
+    try:
+        with pytest.raises(Exception, match="injected"):
+            stack.mirror.run(resize_environment, "staging", config=stack.config, dry_run=False)
+    finally:
+        boundaries.forget(fail_promote)
+    assert role_ids(env, "db-primary") == [primary_iid]
+    assert role_ids(env, "db-replica") == [replica_iid]
+    assert stack.types() == before
+    primary, replica = env.hosts[primary_iid], env.hosts[replica_iid]
+    assert writable(primary) and not writable(replica)
+    assert streams_from(replica, primary)
+    for url in web_urls(env):
+        assert post_ok(url), url
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+def test_switchover_resizes_the_primary_with_no_error_page(stack: Stack) -> None:
+    env = stack.env
+    (old_iid,) = role_ids(env, "db-primary")
+    (new_iid,) = role_ids(env, "db-replica")
+    dry = resize_environment("staging", config=stack.config)
+    assert "the primary takes the switchover path" in dry.plan_text, dry.plan_text
+    assert "upgrade-mode-on" not in dry.plan_text
+
+    probe = stack.probe()
+    try:
+        done = stack.mirror.run(resize_environment, "staging", config=stack.config, dry_run=False)
+    finally:
+        seen = probe.stop()
+    assert done.outcome.startswith("applied"), done.render_text()
+    names = [s.name for s in done.steps]
+    assert (
+        names[0] == f"resize-db-replica-{new_iid}" and names[-1] == f"resize-db-replica-{old_iid}"
+    )
+    assert "switchover-pause" in names and "switchover-resume" in names
+    # the resized replica is the new primary (tags and PostgreSQL), the old primary a replica
+    # of it, each with its new role's type
+    assert role_ids(env, "db-primary") == [new_iid]
+    assert role_ids(env, "db-replica") == [old_iid]
+    types = stack.types()
+    assert types[new_iid] == stack.wanted["db-primary"]
+    assert types[old_iid] == stack.wanted["db-replica"]
+    new, old = env.hosts[new_iid], env.hosts[old_iid]
+    assert writable(new) and not writable(old)
+    assert streams_from(old, new)
+    # writes go through the app to the new primary and reach the old one
+    notes = int(psql(new, "SELECT count(*) FROM shop_sitenote;"))
+    for url in web_urls(env):
+        assert post_ok(url), url
+    assert int(psql(new, "SELECT count(*) FROM shop_sitenote;")) == notes + len(web_urls(env))
+    deadline = time.monotonic() + 30
+    while row_counts(old) != row_counts(new):
+        assert time.monotonic() < deadline, (row_counts(old), row_counts(new))
+        time.sleep(0.3)
+    # users never got anything but a 200 (requests were held, not refused)
+    assert seen.samples > 50 and seen.non_200 == 0, seen.describe()
+    print(
+        f"switchover: {done.details.get('switchover_seconds')} s, longest request "
+        f"{seen.latency_max_s} s, {seen.describe()}"
+    )
+    again = resize_environment("staging", config=stack.config)
+    assert again.outcome.endswith("nothing to change"), again.render_text()

@@ -1,0 +1,312 @@
+"""resize-environment's switchover of the primary: the steps, each journaled with its undo.
+
+In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
+
+- ``switchover-pause``: wait until the replica that takes over streams with zero lag, then PAUSE
+  the live database on every app server's pgbouncer (requests held, not refused; each host
+  RESUMEs by itself after ``hold_seconds`` whatever happens). Undo: RESUME -- or, once the
+  replica has been promoted, finish the switchover forward (:func:`finish_forward`), so neither a
+  failure nor ``fabflows recover`` ever resumes the app onto a stopped primary;
+- ``switchover-stop-<old>``: fast shutdown of the primary, its final LSN journaled. Undo: start
+  it again -- only while the replica has not been promoted (never two primaries);
+- ``switchover-promote-<new>``: once the replica has replayed past the final LSN, promote it and
+  let the old primary and the other replicas replicate from it (slot and ``pg_hba.conf`` line).
+  No undo: from here the switchover only goes forward;
+- ``switchover-retag``: role tags swapped (inventory finds the new primary);
+- ``switchover-repoint``: every app server's pgbouncer (and settings, wherever they name the old
+  primary) point at the new one, pgbouncer reloaded (HUP), all servers at once;
+- ``switchover-resume``: RESUME;
+- ``switchover-rejoin-<old>``: the old primary, cleanly stopped, becomes a streaming replica of
+  the new one (replication password, ``standby.signal``, ``primary_conninfo``);
+- ``switchover-follow-<replica>``: other replicas stream from the new primary;
+- then the old primary is resized as a db-replica, one at a time (resize-environment's step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fabflows.procedures.resize_plan import ResizeChange, Switchover
+from fabflows.procedures.server_service import journaled
+from fabflows.runtime.engine import Scope, Step
+from tasks.aws.ec2_writes import tag_instances
+from tasks.postgres.failover import (
+    allow_replication,
+    describe_standby,
+    follow_primary,
+    promote_standby,
+)
+from tasks.postgres.replica_setup import install_replication_password
+from tasks.postgres.replication import describe_primary_replication
+from tasks.postgres.server import DbServer
+from tasks.postgres.switchover import (
+    rejoin_as_standby,
+    replayed_past,
+    start_postgres,
+    stop_primary_cleanly,
+)
+from tasks.ssh.database_settings import repoint_database
+from tasks.ssh.pgbouncer import pause_pgbouncer, resume_pgbouncer
+
+FORWARD = (
+    "a promotion cannot be undone: a failure or `fabflows recover` finishes the switchover "
+    "forward (the pause step's undo repoints the app, resumes pgbouncer, rejoins the old primary)"
+)
+PAUSE_WAIT_SECONDS = 5.0
+CATCH_UP_SECONDS = 60.0
+REPLAY_SECONDS = 30.0
+STREAM_SECONDS = 60.0
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} after {timeout:g} s")
+        time.sleep(interval)
+
+
+def _hosts(sw: Switchover) -> list:  # noqa: ANN202 - FleetHost
+    return [a.host for a in sw.apps]
+
+
+def caught_up(scope: Scope, sw: Switchover) -> bool:
+    """The replica that takes over streams from the primary with no WAL left to replay."""
+    seen = describe_primary_replication.fn(scope.pool, sw.old)
+    return any(s.client_addr == sw.new.db_address and s.lag_bytes == 0 for s in seen.streaming)
+
+
+def promoted(scope: Scope, sw: Switchover) -> bool:
+    """The new primary has left recovery (from then on, the switchover only goes forward)."""
+    return not describe_standby.fn(scope.pool, sw.new).in_recovery
+
+
+def pause(scope: Scope, sw: Switchover) -> str:
+    env = scope.env
+    result = pause_pgbouncer(
+        _hosts(sw),
+        scope.pool,
+        env.home,
+        env.environment,
+        sw.database,
+        dry_run=False,
+        wait=PAUSE_WAIT_SECONDS,
+        hold=sw.hold_seconds,
+    )
+    if not result.ok:
+        resume(scope, sw)
+        result.raise_for_errors()
+    return result.summary()
+
+
+def resume(scope: Scope, sw: Switchover) -> str:
+    env = scope.env
+    result = resume_pgbouncer(
+        _hosts(sw), scope.pool, env.home, env.environment, sw.database, dry_run=False
+    )
+    result.raise_for_errors()
+    return result.summary()
+
+
+def retag(scope: Scope, sw: Switchover) -> str:
+    creds = scope.rc.creds
+    tag_instances(creds, [sw.new.instance_id or ""], {"role": "db-primary"}, dry_run=False)
+    tag_instances(creds, [sw.old.instance_id or ""], {"role": "db-replica"}, dry_run=False)
+    return f"{sw.new.name} tagged db-primary, {sw.old.name} db-replica"
+
+
+def repoint(scope: Scope, sw: Switchover) -> str:
+    """Every app server at once (the app waits under the pause meanwhile)."""
+    env = scope.env
+
+    def one(app) -> str:  # noqa: ANN001
+        return repoint_database(
+            scope.pool,
+            app.host.name,
+            app.host.address,
+            home=env.home,
+            environment=env.environment,
+            old=sw.old.db_address,
+            new=sw.new.db_address,
+            groups=app.groups,
+            dry_run=False,
+        ).summary
+
+    if not sw.apps:
+        return "no app server"
+    with ThreadPoolExecutor(min(8, len(sw.apps))) as ex:
+        return "; ".join(ex.map(one, sw.apps))
+
+
+def rejoin(scope: Scope, sw: Switchover) -> str:
+    env = scope.env
+    pool = scope.pool
+    allow_replication(pool, sw.new, sw.open_for, dry_run=False)
+    install_replication_password(
+        pool, sw.new, sw.old, home=env.home, owner=env.deploy_user, dry_run=False
+    )
+    done = rejoin_as_standby(pool, sw.old, sw.new, sw.old_slot, dry_run=False)
+
+    def streaming() -> bool:
+        st = describe_standby.fn(pool, sw.old)
+        return st.receiver_status == "streaming" and st.sender_host == sw.new.db_address
+
+    _wait(f"{sw.old.name} does not stream from {sw.new.name}", streaming, STREAM_SECONDS, 0.5)
+    return f"{done.summary}; streaming"
+
+
+def follow(scope: Scope, sw: Switchover, replica: DbServer) -> str:
+    return follow_primary(scope.pool, replica, sw.new, dry_run=False).summary
+
+
+def finish_forward(scope: Scope, sw: Switchover) -> str:
+    """After the promotion, whatever is left, in order (each part is a no-op when done): retag,
+    repoint, RESUME, rejoin the old primary, the other replicas follow. Repointing and RESUME come
+    first: they end the pause; a rejoin that fails is reported (reset-replicas rebuilds it)."""
+    done = [retag(scope, sw), repoint(scope, sw), resume(scope, sw)]
+    problems = []
+    try:
+        done.append(rejoin(scope, sw))
+    except Exception as exc:  # noqa: BLE001 - reported below; the app is already back
+        problems.append(f"{sw.old.name} not rejoined: {exc}")
+    for r in sw.followers:
+        try:
+            done.append(follow(scope, sw, r))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            problems.append(f"{r.name} does not follow: {exc}")
+    if problems:
+        raise RuntimeError(
+            "switchover finished forward (app repointed, pgbouncer resumed), but: "
+            + "; ".join(problems)
+            + " (rebuild them with reset-replicas)"
+        )
+    return "; ".join(done)
+
+
+def switchover_steps(
+    sw: Switchover,
+    change: ResizeChange,
+    *,
+    resize_as_replica: Callable[[ResizeChange], Step],
+    start_probe: Callable[[Scope], None],
+    stop_probe: Callable[[Scope], str],
+) -> list[Step]:
+    """The switchover's steps, then the old primary's resize as a replica (when its type
+    changes). ``start_probe``/``stop_probe``: the site probe around the pause (resize's)."""
+    old, new = sw.old, sw.new
+    stop_name = f"switchover-stop-{old.name}"
+
+    def pause_apply(scope: Scope) -> dict[str, Any]:
+        _wait(
+            f"{new.name} is not streaming from {old.name} with zero lag",
+            lambda: caught_up(scope, sw),
+            CATCH_UP_SECONDS,
+            0.3,
+        )
+        scope.record(hosts=[h.name for h in _hosts(sw)], database=sw.database)
+        start_probe(scope)
+        started = time.monotonic()
+        summary = pause(scope, sw)
+        scope.details["pause_seconds"] = round(time.monotonic() - started, 2)
+        scope.details["switchover_started"] = time.monotonic()
+        return {"summary": summary}
+
+    def pause_undo(scope: Scope, data: dict[str, Any]) -> None:
+        if promoted(scope, sw):
+            scope.log(
+                "%s was promoted: finishing the switchover forward", new.name, level="warning"
+            )
+            finish_forward(scope, sw)
+        else:
+            resume(scope, sw)
+        stop_probe(scope)
+
+    def stop_apply(scope: Scope) -> dict[str, Any]:
+        result = stop_primary_cleanly(scope.pool, old, dry_run=False)
+        return {"summary": result.summary, "final_lsn": result.final_lsn}
+
+    def stop_undo(scope: Scope, data: dict[str, Any]) -> None:
+        if promoted(scope, sw):  # never two primaries: the pause's undo finishes forward
+            scope.log("%s stays stopped: %s was promoted", old.name, new.name, level="warning")
+            return
+        start_postgres(scope.pool, old, dry_run=False)
+
+    def promote_apply(scope: Scope) -> dict[str, Any]:
+        final = journaled(scope, stop_name).get("final_lsn") or ""
+        if not final:
+            raise RuntimeError(f"no final LSN journaled for {old.name}: not promoting")
+        replay = [""]
+
+        def has_all() -> bool:
+            replay[0] = describe_standby.fn(scope.pool, new).replay_lsn or ""
+            return replayed_past(replay[0], final)
+
+        if not promoted(scope, sw):
+            _wait(
+                f"{new.name} has not replayed past {old.name}'s final LSN {final} "
+                f"(at {replay[0]}): not promoting",
+                has_all,
+                REPLAY_SECONDS,
+            )
+        done = promote_standby(scope.pool, new, dry_run=False)
+        opened = allow_replication(scope.pool, new, sw.open_for, dry_run=False)
+        return {"summary": f"{done.summary}; {opened.summary}", "final_lsn": final}
+
+    def resume_apply(scope: Scope) -> dict[str, Any]:
+        summary = resume(scope, sw)
+        began = scope.details.pop("switchover_started", None)
+        if isinstance(began, float):
+            scope.details["switchover_seconds"] = round(time.monotonic() - began, 2)
+        return {"summary": summary + stop_probe(scope)}
+
+    out = [
+        Step("switchover-pause", pause_apply, pause_undo, site_down=True),
+        Step(stop_name, stop_apply, stop_undo, site_down=True),
+        Step(
+            f"switchover-promote-{new.name}",
+            promote_apply,
+            no_undo=FORWARD,
+            site_down=True,
+            auto_undo=False,
+        ),
+        Step(
+            "switchover-retag",
+            lambda scope: {"summary": retag(scope, sw)},
+            no_undo=FORWARD,
+            site_down=True,
+            auto_undo=False,
+        ),
+        Step(
+            "switchover-repoint",
+            lambda scope: {"summary": repoint(scope, sw)},
+            no_undo=FORWARD,
+            site_down=True,
+            auto_undo=False,
+        ),
+        Step("switchover-resume", resume_apply, no_undo="it ends the pause", site_down=True),
+        Step(
+            f"switchover-rejoin-{old.name}",
+            lambda scope: {"summary": rejoin(scope, sw)},
+            no_undo=FORWARD,
+            auto_undo=False,
+        ),
+    ]
+    for r in sw.followers:
+        out.append(
+            Step(
+                f"switchover-follow-{r.name}",
+                lambda scope, r=r: {"summary": follow(scope, sw, r)},
+                no_undo=FORWARD,
+                auto_undo=False,
+            )
+        )
+    if change.wanted_type != change.current_type:
+        out.append(
+            resize_as_replica(
+                change.model_copy(update={"role": "db-replica", "strategy": "one-at-a-time"})
+            )
+        )
+    return out
