@@ -318,3 +318,65 @@ def test_add_server_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  
     assert role_ids(env, "worker") == workers_before
     assert not journal.open_entries(), journal.open_entries()
     _site_ok(proxy)
+
+
+@pytest.mark.hosts
+@pytest.mark.flow
+@pytest.mark.crash_matrix
+@pytest.mark.parametrize("kind", ["launch:after", "point:1", "retire", "tag"])
+def test_add_server_cache_sigkill_then_recover(stack, kind, tmp_path: Path) -> None:  # noqa: ANN001
+    """A cache replacement SIGKILLed at a step boundary (``point:1``: mid-rollout, the first app
+    server already on the new cache, the others not); recover points every app server back at
+    the cache they had, gives the old cache its role back and terminates the new one."""
+    env, proxy = stack
+    cfg = str(env.config_path)
+    (old_iid,) = role_ids(env, "cache")
+    old_ip = env.hosts[old_iid].ip
+    apps = role_ids(env, "web") + role_ids(env, "worker")
+    dry = add_server(environment="staging", role="cache", config=cfg, availability_zone="e")
+    steps = re.findall(r"^((?:launch|point|retire|tag)-\S+)\s", dry.plan_text, re.M)
+    points = [s for s in steps if s.startswith("point-")]
+    assert len(points) == len(apps) >= 2, dry.plan_text
+    step, _, when = kind.partition(":")
+    if step == "point":
+        target, first = points[int(when)], points[0].removeprefix("point-")
+    else:
+        target = next(s for s in steps if s.startswith(f"{step}-")) + (":after" if when else "")
+        first = None
+    follower = InstanceFollower(env, prefix="kc")
+    killed = run_in_thread(
+        run_until_paused,
+        "add-server",
+        target,
+        ["-e", "staging", "-c", cfg, "--role", "cache", "--availability-zone", "e", "--apply"],
+        tmp_path / "paused",
+        300,
+    )
+    follower.run_until(killed, timeout=360)
+    assert not follower.errors, follower.errors
+    (new_iid,) = follower.started
+    new_ip = env.hosts[new_iid].ip
+    assert tags_of(env, new_iid)["role"] == "cache-PENDING"
+    settings = {iid: env.hosts[iid].exec(["cat", SETTINGS]).stdout for iid in apps}
+    on_new = [iid for iid, text in settings.items() if f'BROKER_HOST = "{new_ip}"' in text]
+    if first is not None:  # the kill came mid-rollout: one app server moved, the rest not
+        assert [tags_of(env, iid)["Name"] for iid in on_new] == [first], settings
+    else:
+        assert on_new == (apps if step in ("retire", "tag") else []), settings
+    if step == "tag":
+        assert tags_of(env, old_iid)["role"] == DECOMMISSIONED
+    journal = Journal.for_environment("myproject/staging", load_config(cfg))
+    (entry,) = [e for e in journal.open_entries() if e.flow == "add-server"]
+    found = recover_environment(environment="staging", config=cfg, dry_run=False)
+    assert entry.run_id[:8] in found.plan_text, found.plan_text
+    assert f"undo {steps[0]}" in found.plan_text, found.plan_text
+    follower.tick()
+    assert _instances(env)[new_iid] in ("shutting-down", "terminated")
+    assert new_iid not in env.hosts
+    assert role_ids(env, "cache") == [old_iid]
+    assert tags_of(env, old_iid)["role"] == "cache"
+    for iid in apps:
+        text = env.hosts[iid].exec(["cat", SETTINGS]).stdout
+        assert f'BROKER_HOST = "{old_ip}"' in text and new_ip not in text, (iid, text)
+    assert not journal.open_entries(), journal.open_entries()
+    _site_ok(proxy)
