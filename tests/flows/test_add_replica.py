@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from config import load_config, resolve_environment
 from fabflows.errors import BadInput
@@ -138,10 +137,6 @@ def stack(test_network, tmp_path_factory, prefect_server):  # noqa: ANN001, ANN2
         web_count=1,
     )
     try:
-        # the environment's zones: where the seed put its servers (a) and its spare subnet (b)
-        data = yaml.safe_load(env.config_path.read_text())
-        data["avail_zones"] = ["a", "b"]
-        env.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
         assert replicas_caught_up(env) == []
         yield env
     finally:
@@ -170,9 +165,10 @@ def test_add_replica_dry_run_and_bad_input(stack) -> None:  # noqa: ANN001
     cfg = str(stack.config_path)
     before = _instances(stack)
     dry = add_replica(environment="staging", config=cfg)
-    # the seed's database servers are all in us-east-1a: the zone with the fewest is b
-    assert "launch a db-replica in us-east-1b (the fewest database servers)" in dry.plan_text
-    assert "us-east-1a 2, us-east-1b 0" in dry.plan_text, dry.plan_text
+    # the config's zones are FabulAWS's sample's (e, c); the seed's database servers are all in
+    # us-east-1e (where the test hosts' subnet is): the zone with the fewest is c
+    assert "launch a db-replica in us-east-1c (the fewest database servers)" in dry.plan_text
+    assert "us-east-1e 2, us-east-1c 0" in dry.plan_text, dry.plan_text
     name = "myproject_staging_db-replica_2"
     steps = re.findall(r"^((?:launch|build|tag)-\S+)\s", dry.plan_text, re.M)
     assert steps == [f"launch-{name}", f"build-{name}", f"tag-{name}"], dry.plan_text
@@ -180,7 +176,7 @@ def test_add_replica_dry_run_and_bad_input(stack) -> None:  # noqa: ANN001
     assert dry.dry_run and dry.outcome.startswith("dry run: would apply 3 step(s)")
     for zone, message in [
         ("us-east-1z", "'us-east-1z' does not exist in us-east-1"),
-        ("c", "'us-east-1c' is not one of myproject/staging's zones (avail_zones: "),
+        ("a", "'us-east-1a' is not one of myproject/staging's zones (avail_zones: "),
     ]:
         with pytest.raises(BadInput, match=re.escape(message)):
             add_replica(environment="staging", config=cfg, dry_run=False, availability_zone=zone)
@@ -219,7 +215,7 @@ def test_add_replica_builds_a_streaming_replica(stack) -> None:  # noqa: ANN001
     old_pid = psql(stack.hosts[old_iid], "SELECT pid FROM pg_stat_wal_receiver;", "postgres")
     follower = InstanceFollower(stack, prefix="an")
     future = run_in_thread(
-        add_replica, environment="staging", config=cfg, dry_run=False, availability_zone="a"
+        add_replica, environment="staging", config=cfg, dry_run=False, availability_zone="e"
     )
     report = follower.run_until(future, timeout=600)
     assert not follower.errors, follower.errors
@@ -277,7 +273,7 @@ def test_add_replica_sigkill_then_recover(stack, kind, tmp_path: Path) -> None: 
     primary = stack.hosts[primary_iid]
     replicas_before = role_ids(stack, "db-replica")
     slots_before = _slots(primary)
-    dry = add_replica(environment="staging", config=cfg, availability_zone="a")
+    dry = add_replica(environment="staging", config=cfg, availability_zone="e")
     (name,) = re.findall(r"^launch-(\S+)\s", dry.plan_text, re.M)
     step, _, when = kind.partition(":")
     target = f"{step}-{name}" + (":after" if when else "")
@@ -286,7 +282,7 @@ def test_add_replica_sigkill_then_recover(stack, kind, tmp_path: Path) -> None: 
         run_until_paused,
         "add-replica",
         target,
-        ["-e", "staging", "-c", cfg, "--availability-zone", "a", "--apply"],
+        ["-e", "staging", "-c", cfg, "--availability-zone", "e", "--apply"],
         tmp_path / "paused",
         300,
     )
@@ -322,14 +318,14 @@ def test_add_replica_sigkill_then_resume(stack, tmp_path: Path) -> None:  # noqa
     second launch), builds it and tags it; it streams with zero lag."""
     cfg = str(stack.config_path)
     assert replicas_caught_up(stack, timeout=30) == [], "an earlier test left the cluster broken"
-    dry = add_replica(environment="staging", config=cfg, availability_zone="a")
+    dry = add_replica(environment="staging", config=cfg, availability_zone="e")
     (name,) = re.findall(r"^launch-(\S+)\s", dry.plan_text, re.M)
     follower = InstanceFollower(stack, prefix="au")
     killed = run_in_thread(
         run_until_paused,
         "add-replica",
         f"build-{name}",
-        ["-e", "staging", "-c", cfg, "--availability-zone", "a", "--apply"],
+        ["-e", "staging", "-c", cfg, "--availability-zone", "e", "--apply"],
         tmp_path / "paused",
         300,
     )
