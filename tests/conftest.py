@@ -42,7 +42,7 @@ _MODULE_SECONDS = {
     "tests/flows/test_promote_replica.py": 222,
     "tests/e2e/test_ui.py": 219,
     "tests/flows/test_reload_production_db.py": 195,
-    "tests/flows/test_rotate_credentials.py": 177,
+    "tests/flows/test_rotate_credentials.py": 280,  # + a replica, a kill point, push after
     "tests/flows/test_environment_power_crash.py": 177,
     "tests/flows/test_no_secret_leaks.py": 176,
     "tests/flows/test_stop_environment.py": 158,

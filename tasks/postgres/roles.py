@@ -261,6 +261,10 @@ def alter_role_password(
             verifier = session.pgconn.encrypt_password(
                 new.get_secret_value().encode(), role.encode(), b"scram-sha-256"
             ).decode()
+            # back to the login itself: rotate-credentials' alternate login acts as its group
+            # (ALTER ROLE ... SET role, which RESET ROLE would restore), and a role may change
+            # only its own password
+            session.execute("SET ROLE NONE")
             session.execute(alter_role_statement(role, verifier))
         check = login_as(local, role, database, new)
         if check is None:
