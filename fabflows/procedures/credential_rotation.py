@@ -97,7 +97,6 @@ class RotateCredentialsPlan(RunbookPlan):
     replicas: list[FleetHost] = Field(
         default_factory=list, description="Replicas moved to the new replication login, in order."
     )
-    home: str = "/home/deploy"
 
 
 class RotationFacts(BaseModel):
@@ -332,7 +331,6 @@ def plan_rotate_credentials(
         batches=batches,
         specs=sorted({p for ps in facts.spec_paths.values() for p in ps}) if app_creds else [],
         replicas=replicas,
-        home=home,
     )
 
 
