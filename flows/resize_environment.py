@@ -334,12 +334,13 @@ def resize_environment(
       then `switchover-pause` (once it streams with zero lag: pgbouncer PAUSE on every app
       server: requests are held, not refused, and each pgbouncer RESUMEs by itself after
       `pause_hold_seconds` whatever happens), `switchover-stop-<old>` (fast shutdown, so the
-      replica has all WAL; the final LSN is journaled), `switchover-promote-<new>` (only once
-      it has replayed past that LSN), `switchover-retag` (role tags swapped, so inventory finds
-      the new primary), `switchover-repoint` (every app server's pgbouncer and settings name the
-      new primary, pgbouncer reloaded), `switchover-resume`, `switchover-rejoin-<old>` (the old
-      primary becomes a streaming replica of the new one: `standby.signal` and
-      `primary_conninfo`, no pg_rewind after a clean shutdown), `switchover-follow-<replica>`
+      replica has all WAL; the final LSN is journaled; meanwhile every app server's pgbouncer
+      and settings are repointed at the replica and pgbouncer RELOADed, still paused),
+      `switchover-promote-<new>` (only once it has replayed past that LSN), `switchover-resume`,
+      `switchover-retag` (role tags swapped, so inventory finds the new primary),
+      `switchover-rejoin-<old>` (the old primary becomes a streaming replica of the new one:
+      `standby.signal` and `primary_conninfo`, no pg_rewind after a clean shutdown),
+      `switchover-follow-<replica>`
       for other replicas, then the old primary is resized as a replica (one at a time, to the
       replicas' type). The expected downtime is the pause (a few seconds of held requests, no
       error page), not a stop/start.
@@ -381,10 +382,10 @@ def resize_environment(
     ends (exactly the recorded autoscaling processes resumed), each server gets its previous
     type back and is started and brought into service again, the launch template gets a version
     with the previous type. A switchover that fails **before the promotion** is undone: the old
-    primary is started again and pgbouncer RESUMEd. **After the promotion there is no way back
+    primary is started again, the app servers pointed back at it, pgbouncer RESUMEd. **After the promotion there is no way back
     automatically** (two primaries must never run): a failure, or `fabflows recover` for a run
-    that died, finishes it forward instead: roles retagged, every app server repointed, pgbouncer
-    RESUMEd, the old primary rejoined as a replica (if that fails, rebuild it with
+    that died, finishes it forward instead: every app server repointed, pgbouncer RESUMEd, roles
+    retagged, the old primary rejoined as a replica (if that fails, rebuild it with
     reset-replicas). To go back, resize again (or switch over again) deliberately.
     `fabflows recover` undoes a run that died the same way, from its journal.
 

@@ -40,6 +40,7 @@ pytest_plugins = [
 # unlisted modules keep their order after these.
 _MODULE_SECONDS = {
     "tests/flows/test_promote_replica.py": 222,
+    "tests/flows/test_resize_switchover.py": 227,
     "tests/e2e/test_ui.py": 219,
     "tests/flows/test_reload_production_db.py": 195,
     "tests/flows/test_rotate_credentials.py": 280,  # + a replica, a kill point, push after

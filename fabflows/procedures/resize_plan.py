@@ -534,32 +534,29 @@ def switchover_rows(change: ResizeChange, sw: Switchover) -> list[Change]:
         ),
         Change(
             target=f"{old.name} ({old.instance_id})",
-            action="fast shutdown of the primary; its final LSN recorded",
-            detail="undo (before the promotion): start it again",
+            action="fast shutdown of the primary (final LSN recorded); meanwhile the app servers' "
+            f"database host {old.db_address} -> {new.db_address}, pgbouncer reloaded while paused",
+            detail="undo (before the promotion): start it again, the app servers pointed back",
             step=f"switchover-stop-{old.name}",
         ),
         Change(
             target=f"{new.name} ({new.instance_id})",
             action="promote once it has replayed past the final LSN",
-            detail=f"replication allowed for {', '.join(sorted(sw.open_for.values()))}; no undo: "
-            + SWITCHOVER_NO_WAY_BACK,
+            detail="no undo: " + SWITCHOVER_NO_WAY_BACK,
             step=f"switchover-promote-{new.name}",
         ),
+        Change(target=f"{apps}' pgbouncer", action="RESUME", step="switchover-resume"),
         Change(
             target=f"{new.name}, {old.name}",
             action="role tags: db-primary, db-replica",
             step="switchover-retag",
         ),
         Change(
-            target=apps,
-            action=f"database host {old.db_address} -> {new.db_address}, pgbouncer reloaded",
-            step="switchover-repoint",
-        ),
-        Change(target=f"{apps}' pgbouncer", action="RESUME", step="switchover-resume"),
-        Change(
             target=f"{old.name} ({old.instance_id})",
             action=f"standby.signal + primary_conninfo -> {new.name}, started: streams from it",
-            detail="no pg_rewind: it stopped cleanly",
+            detail=f"{new.name} accepts replication from "
+            + ", ".join(sorted(sw.open_for.values()))
+            + "; no pg_rewind: it stopped cleanly",
             step=f"switchover-rejoin-{old.name}",
         ),
     ]

@@ -7,15 +7,15 @@ In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
   RESUMEs by itself after ``hold_seconds`` whatever happens). Undo: RESUME -- or, once the
   replica has been promoted, finish the switchover forward (:func:`finish_forward`), so neither a
   failure nor ``fabflows recover`` ever resumes the app onto a stopped primary;
-- ``switchover-stop-<old>``: fast shutdown of the primary, its final LSN journaled. Undo: start
-  it again -- only while the replica has not been promoted (never two primaries);
-- ``switchover-promote-<new>``: once the replica has replayed past the final LSN, promote it and
-  let the old primary and the other replicas replicate from it (slot and ``pg_hba.conf`` line).
-  No undo: from here the switchover only goes forward;
+- ``switchover-stop-<old>``: fast shutdown of the primary, its final LSN journaled; at the same
+  time every app server's pgbouncer (and settings, wherever they name the old primary) is
+  repointed at the replica, pgbouncer RELOADed while paused. Undo: start the old primary again --
+  only while the replica has not been promoted (never two primaries); the pause's undo points
+  the app back;
+- ``switchover-promote-<new>``: once the replica has replayed past the final LSN, promote it. No
+  undo: from here the switchover only goes forward;
+- ``switchover-resume``: RESUME (the pause ends here);
 - ``switchover-retag``: role tags swapped (inventory finds the new primary);
-- ``switchover-repoint``: every app server's pgbouncer (and settings, wherever they name the old
-  primary) point at the new one, pgbouncer reloaded (HUP), all servers at once;
-- ``switchover-resume``: RESUME;
 - ``switchover-rejoin-<old>``: the old primary, cleanly stopped, becomes a streaming replica of
   the new one (replication password, ``standby.signal``, ``primary_conninfo``);
 - ``switchover-follow-<replica>``: other replicas stream from the new primary;
@@ -24,6 +24,7 @@ In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ from tasks.postgres.switchover import (
     stop_primary_cleanly,
 )
 from tasks.ssh.database_settings import repoint_database
-from tasks.ssh.pgbouncer import pause_pgbouncer, resume_pgbouncer
+from tasks.ssh.pgbouncer import pause_pgbouncer, reload_pgbouncer, resume_pgbouncer
 
 FORWARD = (
     "a promotion cannot be undone: a failure or `fabflows recover` finishes the switchover "
@@ -69,6 +70,14 @@ def _wait(what: str, check: Callable[[], bool], timeout: float, interval: float 
         time.sleep(interval)
 
 
+def _parallel(*calls: Callable[[], Any]) -> list[Any]:
+    """Run ``calls`` at once, each in a thread with the run's context (its logger); results in
+    order, the first failure raised once all have ended."""
+    with ThreadPoolExecutor(len(calls)) as ex:
+        futures = [ex.submit(contextvars.copy_context().run, c) for c in calls]
+    return [f.result() for f in futures]
+
+
 def _hosts(sw: Switchover) -> list:  # noqa: ANN202 - FleetHost
     return [a.host for a in sw.apps]
 
@@ -86,7 +95,7 @@ def promoted(scope: Scope, sw: Switchover) -> bool:
 
 def pause(scope: Scope, sw: Switchover) -> str:
     env = scope.env
-    result = pause_pgbouncer(
+    result = pause_pgbouncer.fn(
         _hosts(sw),
         scope.pool,
         env.home,
@@ -104,7 +113,7 @@ def pause(scope: Scope, sw: Switchover) -> str:
 
 def resume(scope: Scope, sw: Switchover) -> str:
     env = scope.env
-    result = resume_pgbouncer(
+    result = resume_pgbouncer.fn(
         _hosts(sw), scope.pool, env.home, env.environment, sw.database, dry_run=False
     )
     result.raise_for_errors()
@@ -118,27 +127,39 @@ def retag(scope: Scope, sw: Switchover) -> str:
     return f"{sw.new.name} tagged db-primary, {sw.old.name} db-replica"
 
 
-def repoint(scope: Scope, sw: Switchover) -> str:
-    """Every app server at once (the app waits under the pause meanwhile)."""
+def repoint(scope: Scope, sw: Switchover, *, back: bool = False) -> str:
+    """Every app server at once (the app waits under the pause meanwhile): its files name the
+    new primary (promote-replica's ``repoint_database``, no program restarted), then pgbouncer
+    RELOADs through its admin console (always: a run killed between the two is finished by the
+    next). ``back``: the compensation, to the old primary again (only while the new one has not
+    been promoted)."""
     env = scope.env
+    old, new = (sw.new, sw.old) if back else (sw.old, sw.new)
 
     def one(app) -> str:  # noqa: ANN001
-        return repoint_database(
+        moved = repoint_database.fn(
             scope.pool,
             app.host.name,
             app.host.address,
             home=env.home,
             environment=env.environment,
-            old=sw.old.db_address,
-            new=sw.new.db_address,
-            groups=app.groups,
+            old=old.db_address,
+            new=new.db_address,
+            groups=[],
             dry_run=False,
-        ).summary
+        )
+        reloaded = reload_pgbouncer.fn(
+            [app.host], scope.pool, env.home, env.environment, dry_run=False
+        )
+        reloaded.raise_for_errors()
+        return (
+            f"{app.host.name}: {'now names ' + new.db_address if moved.changed else moved.summary}"
+        )
 
     if not sw.apps:
         return "no app server"
-    with ThreadPoolExecutor(min(8, len(sw.apps))) as ex:
-        return "; ".join(ex.map(one, sw.apps))
+    done = _parallel(*[lambda app=app: one(app) for app in sw.apps])
+    return "; ".join(done) + ", pgbouncer reloaded"
 
 
 def rejoin(scope: Scope, sw: Switchover) -> str:
@@ -163,10 +184,10 @@ def follow(scope: Scope, sw: Switchover, replica: DbServer) -> str:
 
 
 def finish_forward(scope: Scope, sw: Switchover) -> str:
-    """After the promotion, whatever is left, in order (each part is a no-op when done): retag,
-    repoint, RESUME, rejoin the old primary, the other replicas follow. Repointing and RESUME come
+    """After the promotion, whatever is left, in order (each part is a no-op when done): repoint,
+    RESUME, retag, rejoin the old primary, the other replicas follow. Repointing and RESUME come
     first: they end the pause; a rejoin that fails is reported (reset-replicas rebuilds it)."""
-    done = [retag(scope, sw), repoint(scope, sw), resume(scope, sw)]
+    done = [repoint(scope, sw), resume(scope, sw), retag(scope, sw)]
     problems = []
     try:
         done.append(rejoin(scope, sw))
@@ -184,6 +205,10 @@ def finish_forward(scope: Scope, sw: Switchover) -> str:
             + " (rebuild them with reset-replicas)"
         )
     return "; ".join(done)
+
+
+# Inside the pause (from PAUSE to RESUME) the tasks run through ``.fn``: Prefect's task-run
+# bookkeeping costs a round trip to its API per call, time every held request waits.
 
 
 def switchover_steps(
@@ -220,13 +245,19 @@ def switchover_steps(
                 "%s was promoted: finishing the switchover forward", new.name, level="warning"
             )
             finish_forward(scope, sw)
-        else:
+        else:  # the app back at the old primary (no-op unless repointed already), then RESUME
+            repoint(scope, sw, back=True)
             resume(scope, sw)
         stop_probe(scope)
 
     def stop_apply(scope: Scope) -> dict[str, Any]:
-        result = stop_primary_cleanly(scope.pool, old, dry_run=False)
-        return {"summary": result.summary, "final_lsn": result.final_lsn}
+        # the stop and the repointing at once: pgbouncer holds every query until RESUME, so the
+        # app reaches no server meanwhile (before the promotion, the pause's undo points it back)
+        result, moved = _parallel(
+            lambda: stop_primary_cleanly.fn(scope.pool, old, dry_run=False),
+            lambda: repoint(scope, sw),
+        )
+        return {"summary": f"{result.summary}; {moved}", "final_lsn": result.final_lsn}
 
     def stop_undo(scope: Scope, data: dict[str, Any]) -> None:
         if promoted(scope, sw):  # never two primaries: the pause's undo finishes forward
@@ -238,22 +269,18 @@ def switchover_steps(
         final = journaled(scope, stop_name).get("final_lsn") or ""
         if not final:
             raise RuntimeError(f"no final LSN journaled for {old.name}: not promoting")
-        replay = [""]
 
-        def has_all() -> bool:
-            replay[0] = describe_standby.fn(scope.pool, new).replay_lsn or ""
-            return replayed_past(replay[0], final)
+        def ready() -> bool:  # promoted already (a resumed run), or has every write
+            st = describe_standby.fn(scope.pool, new)
+            return not st.in_recovery or replayed_past(st.replay_lsn, final)
 
-        if not promoted(scope, sw):
-            _wait(
-                f"{new.name} has not replayed past {old.name}'s final LSN {final} "
-                f"(at {replay[0]}): not promoting",
-                has_all,
-                REPLAY_SECONDS,
-            )
-        done = promote_standby(scope.pool, new, dry_run=False)
-        opened = allow_replication(scope.pool, new, sw.open_for, dry_run=False)
-        return {"summary": f"{done.summary}; {opened.summary}", "final_lsn": final}
+        _wait(
+            f"{new.name} has not replayed past {old.name}'s final LSN {final}: not promoting",
+            ready,
+            REPLAY_SECONDS,
+        )
+        done = promote_standby.fn(scope.pool, new, dry_run=False)
+        return {"summary": done.summary, "final_lsn": final}
 
     def resume_apply(scope: Scope) -> dict[str, Any]:
         summary = resume(scope, sw)
@@ -272,21 +299,13 @@ def switchover_steps(
             site_down=True,
             auto_undo=False,
         ),
+        Step("switchover-resume", resume_apply, no_undo="it ends the pause", site_down=True),
         Step(
             "switchover-retag",
             lambda scope: {"summary": retag(scope, sw)},
             no_undo=FORWARD,
-            site_down=True,
             auto_undo=False,
         ),
-        Step(
-            "switchover-repoint",
-            lambda scope: {"summary": repoint(scope, sw)},
-            no_undo=FORWARD,
-            site_down=True,
-            auto_undo=False,
-        ),
-        Step("switchover-resume", resume_apply, no_undo="it ends the pause", site_down=True),
         Step(
             f"switchover-rejoin-{old.name}",
             lambda scope: {"summary": rejoin(scope, sw)},
