@@ -305,6 +305,19 @@ def _target(s: Server, env: EnvironmentConfig) -> Target:
     )
 
 
+def distinct_names(targets: list[Target]) -> list[Target]:
+    """The servers, those that share a Name tag (an autoscaling group gives all its web servers
+    one) named ``<name>-<instance id>``: a step per server and the facts per server must tell
+    them apart (the journal knows a step by its name)."""
+    counts: dict[str, int] = {}
+    for t in targets:
+        counts[t.name] = counts.get(t.name, 0) + 1
+    return [
+        t.model_copy(update={"name": f"{t.name}-{t.instance_id}"}) if counts[t.name] > 1 else t
+        for t in targets
+    ]
+
+
 def gather_add_server(scope: Scope, params: AddServerParams) -> AddServerFacts:
     env, rc = scope.env, scope.rc
     role = params.role
@@ -316,8 +329,8 @@ def gather_add_server(scope: Scope, params: AddServerParams) -> AddServerFacts:
     like = like or running
     source = describe_launch_source.fn(rc.creds, like[0].instance_id) if like else None
     configured_zones, configured_subnets = configured_placement(extra, env.region)
-    apps = [_target(s, env) for s in running if s.role in APP_ROLES]
-    caches = [_target(s, env) for s in live if s.role == "cache"]
+    apps = distinct_names([_target(s, env) for s in running if s.role in APP_ROLES])
+    caches = distinct_names([_target(s, env) for s in live if s.role == "cache"])
     cache_files: dict[str, list[str]] = {}
     unreadable: dict[str, str] = {}
     old = [c for c in caches if params.replace in (None, c.name, c.instance_id)]

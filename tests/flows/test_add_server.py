@@ -34,6 +34,7 @@ from flows.add_server import (
     AddServerParams,
     Target,
     add_server,
+    distinct_names,
     plan_add_server,
 )
 from flows.recover_environment import recover_environment
@@ -107,6 +108,23 @@ def test_add_server_plan(staging_env, role, facts, kw, problem) -> None:  # noqa
         assert steps == [f"launch-{name}", "point-web", "point-w", "retire-c", f"tag-{name}"]
         assert plan.destructive
         assert any("are lost" in n for n in plan.notes)
+
+
+def test_add_server_cache_plan_tells_apart_servers_sharing_a_name(staging_env) -> None:  # noqa: ANN001
+    """An autoscaling group gives all its web servers one Name tag: each still gets its own
+    point step (the journal knows steps by name) and its own settings files."""
+    webs = [_t("web", "web", "10.0.0.3"), _t("web", "web", "10.0.0.4")]
+    webs = [webs[0], webs[1].model_copy(update={"instance_id": "i-web2"})]
+    apps = distinct_names([_t("w", "worker", "10.0.0.2"), *webs])
+    assert [a.name for a in apps] == ["w", "web-i-web", "web-i-web2"]
+    assert distinct_names(apps) == apps  # already distinct: unchanged
+    files = {a.name: [f"/{a.instance_id}.py"] for a in apps}
+    plan = plan_add_server(
+        _facts(apps=apps, app_cache_files=files), AddServerParams(role="cache"), staging_env
+    )
+    points = [c for c in plan.changes if c.step.startswith("point-")]
+    assert [c.step for c in points] == ["point-web-i-web", "point-web-i-web2", "point-w"]
+    assert "/i-web2.py" in points[1].detail and "/i-web.py" not in points[1].detail
 
 
 # --------------------------------------------------------------------------- real peers
