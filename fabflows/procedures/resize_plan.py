@@ -203,9 +203,12 @@ def choose_primary_path(
     if not candidates:
         return in_place("no db-replica streams from the primary")
     if facts.pgbouncer_blockers:
+        shown = facts.pgbouncer_blockers[:2]
+        more = len(facts.pgbouncer_blockers) - len(shown)
         return in_place(
             "the app servers' pgbouncer cannot be paused ("
-            + "; ".join(facts.pgbouncer_blockers)
+            + "; ".join(shown)
+            + (f"; {more} more" if more else "")
             + ")"
         )
     if not facts.database:

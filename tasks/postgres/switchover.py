@@ -151,27 +151,35 @@ def stop_primary_cleanly(pool: ConnectionPool, server: DbServer, *, dry_run: boo
         server: The primary.
         dry_run: Only say what would be done.
     """
-    before = describe_shutdown.fn(pool, server)
-    if before.clean:
-        return CleanStop(
-            changed=False,
-            dry_run=dry_run,
-            summary=f"{server.name} is stopped already (final LSN {before.checkpoint_lsn})",
-            final_lsn=before.checkpoint_lsn,
-        )
     if dry_run:
+        before = describe_shutdown.fn(pool, server)
+        if before.clean:
+            return CleanStop(
+                changed=False,
+                dry_run=True,
+                summary=f"{server.name} is stopped already (final LSN {before.checkpoint_lsn})",
+                final_lsn=before.checkpoint_lsn,
+            )
         return CleanStop(changed=True, dry_run=True, summary=f"Would stop {server.name} (fast)")
-    remote_for(pool, server).write(["sh", "-c", STOP_SCRIPT], sudo=True, timeout=120)
-    after = describe_shutdown.fn(pool, server)
+    # one round trip (it counts while the app waits): stop if it runs, then pg_controldata
+    script = (
+        "if pg_isready -q; then\necho was_running 1\n" + STOP_SCRIPT + "\nfi\n" + CONTROL_SCRIPT
+    )
+    out = remote_for(pool, server).write(["sh", "-c", script], sudo=True, timeout=120)
+    assert out is not None
+    after = parse_control(server.name, out.stdout)
     if not after.clean:
         raise RuntimeError(
             f"{server.name} did not shut down cleanly (running: {after.running}, "
             f"state: {after.state!r}): no switchover on it"
         )
+    ran = "was_running 1" in out.stdout
     return CleanStop(
-        changed=True,
+        changed=ran,
         dry_run=False,
-        summary=f"{server.name} stopped (fast shutdown, final LSN {after.checkpoint_lsn})",
+        summary=f"{server.name} "
+        + ("stopped (fast shutdown, " if ran else "was stopped already (")
+        + f"final LSN {after.checkpoint_lsn})",
         final_lsn=after.checkpoint_lsn,
     )
 
