@@ -162,7 +162,12 @@ def _everything_prefect_stored(run_ids: list) -> str:
             parts += [log.message for log in logs]
             for artifact in await _all(client.read_artifacts):
                 parts += [repr(artifact.data), repr(artifact.description), repr(artifact.key)]
-            for task_run in await _all(client.read_task_runs):
+            task_runs = await _all(
+                client.read_task_runs,
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
+            )
+            assert task_runs, "no task run recorded: the scan would not cover them"
+            for task_run in task_runs:
                 parts.append(repr(task_run.state.message if task_run.state else ""))
                 parts.append(repr(task_run.name))
             parts.append(f"({len(logs)} logs)")
@@ -209,7 +214,7 @@ def _save(values: dict[str, str]) -> None:
     block.save(BLOCK, overwrite=True)
 
 
-def test_no_secret_anywhere(prefect_server, stack) -> None:
+def test_no_secret_anywhere(prefect_server, prefect_server_all_services, stack) -> None:
     env, proxy = stack
     config = str(env.config_path)
     old = dict(env.secrets)
