@@ -124,6 +124,10 @@ def describe_stdin(data: bytes | None) -> str:
     return f" < stdin({len(data)} bytes, sha256 {digest})"
 
 
+EOF_GRACE = 1.0
+"""Seconds a command's output may still arrive after its exit status (see exec_command)."""
+
+
 def exec_command(
     conn: Connection,
     command: str,
@@ -158,6 +162,7 @@ def exec_command(
         out: list[bytes] = []
         err: list[bytes] = []
         deadline = time.monotonic() + timeout
+        exited_at: float | None = None
         while True:
             got = False
             while chan.recv_ready():
@@ -166,7 +171,18 @@ def exec_command(
             while chan.recv_stderr_ready():
                 err.append(chan.recv_stderr(65536))
                 got = True
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            if chan.exit_status_ready() and exited_at is None:
+                exited_at = time.monotonic()
+            # sshd may send the exit status before the last of the output (it reports the exit as
+            # soon as the command ends, and sends what is still in the pipe after it): the output
+            # is complete at EOF. A command that leaves a background process holding its output
+            # open never sends EOF, so after the exit status wait for it only a moment.
+            complete = (
+                chan.eof_received or chan.closed or time.monotonic() - exited_at >= EOF_GRACE
+                if exited_at is not None
+                else False
+            )
+            if complete and not chan.recv_ready() and not chan.recv_stderr_ready():
                 return chan.recv_exit_status(), b"".join(out), b"".join(err)
             if chan.closed and not got:
                 # closed without an exit status (connection lost)
