@@ -286,10 +286,16 @@ def _launch_template(plan: ResizeRunbookPlan, c: ResizeChange) -> Step:
 
 
 def resize_steps(plan: ResizeRunbookPlan, flow: str) -> list[Step]:
-    from fabflows.procedures.switchover_steps import switchover_steps
+    from fabflows.procedures.switchover_steps import keep_after_promotion, switchover_steps
 
     resize = plan.resize
-    out = [_one_at_a_time(c, flow) for c in resize.by_strategy("one-at-a-time")]
+    sw = resize.switchover
+    out = [
+        keep_after_promotion(_one_at_a_time(c, flow), sw)
+        if sw is not None and c.instance_id == sw.new.instance_id
+        else _one_at_a_time(c, flow)
+        for c in resize.by_strategy("one-at-a-time")
+    ]
     for c in resize.by_strategy("switchover"):
         assert resize.switchover is not None
         out += switchover_steps(

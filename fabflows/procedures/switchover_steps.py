@@ -25,6 +25,7 @@ In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -205,6 +206,22 @@ def finish_forward(scope: Scope, sw: Switchover) -> str:
             + " (rebuild them with reset-replicas)"
         )
     return "; ".join(done)
+
+
+def keep_after_promotion(step: Step, sw: Switchover) -> Step:
+    """The resize of the replica that takes over: undone (previous type back, a stop and start)
+    only while it has not been promoted; once it is the primary it keeps its new type (undoing
+    that would stop the primary)."""
+    undo = step.undo
+    assert undo is not None
+
+    def guarded(scope: Scope, data: dict[str, Any]) -> None:
+        if promoted(scope, sw):
+            scope.log("%s is the primary now: it keeps its new type", sw.new.name, level="warning")
+            return
+        undo(scope, data)
+
+    return dataclasses.replace(step, undo=guarded)
 
 
 # Inside the pause (from PAUSE to RESUME) the tasks run through ``.fn``: Prefect's task-run

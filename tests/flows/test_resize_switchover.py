@@ -393,14 +393,17 @@ def test_switchover_resizes_the_primary_with_no_error_page(stack: Stack) -> None
 @pytest.mark.hosts
 @pytest.mark.flow
 def test_a_failure_after_the_promotion_finishes_forward(stack: Stack) -> None:
-    """Back the other way (the types swapped in the config); the run fails just before RESUME,
-    after the promotion: there is no going back, so the undo finishes the switchover forward (what
-    `fabflows recover` does for a run that died there): the app repointed and resumed, the roles
-    retagged, the old primary streaming from the new one. The run still fails."""
+    """Back the other way: the replica resized to a third type for the primary, then the run fails
+    just before RESUME, after the promotion: there is no going back, so the undo finishes the
+    switchover forward (what `fabflows recover` does for a run that died there): the app
+    repointed and resumed, the roles retagged, the old primary streaming from the new one, and
+    the new primary keeps its new type (its resize is not undone: that would stop the primary).
+    The run still fails."""
     env = stack.env
     (old_iid,) = role_ids(env, "db-primary")
     (new_iid,) = role_ids(env, "db-replica")
-    swapped = {"db-primary": stack.wanted["db-replica"], "db-replica": stack.wanted["db-primary"]}
+    third = "m5.2xlarge" if "m5.2xlarge" not in stack.wanted.values() else "m4.xlarge"
+    swapped = {"db-primary": third, "db-replica": stack.wanted["db-primary"]}
     config = lab_config(env, swapped)
 
     def fail_resume(flow: str, step: str, when: str) -> None:
@@ -417,12 +420,13 @@ def test_a_failure_after_the_promotion_finishes_forward(stack: Stack) -> None:
         seen = probe.stop()
     assert role_ids(env, "db-primary") == [new_iid]
     assert role_ids(env, "db-replica") == [old_iid]
+    assert stack.types()[new_iid] == third
     new, old = env.hosts[new_iid], env.hosts[old_iid]
     assert writable(new) and not writable(old)
     assert streams_from(old, new)
     for url in web_urls(env):
         assert post_ok(url), url
     assert seen.non_200 == 0, seen.describe()
-    # each already has its new role's type (the types were swapped): nothing left to do
+    # each has its new role's type (the old primary's was the replicas' already): nothing left
     dry = resize_environment("staging", config=config)
     assert dry.outcome.endswith("nothing to change"), dry.render_text()
