@@ -446,3 +446,31 @@ def test_push_server_secrets_after_rotation(stack) -> None:
         block = ServerSecrets.load(BLOCK)
         drop_names(block, ["database_password_pending"])
         block.save(BLOCK, overwrite=True)
+
+
+def test_reset_replicas_after_rotation(stack) -> None:
+    """After the replication login was rotated, reset-replicas rebuilds a replica with the login
+    in use (its base backup and WAL receiver read the rotated line of ``.pgpass``): it streams
+    as that login again, and the old password still does not work."""
+    from flows.reset_replicas import reset_replicas
+
+    env, proxy = stack
+    config = str(env.config_path)
+    if _block().get("replication_user", "replicator") == "replicator":
+        report = rotate_credentials(
+            environment="staging", config=config, dry_run=False, credentials=["replication"]
+        )
+        assert not report.problems, report.render_text()
+        assert [s.name for s in report.steps if s.name.startswith("switch-web")] == []
+    block = _block()
+    login, password = block["replication_user"], block["replication_password"]
+    assert login == "replicator_alt"
+    (replica,) = env.by_role("db-replica")
+    report = reset_replicas(environment="staging", config=config, dry_run=False)
+    assert not report.problems, report.render_text()
+    assert "rebuilt from" in report.render_text()
+    assert _streaming(env) == {replica.ip: login}
+    assert f"user={login} " in _sql(replica, "SHOW primary_conninfo")
+    assert _db_accepts(env, login, password, "postgres")
+    assert not _db_accepts(env, "replicator", env.replication_password, "postgres")
+    _app_writes(env, proxy)
