@@ -1,7 +1,7 @@
 """What users see while resize-environment resizes the db-primary: by switchover or in place.
 
     FABFLOWS_TEST_NET_PREFIX=ha FABFLOWS_TEST_NET_SUBNET=10.231.0 \\
-        .venv/bin/python -m bench.resize_switchover [--runs 2]
+        .venv/bin/python -m bench.resize_switchover [--runs 3]
 
 One real stack (moto, isolated test hosts following EC2's stop and start, PostgreSQL 15 with a
 streaming db-replica, the Django app behind nginx and pgbouncer on two web servers and a worker)
@@ -18,8 +18,9 @@ by its duration, not counted as refused). Each run resizes both database servers
 Per run: the probe's non-200 count and longest request, the pause or window (the run's measured
 downtime: first to last step that holds or keeps users out) and the whole run's time. Reported as
 median and max per path. Goal for the switchover: 0 non-200, longest request <= 3 s. Writes
-``bench/results/resize_switchover.json``. Not a test: timings vary with load. The default (2 runs
-each) finishes in about 8 minutes on 2 cores; ``--runs 5`` for the issue's distribution.
+``bench/results/resize_switchover.json``. Not a test: timings vary with load. A run takes 20-50 s
+(with the stack's minute to build): the default, 3 runs each, ends in 3-6 minutes on 2 cores;
+``--runs 5`` (the issue's distribution) took 5.4 minutes at a load average of about 6.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def distribution(rows: list[dict], key: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.resize_switchover")
-    p.add_argument("--runs", type=int, default=2, help="Runs of each path.")
+    p.add_argument("--runs", type=int, default=3, help="Runs of each path.")
     p.add_argument("--out", type=Path, default=RESULTS / "resize_switchover.json")
     args = p.parse_args(argv)
     with prefect_server() as api_url:

@@ -382,10 +382,11 @@ def resize_environment(
     ends (exactly the recorded autoscaling processes resumed), each server gets its previous
     type back and is started and brought into service again, the launch template gets a version
     with the previous type. A switchover that fails **before the promotion** is undone: the old
-    primary is started again, the app servers pointed back at it, pgbouncer RESUMEd. **After the promotion there is no way back
-    automatically** (two primaries must never run): a failure, or `fabflows recover` for a run
-    that died, finishes it forward instead: every app server repointed, pgbouncer RESUMEd, roles
-    retagged, the old primary rejoined as a replica (if that fails, rebuild it with
+    primary is started again, the app servers pointed back at it, pgbouncer RESUMEd. **After the
+    promotion there is no way back automatically** (two primaries must never run): a failure,
+    or `fabflows recover` for a run that died, finishes it forward instead: every app server
+    repointed, pgbouncer RESUMEd, roles retagged, the old primary rejoined as a replica, the new
+    primary kept on its new type (if the rejoin fails, rebuild it with
     reset-replicas). To go back, resize again (or switch over again) deliberately.
     `fabflows recover` undoes a run that died the same way, from its journal.
 

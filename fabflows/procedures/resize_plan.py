@@ -244,8 +244,9 @@ def choose_primary_path(
         path="switchover",
         reason=(
             f"{best.server.name} streams from the primary (the least lag of "
-            f"{len(candidates)} streaming): it is resized first, then takes over; the app waits under a pgbouncer pause for the switchover instead of a "
-            "503 page for a stop/start"
+            f"{len(candidates)} streaming): it is resized first, then takes over; the app "
+            "waits under a pgbouncer pause for the switchover instead of a 503 page for a "
+            "stop/start"
         ),
         switchover=switchover,
     )
@@ -646,8 +647,8 @@ def resize_runbook_plan(
         sw = plan.switchover
         notes.append(
             f"switchover: expected pause about {sw.expected_seconds:.0f} s (requests held by "
-            f"pgbouncer, bounded by its auto-resume after {sw.hold_seconds:g} s), not a stop/start; "
-            f"{sw.old.name} becomes a streaming db-replica of {sw.new.name}"
+            f"pgbouncer, bounded by its auto-resume after {sw.hold_seconds:g} s), not a "
+            f"stop/start; {sw.old.name} becomes a streaming db-replica of {sw.new.name}"
         )
         notes.append(SWITCHOVER_NO_WAY_BACK)
         downtime = (downtime or 0.0) + sw.expected_seconds

@@ -2,9 +2,11 @@
 
 In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
 
-- ``switchover-pause``: wait until the replica that takes over streams with zero lag, then PAUSE
-  the live database on every app server's pgbouncer (requests held, not refused; each host
-  RESUMEs by itself after ``hold_seconds`` whatever happens). Undo: RESUME -- or, once the
+- ``switchover-pause``: wait until the replica that takes over streams and is caught up (at
+  most ``CATCH_UP_BYTES`` behind: zero on a quiet site; exact zero lag is checked after the
+  stop), then PAUSE the live database on every app server's pgbouncer (requests held, not
+  refused; each host RESUMEs by itself after ``hold_seconds`` whatever happens). Undo: RESUME
+  (the app pointed back first, if it was repointed) -- or, once the
   replica has been promoted, finish the switchover forward (:func:`finish_forward`), so neither a
   failure nor ``fabflows recover`` ever resumes the app onto a stopped primary;
 - ``switchover-stop-<old>``: fast shutdown of the primary, its final LSN journaled; at the same
@@ -59,6 +61,8 @@ FORWARD = (
 )
 PAUSE_WAIT_SECONDS = 5.0
 CATCH_UP_SECONDS = 60.0
+CATCH_UP_BYTES = 1 << 20
+"""Lag allowed when the pause starts (what the replica then replays while the app waits)."""
 REPLAY_SECONDS = 30.0
 STREAM_SECONDS = 60.0
 
@@ -84,9 +88,17 @@ def _hosts(sw: Switchover) -> list:  # noqa: ANN202 - FleetHost
 
 
 def caught_up(scope: Scope, sw: Switchover) -> bool:
-    """The replica that takes over streams from the primary with no WAL left to replay."""
+    """The replica that takes over streams from the primary with at most ``CATCH_UP_BYTES`` left
+    to replay (zero on a quiet site; a busy one may never show exactly zero between two reads).
+    Zero lag itself is checked after the stop: the promotion waits until the replica has replayed
+    past the primary's final record, which a stopped primary cannot move any more."""
     seen = describe_primary_replication.fn(scope.pool, sw.old)
-    return any(s.client_addr == sw.new.db_address and s.lag_bytes == 0 for s in seen.streaming)
+    return any(
+        s.client_addr == sw.new.db_address
+        and s.lag_bytes is not None
+        and 0 <= s.lag_bytes <= CATCH_UP_BYTES
+        for s in seen.streaming
+    )
 
 
 def promoted(scope: Scope, sw: Switchover) -> bool:

@@ -1,4 +1,4 @@
-"""A planned switchover: the primary stops cleanly, a replica takes over, the old primary follows it.
+"""A planned switchover: the primary stops cleanly, a replica takes over, the old one follows it.
 
 Read task:
 
@@ -257,8 +257,9 @@ def rejoin_as_standby(
                 summary=f"{server.name} is a standby of {new_primary.name} already",
             )
         raise RuntimeError(
-            f"{server.name} runs {'as a standby of another server' if state.in_recovery else 'as a primary'}"
-            f": stop it first (it is not made a replica of {new_primary.name} while it runs)"
+            f"{server.name} runs "
+            + ("as a standby of another server" if state.in_recovery else "as a primary")
+            + f": stop it first (it is not made a replica of {new_primary.name} while it runs)"
         )
     if not control.clean and not control.standby_signal:
         raise RuntimeError(
