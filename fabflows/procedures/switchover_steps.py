@@ -45,6 +45,7 @@ from tasks.postgres.failover import (
 )
 from tasks.postgres.replica_setup import install_replication_password
 from tasks.postgres.replication import describe_primary_replication
+from tasks.postgres.replication_logins import current_login
 from tasks.postgres.server import DbServer
 from tasks.postgres.switchover import (
     rejoin_as_standby,
@@ -178,11 +179,13 @@ def repoint(scope: Scope, sw: Switchover, *, back: bool = False) -> str:
 def rejoin(scope: Scope, sw: Switchover) -> str:
     env = scope.env
     pool = scope.pool
-    allow_replication(pool, sw.new, sw.open_for, dry_run=False)
+    # the login the replicas stream with now (rotate-credentials alternates two)
+    role = current_login(pool, sw.new, env.home)
+    allow_replication(pool, sw.new, sw.open_for, dry_run=False, role=role)
     install_replication_password(
-        pool, sw.new, sw.old, home=env.home, owner=env.deploy_user, dry_run=False
+        pool, sw.new, sw.old, home=env.home, owner=env.deploy_user, dry_run=False, role=role
     )
-    done = rejoin_as_standby(pool, sw.old, sw.new, sw.old_slot, dry_run=False)
+    done = rejoin_as_standby(pool, sw.old, sw.new, sw.old_slot, dry_run=False, role=role)
 
     def streaming() -> bool:
         st = describe_standby.fn(pool, sw.old)
