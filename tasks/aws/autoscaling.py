@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,7 +38,7 @@ class AutoScalingGroup(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
-@task(name="describe-auto-scaling-group", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-auto-scaling-group", retries=2, retry_delay_seconds=2)
 def describe_auto_scaling_group(
     creds: AwsCredentials, auto_scaling_group_name: str
 ) -> AutoScalingGroup | None:
@@ -176,6 +177,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="get-upgrade-mode-record",
     retries=2,
     retry_delay_seconds=2,
@@ -190,6 +192,7 @@ def get_upgrade_mode_record(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="suspend-processes",
     task_run_name="suspend-processes-{auto_scaling_group_name}",
     retries=0,
@@ -256,6 +259,7 @@ def suspend_processes(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="resume-processes",
     task_run_name="resume-processes-{auto_scaling_group_name}",
     retries=0,
@@ -325,6 +329,7 @@ def resume_processes(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="resume-listed-processes",
     task_run_name="resume-listed-processes-{auto_scaling_group_name}",
     retries=0,

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,7 +77,7 @@ def role_tag_values(roles: list[str] | None = None) -> list[str]:
     return wanted + legacy
 
 
-@task(name="describe-servers", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-servers", retries=2, retry_delay_seconds=2)
 def describe_servers(
     creds: AwsCredentials,
     deployment: str,

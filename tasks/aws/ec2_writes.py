@@ -58,7 +58,7 @@ def _describe_ids(creds: AwsCredentials, instance_ids: list[str]) -> list[Server
     return sorted(out, key=lambda s: order.get(s.instance_id, 0))
 
 
-@task(name="describe-instances", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-instances", retries=2, retry_delay_seconds=2)
 def describe_instances(creds: AwsCredentials, instance_ids: list[str]) -> list[Server]:
     """The given instances (any state, terminated included while EC2 still lists them)."""
     return _describe_ids(creds, instance_ids)
@@ -105,7 +105,7 @@ def wait_for_instances(
         time.sleep(min(poll, max(0.05, deadline - time.monotonic())))
 
 
-@task(name="describe-instance-subnet", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-instance-subnet", retries=2, retry_delay_seconds=2)
 def describe_instance_subnet(creds: AwsCredentials, instance_id: str) -> str | None:
     """The subnet an instance runs in (to launch its replacement in the same place)."""
     reservations = aws_client(creds, "ec2").describe_instances(InstanceIds=[instance_id])[
@@ -125,7 +125,7 @@ class InstanceTypeInfo(BaseModel):
     memory_mib: int
 
 
-@task(name="describe-instance-types", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-instance-types", retries=2, retry_delay_seconds=2)
 def describe_instance_types(
     creds: AwsCredentials, instance_types: list[str]
 ) -> tuple[dict[str, InstanceTypeInfo], list[str]]:
@@ -156,7 +156,7 @@ def describe_instance_types(
     return known, unknown
 
 
-@task(name="describe-launch-template-type", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-launch-template-type", retries=2, retry_delay_seconds=2)
 def describe_launch_template_type(
     creds: AwsCredentials, launch_template: str, version: str | None = None
 ) -> str | None:
@@ -184,7 +184,7 @@ def _states(servers: list[Server]) -> dict[str, str]:
     return {s.instance_id: s.state for s in servers}
 
 
-@task(name="stop-instances", retries=0)
+@task(cache_policy=NO_CACHE, name="stop-instances", retries=0)
 def stop_instances(
     creds: AwsCredentials, instance_ids: list[str], record: RunRecord, *, dry_run: bool
 ) -> InstancesResult:
@@ -219,7 +219,7 @@ def stop_instances(
     )
 
 
-@task(name="start-instances", retries=0)
+@task(cache_policy=NO_CACHE, name="start-instances", retries=0)
 def start_instances(
     creds: AwsCredentials, instance_ids: list[str], *, dry_run: bool
 ) -> InstancesResult:
@@ -254,7 +254,7 @@ def start_instances(
     )
 
 
-@task(name="clear-instance-tag", retries=0)
+@task(cache_policy=NO_CACHE, name="clear-instance-tag", retries=0)
 def clear_instance_tag(
     creds: AwsCredentials, instance_ids: list[str], key: str, *, dry_run: bool
 ) -> StepResult:
@@ -273,7 +273,7 @@ def clear_instance_tag(
     )
 
 
-@task(name="terminate-instances", retries=0, tags=["non-idempotent"])
+@task(cache_policy=NO_CACHE, name="terminate-instances", retries=0, tags=["non-idempotent"])
 def terminate_instances(
     creds: AwsCredentials, instance_ids: list[str], *, dry_run: bool
 ) -> InstancesResult:
@@ -302,6 +302,7 @@ def terminate_instances(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="reboot-instance",
     task_run_name="reboot-{instance_id}",
     retries=0,
@@ -330,7 +331,7 @@ class LaunchResult(StepResult):
     private_ip_address: str | None = None
 
 
-@task(name="run-instance-from-template", retries=0, tags=["non-idempotent"])
+@task(cache_policy=NO_CACHE, name="run-instance-from-template", retries=0, tags=["non-idempotent"])
 def run_instance_from_template(
     creds: AwsCredentials,
     launch_template: str,
@@ -388,7 +389,12 @@ class TypeResult(StepResult):
     instance_type: str
 
 
-@task(name="modify-instance-type", task_run_name="modify-instance-type-{instance_id}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="modify-instance-type",
+    task_run_name="modify-instance-type-{instance_id}",
+    retries=0,
+)
 def modify_instance_type(
     creds: AwsCredentials, instance_id: str, instance_type: str, *, dry_run: bool
 ) -> TypeResult:
@@ -424,7 +430,7 @@ def modify_instance_type(
     )
 
 
-@task(name="tag-instances", retries=0)
+@task(cache_policy=NO_CACHE, name="tag-instances", retries=0)
 def tag_instances(
     creds: AwsCredentials, instance_ids: list[str], tags: dict[str, str], *, dry_run: bool
 ) -> StepResult:
@@ -455,6 +461,7 @@ class LaunchTemplateResult(StepResult):
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="create-launch-template-version",
     task_run_name="create-launch-template-version-{launch_template}",
     retries=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict
 
@@ -21,7 +22,7 @@ class TargetHealth(BaseModel):
     kind: str = "elb"
 
 
-@task(name="describe-instance-health", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-instance-health", retries=2, retry_delay_seconds=2)
 def describe_instance_health(creds: AwsCredentials, load_balancer_name: str) -> list[TargetHealth]:
     """Classic ELB DescribeInstanceHealth: InService / OutOfService per registered instance."""
     elb = aws_client(creds, "elb")
@@ -37,7 +38,7 @@ def describe_instance_health(creds: AwsCredentials, load_balancer_name: str) -> 
     ]
 
 
-@task(name="describe-target-health", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-target-health", retries=2, retry_delay_seconds=2)
 def describe_target_health(creds: AwsCredentials, target_group: str) -> list[TargetHealth]:
     """ELBv2 DescribeTargetHealth for a target group given by name or ARN."""
     elbv2 = aws_client(creds, "elbv2")

@@ -133,6 +133,7 @@ class RecordResult(StepResult):
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="record-group-sizes",
     task_run_name="record-group-sizes-{auto_scaling_group_name}",
     retries=0,
@@ -169,7 +170,12 @@ def record_group_sizes(
     )
 
 
-@task(name="record-cache", task_run_name="record-cache-{auto_scaling_group_name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="record-cache",
+    task_run_name="record-cache-{auto_scaling_group_name}",
+    retries=0,
+)
 def record_cache(
     creds: AwsCredentials, auto_scaling_group_name: str, record: CacheRecord, *, dry_run: bool
 ) -> StepResult:
@@ -193,7 +199,12 @@ class SizesResult(StepResult):
     sizes: tuple[int, int, int]
 
 
-@task(name="set-group-sizes", task_run_name="set-group-sizes-{auto_scaling_group_name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="set-group-sizes",
+    task_run_name="set-group-sizes-{auto_scaling_group_name}",
+    retries=0,
+)
 def set_group_sizes(
     creds: AwsCredentials,
     auto_scaling_group_name: str,
@@ -243,6 +254,7 @@ def set_group_sizes(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="clear-group-record",
     task_run_name="clear-group-record-{auto_scaling_group_name}",
     retries=0,
@@ -313,6 +325,7 @@ def wait_for_group(
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="use-launch-template-version",
     task_run_name="use-launch-template-version-{auto_scaling_group_name}",
     retries=0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,14 +35,14 @@ class LaunchSource(BaseModel):
     security_group_ids: list[str] = Field(default_factory=list)
 
 
-@task(name="describe-availability-zones", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-availability-zones", retries=2, retry_delay_seconds=2)
 def describe_availability_zones(creds: AwsCredentials) -> list[str]:
     """The names of the region's availability zones (``us-east-1a``...), sorted."""
     zones = aws_client(creds, "ec2").describe_availability_zones()["AvailabilityZones"]
     return sorted(z["ZoneName"] for z in zones)
 
 
-@task(name="describe-launch-source", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-launch-source", retries=2, retry_delay_seconds=2)
 def describe_launch_source(creds: AwsCredentials, instance_id: str) -> LaunchSource:
     """The subnet, VPC and security groups ``instance_id`` runs with."""
     reservations = aws_client(creds, "ec2").describe_instances(InstanceIds=[instance_id])[
@@ -56,7 +57,7 @@ def describe_launch_source(creds: AwsCredentials, instance_id: str) -> LaunchSou
     )
 
 
-@task(name="describe-zone-subnets", retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, name="describe-zone-subnets", retries=2, retry_delay_seconds=2)
 def describe_zone_subnets(creds: AwsCredentials, vpc_id: str) -> dict[str, list[str]]:
     """The subnets of ``vpc_id``: zone name -> subnet ids (sorted)."""
     out: dict[str, list[str]] = {}
@@ -87,7 +88,7 @@ class LaunchedInstance(StepResult):
     private_ip_address: str | None = None
 
 
-@task(name="launch-instance", retries=0, tags=["non-idempotent"])
+@task(cache_policy=NO_CACHE, name="launch-instance", retries=0, tags=["non-idempotent"])
 def launch_instance(
     creds: AwsCredentials,
     *,

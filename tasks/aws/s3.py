@@ -32,6 +32,7 @@ from typing import Any
 import requests
 from botocore.exceptions import ClientError
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, Field
@@ -257,6 +258,7 @@ def _missing_bucket(exc: ClientError, bucket: str) -> BucketMissing | None:
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="get-bucket-cors",
     task_run_name="get-bucket-cors-{bucket}",
     retries=2,
@@ -292,7 +294,12 @@ class CorsResult(StepResult):
     rules: list[CorsRule] | None = Field(description="The rules after the task (or would be).")
 
 
-@task(name="put-bucket-cors", task_run_name="put-bucket-cors-{bucket}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="put-bucket-cors",
+    task_run_name="put-bucket-cors-{bucket}",
+    retries=0,
+)
 def put_bucket_cors(
     creds: AwsCredentials, bucket: str, rules: list[CorsRule], *, dry_run: bool
 ) -> CorsResult:
@@ -328,7 +335,12 @@ def put_bucket_cors(
     )
 
 
-@task(name="restore-bucket-cors", task_run_name="restore-bucket-cors-{bucket}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="restore-bucket-cors",
+    task_run_name="restore-bucket-cors-{bucket}",
+    retries=0,
+)
 def restore_bucket_cors(
     creds: AwsCredentials, bucket: str, previous_rules: list[CorsRule] | None, *, dry_run: bool
 ) -> CorsResult:
@@ -396,6 +408,7 @@ def bucket_url(creds: AwsCredentials, bucket: str, region: str | None = None) ->
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="preflight-bucket-cors",
     task_run_name="preflight-bucket-cors-{bucket}",
     retries=2,

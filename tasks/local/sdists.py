@@ -33,6 +33,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
 from packaging.version import InvalidVersion, Version
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -315,7 +316,7 @@ def read_requirements(path: Path) -> RequirementsFile:
     return RequirementsFile(path=str(path), requirements=reqs, problems=problems)
 
 
-@task(name="get-sdists-state", retries=0)
+@task(cache_policy=NO_CACHE, name="get-sdists-state", retries=0)
 def get_sdists_state(requirements_path: str, sdists_dir: str) -> SdistsComparison:
     """Compare the requirements with the sdists directory (read-only).
 
@@ -341,6 +342,7 @@ class DownloadResult(StepResult):
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="download-sdist",
     task_run_name="download-sdist-{name}-{version}",
     retries=0,
@@ -441,7 +443,7 @@ class RemoveResult(StepResult):
     backup_dir: str = Field(description="Where they are now (restore_sdists moves them back).")
 
 
-@task(name="remove-sdists", retries=0)
+@task(cache_policy=NO_CACHE, name="remove-sdists", retries=0)
 def remove_sdists(
     sdists_dir: str, filenames: list[str], backup_dir: str, *, dry_run: bool
 ) -> RemoveResult:
@@ -474,7 +476,7 @@ def remove_sdists(
     )
 
 
-@task(name="restore-sdists", retries=0)
+@task(cache_policy=NO_CACHE, name="restore-sdists", retries=0)
 def restore_sdists(sdists_dir: str, removed: RemoveResult, *, dry_run: bool) -> StepResult:
     """The compensation of :func:`remove_sdists`: move the recorded files back."""
     back = [f for f in removed.removed if (Path(removed.backup_dir) / f).is_file()]
@@ -514,7 +516,7 @@ def _git(repo: str, *args: str, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
-@task(name="get-git-state", retries=0)
+@task(cache_policy=NO_CACHE, name="get-git-state", retries=0)
 def get_git_state(repo: str, paths: list[str]) -> GitState:
     """Is ``repo`` a git work tree, on which branch, and what is uncommitted under ``paths``."""
     if _git(repo, "rev-parse", "--is-inside-work-tree", check=False).returncode != 0:
@@ -536,6 +538,7 @@ class CommitResult(StepResult):
 
 
 @task(
+    cache_policy=NO_CACHE,
     name="commit-on-branch",
     task_run_name="commit-on-branch-{branch}",
     retries=0,

@@ -228,7 +228,12 @@ fi
 """
 
 
-@task(name="fence-postgres", task_run_name="fence-postgres-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="fence-postgres",
+    task_run_name="fence-postgres-{server.name}",
+    retries=0,
+)
 def fence_postgres(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> StepResult:
     """Stop PostgreSQL on a lost primary and leave ``standby.signal`` in its data directory, so
     a later start (of PostgreSQL or of the whole server) comes up read-only: it can never take a
@@ -250,7 +255,12 @@ def fence_postgres(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> 
     )
 
 
-@task(name="promote-standby", task_run_name="promote-standby-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="promote-standby",
+    task_run_name="promote-standby-{server.name}",
+    retries=0,
+)
 def promote_standby(
     pool: ConnectionPool, server: DbServer, *, dry_run: bool, wait_seconds: int = 60
 ) -> StepResult:
@@ -295,7 +305,12 @@ for line in "$@"; do grep -qxF -- "$line" "$hba" || printf '%s\\n' "$line" >> "$
 """
 
 
-@task(name="allow-replication", task_run_name="allow-replication-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="allow-replication",
+    task_run_name="allow-replication-{server.name}",
+    retries=0,
+)
 def allow_replication(
     pool: ConnectionPool,
     server: DbServer,
@@ -348,7 +363,12 @@ def follow_conninfo(conninfo: str, new_host: str) -> str:
     return f"{conninfo} host={new_host}".strip()
 
 
-@task(name="follow-primary", task_run_name="follow-primary-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="follow-primary",
+    task_run_name="follow-primary-{server.name}",
+    retries=0,
+)
 def follow_primary(
     pool: ConnectionPool, server: DbServer, new_primary: DbServer, *, dry_run: bool
 ) -> StepResult:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
 from tasks.plan import StepResult
@@ -80,7 +81,12 @@ def _checked_address(address: str) -> str:
     return address
 
 
-@task(name="prepare-primary-for", task_run_name="prepare-primary-for-{slot}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="prepare-primary-for",
+    task_run_name="prepare-primary-for-{slot}",
+    retries=0,
+)
 def prepare_primary_for(
     pool: ConnectionPool,
     primary: DbServer,
@@ -127,7 +133,12 @@ def database_bytes(pool: ConnectionPool, primary: DbServer) -> int:
     return int(out.strip() or 0)
 
 
-@task(name="rebuild-replica", task_run_name="rebuild-replica-{replica.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="rebuild-replica",
+    task_run_name="rebuild-replica-{replica.name}",
+    retries=0,
+)
 def rebuild_replica(
     pool: ConnectionPool,
     replica: DbServer,

@@ -143,7 +143,12 @@ def install_replication_password(
     )
 
 
-@task(name="stop-postgres", task_run_name="stop-postgres-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="stop-postgres",
+    task_run_name="stop-postgres-{server.name}",
+    retries=0,
+)
 def stop_postgres(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> StepResult:
     """Stop PostgreSQL on ``server`` (already stopped: the stop is a no-op there too).
 
@@ -232,7 +237,12 @@ def remove_replica_slot(
 DATA_DIRECTORY_SCRIPT = "ls -d /var/lib/postgresql/*/main 2>/dev/null | tail -n 1"
 
 
-@task(name="wait-for-db-server", task_run_name="wait-for-db-server-{server.name}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="wait-for-db-server",
+    task_run_name="wait-for-db-server-{server.name}",
+    retries=0,
+)
 def wait_for_db_server(pool: ConnectionPool, server: DbServer, *, timeout: float) -> str:
     """Wait until ``server`` (just launched) answers SSH (a checked login) and has a PostgreSQL
     data directory; returns it. Read only.

@@ -65,7 +65,13 @@ def _read(host: FleetHost, opts: SshOptions) -> BootState:
     return parse_boot(host.name, out.decode())
 
 
-@task(name="read-boot", task_run_name="read-boot-{host.name}", retries=2, retry_delay_seconds=2)
+@task(
+    cache_policy=NO_CACHE,
+    name="read-boot",
+    task_run_name="read-boot-{host.name}",
+    retries=2,
+    retry_delay_seconds=2,
+)
 def read_boot(host: FleetHost, opts: SshOptions) -> BootState:
     """The server's current boot, over a new SSH connection."""
     return _read(host, opts)

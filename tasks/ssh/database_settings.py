@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.plan import StepResult
@@ -61,7 +62,11 @@ def parse_settings(server: str, text: str) -> DatabaseSettings:
     return DatabaseSettings(server=server, addresses=out)
 
 
-@task(name="describe-database-settings", task_run_name="describe-database-settings-{server}")
+@task(
+    cache_policy=NO_CACHE,
+    name="describe-database-settings",
+    task_run_name="describe-database-settings-{server}",
+)
 def describe_database_settings(
     pool: ConnectionPool, server: str, address: str, home: str, environment: str
 ) -> DatabaseSettings:
@@ -107,7 +112,12 @@ echo "$n"
 """
 
 
-@task(name="repoint-database", task_run_name="repoint-database-{server}", retries=0)
+@task(
+    cache_policy=NO_CACHE,
+    name="repoint-database",
+    task_run_name="repoint-database-{server}",
+    retries=0,
+)
 def repoint_database(
     pool: ConnectionPool,
     server: str,

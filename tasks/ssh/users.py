@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prefect import task
-from prefect.cache_policies import NONE
+from prefect.cache_policies import NO_CACHE
 
 from tasks.ssh.connection import ConnectionPool
 from tasks.ssh.fleet import FleetHost, FleetResult, HostResult, RateControl, run_fleet
@@ -179,7 +179,7 @@ def apply_step(
     return step
 
 
-@task(name="list-sysadmin-accounts", cache_policy=NONE)
+@task(name="list-sysadmin-accounts", cache_policy=NO_CACHE)
 def list_sysadmin_accounts(
     hosts: list[FleetHost], spec: SysadminUsersSpec, pool: ConnectionPool, rate: RateControl
 ) -> FleetResult:
@@ -189,7 +189,7 @@ def list_sysadmin_accounts(
     )
 
 
-@task(name="update-sysadmin-accounts", cache_policy=NONE, retries=0)
+@task(name="update-sysadmin-accounts", cache_policy=NO_CACHE, retries=0)
 def update_sysadmin_accounts(
     hosts: list[FleetHost],
     spec: SysadminUsersSpec,
