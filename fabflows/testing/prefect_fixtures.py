@@ -34,7 +34,22 @@ def _harness(services_on: bool) -> Iterator[None]:
     with prefect.settings.temporary_settings(updates=updates):
         # an upper bound: on a loaded 2-core machine the server has needed more than 60 s
         with prefect_test_harness(server_startup_timeout=180):
+            restart_prefect_senders()
             yield
+
+
+def restart_prefect_senders() -> None:
+    """Prefect's events and logs are sent by one worker per process, which takes the API's
+    address when it starts and keeps it. A harness started inside another would get nothing
+    (its runs' events and logs went on to the outer server), and after a test that talked to a
+    server of its own (the e2e stacks) every later event of the process went to that stopped
+    server and was lost: stop them, so that the next event or log starts them again with the
+    address then in force. (The harness stops them itself when it ends.)"""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=30)  # from synchronous code: waits for them to end
 
 
 @pytest.fixture(scope="session")

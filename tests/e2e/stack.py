@@ -103,6 +103,9 @@ class Stack:
         proc.wait(30)
 
     def close(self) -> None:
+        from fabflows.testing.prefect_fixtures import restart_prefect_senders
+
         for name in list(self.workers):
             self.kill_worker(name)
+        restart_prefect_senders()  # later events of this process go to the harness, not here
         self.stop_server()

@@ -189,6 +189,9 @@ def probe():
 
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if it hangs
+signal.signal(  # and which SIGINT handler is in place then
+    signal.SIGUSR2, lambda *_: print("SIGINT handler:", signal.getsignal(signal.SIGINT), file=sys.stderr)
+)
 _quiet_console(verbose=False)  # what `fabflows run` does without --verbose
 probe.with_options(flow_run_name=sys.argv[1])()
 """
@@ -229,10 +232,17 @@ def test_terminal_wait_names_the_run_and_ctrl_c_removes_the_waiting_tag(tmp_path
             proc.wait(60)
         except subprocess.TimeoutExpired:
             # seen once in a full parallel run: say where every thread of the probe was
+            proc.send_signal(signal.SIGUSR2)
             proc.send_signal(signal.SIGUSR1)
             time.sleep(2)
+            proc.send_signal(signal.SIGINT)  # does a second Ctrl-C end it?
+            try:
+                proc.wait(20)
+                second = f"a second Ctrl-C ended it (exit {proc.returncode})"
+            except subprocess.TimeoutExpired:
+                second = "a second Ctrl-C did not end it either"
             raise AssertionError(
-                "still running 60 s after Ctrl-C; its output and threads:\n"
+                f"still running 60 s after Ctrl-C; {second}; its output and threads:\n"
                 + stderr.read_text()[-8000:]
             ) from None
     finally:

@@ -159,6 +159,7 @@ def _everything_prefect_stored(run_ids: list) -> str:
             logs = await _all(
                 client.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids))
             )
+            assert logs, "no log recorded: the scan would not cover them"
             parts += [log.message for log in logs]
             for artifact in await _all(client.read_artifacts):
                 parts += [repr(artifact.data), repr(artifact.description), repr(artifact.key)]
