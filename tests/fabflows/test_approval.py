@@ -215,6 +215,9 @@ def test_terminal_wait_names_the_run_and_ctrl_c_removes_the_waiting_tag(tmp_path
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=err,
+            # A terminal's Ctrl-C: a full run's worker process had come to ignore SIGINT (the
+            # probe reported SIG_IGN), and a child inherits that; an operator's shell does not.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         run = _paused_run("ctrl-c-case", timeout=90)
