@@ -9,6 +9,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows.procedures.db_servers import db_server
 from fabflows.procedures.placement import (
     choose_zone,
     configured_placement,
@@ -195,16 +196,6 @@ def plan_add_replica(
 # --------------------------------------------------------------------------- gather
 
 
-def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
-    address = s.address(env.address_attribute)
-    return DbServer(
-        name=s.name or s.instance_id,
-        address=address,
-        db_address=s.private_ip_address or address,
-        instance_id=s.instance_id,
-    )
-
-
 def gather_add_replica(scope: Scope) -> AddReplicaFacts:
     env, rc = scope.env, scope.rc
     extra = rc.config.model_extra or {}
@@ -237,7 +228,7 @@ def gather_add_replica(scope: Scope) -> AddReplicaFacts:
     # threads can race paramiko's own lazy imports
     app_reads = [read_app(s) for s in apps]
     return AddReplicaFacts(
-        primaries=[_db_server(s, env) for s in primaries],
+        primaries=[db_server(s, env) for s in primaries],
         primary_image=primaries[0].image_id if primaries else None,
         primary_type=primaries[0].instance_type if primaries else None,
         source=source,
@@ -268,7 +259,7 @@ def _new_server(scope: Scope, plan: AddReplicaPlan) -> DbServer:
     found = [s for s in _launched(scope) if s.state == "running"]
     if not found:
         raise RuntimeError(f"no running instance launched by run {scope.run_id} for {plan.name}")
-    return _db_server(found[0], scope.env)
+    return db_server(found[0], scope.env)
 
 
 def _launch(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202
@@ -277,7 +268,7 @@ def _launch(plan: AddReplicaPlan, params: AddReplicaParams):  # noqa: ANN202
         server, summary = launch_or_find(
             scope, plan, role_tag=PENDING_ROLE, record_tag=RECORD_TAG, timeout=timeout
         )
-        new = _db_server(server, scope.env)
+        new = db_server(server, scope.env)
         wait_for_db_server(scope.pool, new, timeout=timeout)
         return {"instance_id": server.instance_id, "address": new.address, "summary": summary}
 
@@ -345,14 +336,14 @@ def _unbuild(plan: AddReplicaPlan):  # noqa: ANN202
         done = []
         running = [s for s in _launched(scope) if s.state == "running"]
         if running:
-            new = _db_server(running[0], scope.env)
+            new = db_server(running[0], scope.env)
             try:  # a replica that is stopped cannot take its slot back while it is dropped
                 done.append(stop_postgres(scope.pool, new, dry_run=False).summary)
             except Exception as exc:  # noqa: BLE001 - unreachable: the slot's sender is ended
                 scope.pool.discard(new.address)
                 scope.log("could not stop PostgreSQL on %s: %s", new.name, exc, level="warning")
         address = data.get("address") or (
-            _db_server(running[0], scope.env).db_address if running else None
+            db_server(running[0], scope.env).db_address if running else None
         )
         role = current_login(scope.pool, plan.primary, scope.env.home)
         result = remove_replica_slot(

@@ -10,6 +10,7 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows.procedures.db_servers import db_server
 from fabflows.report import (
     artifact_key,
     markdown_table,
@@ -24,7 +25,6 @@ from tasks.aws.ec2 import Server, describe_servers
 from tasks.aws.elb import TargetHealth, describe_instance_health, describe_target_health
 from tasks.aws.session import CALLS, calls_since
 from tasks.postgres.replication import describe_primary_replication, describe_replica_replication
-from tasks.postgres.server import DbServer
 from tasks.ssh.connection import ConnectionPool, SshOptions
 
 SERVER_COLUMNS = (
@@ -225,16 +225,6 @@ def replication_problems(replication: list[DbReplication]) -> list[str]:
     return out
 
 
-def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
-    address = s.address(env.address_attribute)
-    return DbServer(
-        name=s.name or s.instance_id,
-        address=address,
-        db_address=s.private_ip_address or address,
-        instance_id=s.instance_id,
-    )
-
-
 def _reason(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200]
@@ -253,7 +243,7 @@ def gather_replication(
     primary_lsn: str | None = None
     with ConnectionPool(opts) as pool:
         read_primary = describe_primary_replication.with_options(retries=0)
-        futures = [(s, read_primary.submit(pool, _db_server(s, env))) for s in primaries]
+        futures = [(s, read_primary.submit(pool, db_server(s, env))) for s in primaries]
         for s, future in futures:
             try:
                 p = future.result()
@@ -272,9 +262,7 @@ def gather_replication(
                 DbReplication(instance_id=s.instance_id, role=s.role, state=state, detail=detail)
             )
         read_replica = describe_replica_replication.with_options(retries=0)
-        futures = [
-            (s, read_replica.submit(pool, _db_server(s, env), primary_lsn)) for s in replicas
-        ]
+        futures = [(s, read_replica.submit(pool, db_server(s, env), primary_lsn)) for s in replicas]
         for s, future in futures:
             try:
                 r = future.result()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
 from fabflows.errors import BadInput
+from fabflows.procedures.db_servers import db_server
 from fabflows.procedures.promote_plan import (
     DECOMMISSIONED_ROLE,
     DECOMMISSIONED_TAG,
@@ -62,16 +63,6 @@ class PromoteReplicaParams(BaseModel):
     verify_timeout_seconds: float = Field(default=60, gt=0, le=900)
 
 
-def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
-    address = s.address(env.address_attribute)
-    return DbServer(
-        name=s.name or s.instance_id,
-        address=address,
-        db_address=s.private_ip_address or address,
-        instance_id=s.instance_id,
-    )
-
-
 def _standby(scope: Scope, server: DbServer) -> tuple[StandbyState | None, str]:
     try:
         return describe_standby.fn(scope.pool, server), ""
@@ -90,9 +81,9 @@ def gather_promote(scope: Scope) -> PromoteFacts:
     db = [s for s in live if s.role in DB_ROLES]
     opts = ssh_options(scope.rc)
     with ThreadPoolExecutor(8) as ex:
-        states = list(ex.map(lambda s: _standby(scope, _db_server(s, env)), db))
+        states = list(ex.map(lambda s: _standby(scope, db_server(s, env)), db))
         nodes = [
-            DbNode(server=_db_server(s, env), role=s.role, tags=s.tags, standby=st, error=err)
+            DbNode(server=db_server(s, env), role=s.role, tags=s.tags, standby=st, error=err)
             for s, (st, err) in zip(db, states, strict=True)
         ]
         old = old_primary(nodes)

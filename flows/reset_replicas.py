@@ -9,10 +9,11 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
 from config import EnvironmentConfig
+from fabflows.procedures.db_servers import db_server
 from fabflows.progress import Progress
 from fabflows.runtime.engine import Runbook, RunbookReport, Scope, Step, execute
 from fabflows.runtime.plan import Change, RunbookPlan
-from tasks.aws.ec2 import Server, describe_servers
+from tasks.aws.ec2 import describe_servers
 from tasks.postgres.failover import describe_standby, slot_for
 from tasks.postgres.rebuild import database_bytes, prepare_primary_for, rebuild_replica
 from tasks.postgres.replication import describe_primary_replication, describe_replica_replication
@@ -101,16 +102,6 @@ def plan_reset_replicas(
     )
 
 
-def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
-    address = s.address(env.address_attribute)
-    return DbServer(
-        name=s.name or s.instance_id,
-        address=address,
-        db_address=s.private_ip_address or address,
-        instance_id=s.instance_id,
-    )
-
-
 def _target(scope: Scope, server: DbServer) -> ReplicaTarget:
     try:
         st = describe_standby.fn(scope.pool, server)
@@ -183,8 +174,8 @@ class ResetReplicas(Runbook[ResetReplicasParams, ResetFacts, ResetReplicasPlan])
             for s in describe_servers(scope.rc.creds, env.deployment, env.environment, None)
             if s.state == "running"
         ]
-        primaries = [_db_server(s, env) for s in servers if s.role == "db-primary"]
-        replicas = [_target(scope, _db_server(s, env)) for s in servers if s.role == "db-replica"]
+        primaries = [db_server(s, env) for s in servers if s.role == "db-primary"]
+        replicas = [_target(scope, db_server(s, env)) for s in servers if s.role == "db-replica"]
         others = {}
         for s in servers:
             if s.role != "db-replica":

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from config import EnvironmentConfig
 from config.models import EnvironmentSettings
 from fabflows.errors import BadInput
+from fabflows.procedures.db_servers import db_server
 from fabflows.procedures.environment_power import servers_and_group
 from fabflows.procedures.promote_plan import AppServer
 from fabflows.procedures.resize_plan import (
@@ -37,7 +38,6 @@ from tasks.aws.ec2_writes import (
 from tasks.http.probe import check_site_up
 from tasks.postgres.failover import describe_standby
 from tasks.postgres.replication import describe_primary_replication
-from tasks.postgres.server import DbServer
 from tasks.ssh.fleet import FleetHost
 from tasks.ssh.pgbouncer import get_pgbouncer_state
 
@@ -80,16 +80,6 @@ class ResizeFacts(BaseModel):
     switchover: SwitchoverFacts | None = None
 
 
-def _db_server(s: Server, env: EnvironmentConfig) -> DbServer:
-    address = s.address(env.address_attribute)
-    return DbServer(
-        name=s.name or s.instance_id,
-        address=address,
-        db_address=s.private_ip_address or address,
-        instance_id=s.instance_id,
-    )
-
-
 def gather_switchover(
     scope: Scope, servers: list[Server], hold_seconds: float
 ) -> SwitchoverFacts | None:
@@ -98,7 +88,7 @@ def gather_switchover(
     env = scope.env
     running = [s for s in servers if s.state == "running"]
     (primary,) = [s for s in running if s.role == "db-primary"]
-    old = _db_server(primary, env)
+    old = db_server(primary, env)
     try:
         seen = describe_primary_replication.fn(scope.pool, old)
     except Exception as exc:  # noqa: BLE001 - unreadable: the plan takes the upgrade window
@@ -109,7 +99,7 @@ def gather_switchover(
     for s in servers:
         if s.role != "db-replica":
             continue
-        server = _db_server(s, env)
+        server = db_server(s, env)
         try:
             standby = describe_standby.fn(scope.pool, server) if s.state == "running" else None
         except Exception:  # noqa: BLE001 - an unreadable replica is not a candidate
