@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 from psycopg import sql
 
+from sandbox.replication import wait_for_postgres
 from sandbox.testhosts import TestHost
 
 SCHEMA = """
@@ -75,17 +74,6 @@ def sandbox_db_scale() -> int:
     if os.environ.get("FABFLOWS_SANDBOX_DB_MB"):
         return scale_for_megabytes(float(os.environ["FABFLOWS_SANDBOX_DB_MB"]))
     return int(os.environ.get("FABFLOWS_SANDBOX_DB_SCALE", "2000"))
-
-
-def wait_for_postgres(host: TestHost, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        proc = host.exec(["pg_isready", "-q"], check=False)
-        if proc.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"PostgreSQL on {host.name} not ready after {timeout:.0f}s")
-        time.sleep(0.3)
 
 
 def seed_timeout(scale: int) -> float:

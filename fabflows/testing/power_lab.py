@@ -19,7 +19,7 @@ from fabflows.testing.configs import moto_section, write_config
 from fabflows.testing.ec2_hosts import Ec2HostMirror
 from sandbox.aws_seed import seed
 from sandbox.provision import provision_web
-from sandbox.replication import basebackup_timeout, provision_replication
+from sandbox.replication import basebackup_timeout, provision_replication, wait_for_postgres
 from sandbox.testhosts import HostSpec, TestHost, TestNetwork
 
 ROLES = ("cache", "db-primary", "db-replica", "worker")
@@ -174,7 +174,7 @@ def build_power_lab(
     supervisorctl(worker, "update")
     supervisorctl(worker, "start", "staging-celery:*")
     primary = hosts["db-primary"]
-    primary.wait_for_port(5432, timeout=60)
+    wait_for_postgres(primary)  # an open port can still answer 'the database system is starting up'
     psql(primary, "CREATE TABLE shop_order (id bigint PRIMARY KEY, note text, created timestamptz)")
     fill = "INSERT INTO shop_order SELECT g, repeat(md5(g::text), 2), now() FROM generate_series(1, :rows) g;\n"
     primary.exec(

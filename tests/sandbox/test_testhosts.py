@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from fabflows.testing.hosts_fixtures import fail_without_prerequisites
+from sandbox.replication import wait_for_postgres
 from sandbox.testhosts import (
     DEFAULT_USER,
     HostSpec,
@@ -192,7 +193,7 @@ def test_nginx_serves_each_host_separately(net, hosts):
 
 def test_postgres_on_db_host(net, hosts):
     db = hosts["db1"]
-    db.wait_for_port(5432, timeout=20)
+    wait_for_postgres(db, timeout=20)
     out = ssh(net, "db1", "sudo -u postgres psql -tAc 'select 1'").stdout
     assert out.strip() == "1"
     db.exec(
@@ -218,7 +219,7 @@ def test_postgres_on_db_host(net, hosts):
 def test_stop_and_start_again_keep_disk_and_host_key(net, hosts):
     web2, db = hosts["web2"], hosts["db1"]
     ssh(net, "web2", "echo kept > ~/kept.txt")
-    db.wait_for_port(5432, timeout=20)
+    wait_for_postgres(db, timeout=20)
     db.exec(["runuser", "-u", "postgres", "--", "psql", "-q", "-c", "CREATE TABLE kept (x int)"])
     keys = {h.name: served_host_key(h.ip) for h in (web2, db)}
     old_pids = {h.name: h.pid for h in (web2, db)}
@@ -236,7 +237,7 @@ def test_stop_and_start_again_keep_disk_and_host_key(net, hosts):
         assert served_host_key(host.ip) == keys[host.name]
 
     assert ssh(net, "web2", "cat ~/kept.txt; hostname").stdout.split() == ["kept", "web2"]
-    db.wait_for_port(5432, timeout=20)
+    wait_for_postgres(db, timeout=20)
     out = ssh(net, "db1", "sudo -u postgres psql -tAc 'select count(*) from kept'").stdout
     assert out.strip() == "0"
     log = ssh(net, "db1", "sudo cat /var/log/supervisor/postgresql.log").stdout
