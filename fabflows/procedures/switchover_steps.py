@@ -2,7 +2,8 @@
 
 In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
 
-- ``switchover-pause``: wait until the replica that takes over streams and is caught up (at
+- ``switchover-pause``: CHECKPOINT on the primary (its shutdown checkpoint then has little to
+  write), wait until the replica that takes over streams and is caught up (at
   most ``CATCH_UP_BYTES`` behind: zero on a quiet site; exact zero lag is checked after the
   stop), then PAUSE the live database on every app server's pgbouncer (requests held, not
   refused; each host RESUMEs by itself after ``hold_seconds`` whatever happens). Undo: RESUME
@@ -14,8 +15,8 @@ In order (names from :func:`fabflows.procedures.resize_plan.switchover_rows`):
   repointed at the replica, pgbouncer RELOADed while paused. Undo: start the old primary again --
   only while the replica has not been promoted (never two primaries); the pause's undo points
   the app back;
-- ``switchover-promote-<new>``: once the replica has replayed past the final LSN, promote it. No
-  undo: from here the switchover only goes forward;
+- ``switchover-promote-<new>``: once the replica has replayed past the final LSN, promote it
+  (the wait and the promotion in one psql session on the replica). No undo: from here the switchover only goes forward;
 - ``switchover-resume``: RESUME (the pause ends here);
 - ``switchover-retag``: role tags swapped (inventory finds the new primary);
 - ``switchover-rejoin-<old>``: the old primary, cleanly stopped, becomes a streaming replica of
@@ -41,15 +42,15 @@ from tasks.postgres.failover import (
     allow_replication,
     describe_standby,
     follow_primary,
-    promote_standby,
 )
 from tasks.postgres.replica_setup import install_replication_password
 from tasks.postgres.replication import describe_primary_replication
 from tasks.postgres.replication_logins import current_login
 from tasks.postgres.server import DbServer
 from tasks.postgres.switchover import (
+    checkpoint,
+    promote_once_replayed,
     rejoin_as_standby,
-    replayed_past,
     start_postgres,
     stop_primary_cleanly,
 )
@@ -257,6 +258,8 @@ def switchover_steps(
     stop_name = f"switchover-stop-{old.name}"
 
     def pause_apply(scope: Scope) -> dict[str, Any]:
+        # the shutdown checkpoint then writes only what changed since: the stop is shorter
+        checkpoint.fn(scope.pool, old, dry_run=False)
         _wait(
             f"{new.name} is not streaming from {old.name} with zero lag",
             lambda: caught_up(scope, sw),
@@ -301,17 +304,10 @@ def switchover_steps(
         final = journaled(scope, stop_name).get("final_lsn") or ""
         if not final:
             raise RuntimeError(f"no final LSN journaled for {old.name}: not promoting")
-
-        def ready() -> bool:  # promoted already (a resumed run), or has every write
-            st = describe_standby.fn(scope.pool, new)
-            return not st.in_recovery or replayed_past(st.replay_lsn, final)
-
-        _wait(
-            f"{new.name} has not replayed past {old.name}'s final LSN {final}: not promoting",
-            ready,
-            REPLAY_SECONDS,
+        # the replay wait and the promotion in one round trip (already promoted: a no-op)
+        done = promote_once_replayed.fn(
+            scope.pool, new, final, dry_run=False, replay_seconds=REPLAY_SECONDS
         )
-        done = promote_standby.fn(scope.pool, new, dry_run=False)
         return {"summary": done.summary, "final_lsn": final}
 
     def resume_apply(scope: Scope) -> dict[str, Any]:

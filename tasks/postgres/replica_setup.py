@@ -47,12 +47,19 @@ chown "$2:$3" "$t"; chmod 600 "$t"; mv -f "$t" "$1"
 argument of a process)."""
 
 STOP_SCRIPT = r"""
-if command -v supervisorctl >/dev/null 2>&1 && supervisorctl avail 2>/dev/null | grep -qE '^postgresql[: ]'; then
-    supervisorctl stop postgresql >/dev/null
+if command -v supervisorctl >/dev/null 2>&1; then
+    sv_out=$(supervisorctl stop postgresql 2>&1) || true
 else
-    service postgresql stop
+    sv_out="no such process"
 fi
+case "$sv_out" in
+    *"postgresql: stopped"*|*"not running"*) ;;
+    *"no such process"*|*"no such file"*|*"refused"*) service postgresql stop ;;
+    *) echo "supervisorctl stop postgresql: $sv_out" >&2 ;;
+esac
 """
+"""Stop PostgreSQL the way it was started: supervisor's program when there is one (a single
+``supervisorctl`` call: a switchover's app waits through it), else the service."""
 
 REMOVE_HBA_SCRIPT = r"""
 set -e

@@ -13,6 +13,9 @@ Write tasks (keyword-only ``dry_run``, no default):
   cleanly. Compensation: :func:`start_postgres`.
 - :func:`start_postgres`: start PostgreSQL and wait until it accepts connections (already
   running: no-op).
+- :func:`checkpoint`: ``CHECKPOINT`` before a stop, so the shutdown checkpoint is short.
+- :func:`promote_once_replayed`: wait until a standby has replayed past the old primary's final
+  LSN, then promote it, in one psql session (one round trip while the app waits).
 - :func:`rejoin_as_standby`: a cleanly stopped old primary becomes a streaming replica of the new
   one: ``standby.signal``, ``primary_conninfo`` (the replication role, its password from the
   ``postgres`` user's ``.pgpass``, never on a command line) and ``primary_slot_name`` in
@@ -32,14 +35,16 @@ import re
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.plan import StepResult
-from tasks.postgres.failover import REPLICATION_ROLE, describe_standby, lsn_value
+from tasks.postgres.failover import REPLICATION_ROLE, describe_standby
 from tasks.postgres.rebuild import START_PG_SCRIPT
 from tasks.postgres.replica_setup import PGPASS, STOP_SCRIPT
-from tasks.postgres.server import DbServer, remote_for
+from tasks.postgres.server import DbServer, psql_argv, psql_error, remote_for
 from tasks.ssh.connection import ConnectionPool
+from tasks.ssh.remote import CommandError
 
 CONTROL_SCRIPT = r"""
 set -e
@@ -105,12 +110,6 @@ def parse_control(server: str, text: str) -> ShutdownState:
         checkpoint_lsn=values.get("checkpoint", "").strip(),
         standby_signal=values.get("standby_signal") == "1",
     )
-
-
-def replayed_past(replay_lsn: str | None, final_lsn: str) -> bool:
-    """Pure: a replica replayed ``replay_lsn`` has the record starting at ``final_lsn`` (its
-    replay position is the end of the last record replayed, so strictly past the start)."""
-    return lsn_value(replay_lsn) > lsn_value(final_lsn) >= 0
 
 
 @task(
@@ -281,3 +280,122 @@ def rejoin_as_standby(
         dry_run=False,
         summary=f"{server.name} started as a standby of {new_primary.name} (slot {slot})",
     )
+
+
+PROMOTE_SQL = """\
+SELECT CASE WHEN pg_is_in_recovery() THEN 'standby ' || coalesce(pg_last_wal_replay_lsn()::text, '')
+       ELSE 'primary' END;
+DO $fabflows$
+DECLARE
+    final pg_lsn := {final};
+    deadline timestamptz := clock_timestamp() + make_interval(secs => {replay_seconds});
+BEGIN
+    IF NOT pg_is_in_recovery() THEN
+        RETURN;
+    END IF;
+    WHILE coalesce(pg_last_wal_replay_lsn() <= final, true) LOOP
+        IF clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'not replayed past % after % s (replayed up to %): not promoting',
+                final, {replay_seconds}, pg_last_wal_replay_lsn();
+        END IF;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    IF NOT pg_promote(true, {promote_seconds}) THEN
+        RAISE EXCEPTION 'pg_promote did not finish in % s', {promote_seconds};
+    END IF;
+END
+$fabflows$;
+SELECT pg_is_in_recovery();
+"""
+"""One psql round trip: wait (on the server, every 10 ms) until the standby has replayed past the
+old primary's final record, then promote; the states before and after."""
+
+
+@task(
+    name="promote-once-replayed",
+    task_run_name="promote-once-replayed-{server.name}",
+    cache_policy=NO_CACHE,
+    retries=0,
+)
+def promote_once_replayed(
+    pool: ConnectionPool,
+    server: DbServer,
+    final_lsn: str,
+    *,
+    dry_run: bool,
+    replay_seconds: float = 30,
+    promote_seconds: int = 60,
+) -> StepResult:
+    """Promote the standby as soon as it has replayed past ``final_lsn`` (the stopped primary's
+    shutdown checkpoint: then it holds every write). The wait and the promotion run in one psql
+    session on the server, one SSH round trip, as the app waits meanwhile. Already a primary:
+    no-op. Not replayed past ``final_lsn`` within ``replay_seconds``: ``RuntimeError``, nothing
+    changed. No compensation (a promotion only goes forward).
+
+    Args:
+        pool: The run's SSH connections.
+        server: The standby to promote.
+        final_lsn: The old primary's final LSN (``pg_controldata`` after its clean stop).
+        dry_run: Only say what would be done.
+        replay_seconds: How long to wait for the replay.
+        promote_seconds: How long PostgreSQL waits for the promotion to finish.
+    """
+    final = _checked(final_lsn, r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", "LSN")
+    if dry_run:
+        state = describe_standby.fn(pool, server)
+        if not state.in_recovery:
+            return StepResult(
+                changed=False, dry_run=True, summary=f"{server.name} is already a primary"
+            )
+        return StepResult(
+            changed=True,
+            dry_run=True,
+            summary=f"Would promote {server.name} once replayed past {final}",
+        )
+    text = PROMOTE_SQL.format(
+        final=sql.Literal(final).as_string(None),
+        replay_seconds=float(replay_seconds),
+        promote_seconds=int(promote_seconds),
+    )
+    try:
+        out = remote_for(pool, server).write(
+            psql_argv(), stdin=text.encode(), timeout=replay_seconds + promote_seconds + 30
+        )
+    except CommandError as exc:  # PostgreSQL's own reason, not psql's last CONTEXT line
+        raise RuntimeError(f"{server.name}: {psql_error(exc.stderr) or exc}") from exc
+    assert out is not None
+    before, _, after = out.stdout.strip().partition("\n")
+    if after.strip() != "f":
+        raise RuntimeError(f"{server.name} is still in recovery after pg_promote: {out.stdout!r}")
+    if before == "primary":
+        return StepResult(
+            changed=False, dry_run=False, summary=f"{server.name} is already a primary"
+        )
+    return StepResult(
+        changed=True,
+        dry_run=False,
+        summary=f"{server.name} promoted once replayed past {final} "
+        f"(was at {before.removeprefix('standby ')})",
+    )
+
+
+@task(
+    name="checkpoint",
+    task_run_name="checkpoint-{server.name}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=1,
+)
+def checkpoint(pool: ConnectionPool, server: DbServer, *, dry_run: bool) -> StepResult:
+    """``CHECKPOINT`` on the primary: the dirty buffers written now, while the app still runs, so
+    the shutdown checkpoint of a stop that follows has little left to write. Harmless to repeat.
+
+    Args:
+        pool: The run's SSH connections.
+        server: The primary.
+        dry_run: Only say what would be done.
+    """
+    if dry_run:
+        return StepResult(changed=True, dry_run=True, summary=f"Would checkpoint {server.name}")
+    remote_for(pool, server).write(psql_argv(), stdin=b"CHECKPOINT;\n", timeout=600)
+    return StepResult(changed=True, dry_run=False, summary=f"{server.name} checkpointed")
